@@ -1,0 +1,188 @@
+"""sip-router: operator commands.
+
+Human-readable tables by default, ``--json`` for scripts.  Every refusal is a
+RouterError printed as one line a person can act on, with exit status 1 (2 for
+an invalid configuration).  ``main`` is the only place the process exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from router.config import DEFAULT_CONFIG, load_policy
+from router.errors import ConfigError, RouterError
+from router.policy.decide import CallRequest, Fork, PstnLeg, Redirect, Reject, chain_of, decide
+from router.policy.model import Binding, RoutingMode
+from router.runtime import PolicyState
+from router.store.sqlite import SqliteBindingStore, SqlitePolicyStore, connect
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    if not rows:
+        return "(none)"
+    cells = [[str(r.get(c, "") if r.get(c) is not None else "-") for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip()]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
+    return "\n".join(lines)
+
+
+def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    print(json.dumps(data, indent=2, default=str) if args.json else text)
+
+
+def _state(args: argparse.Namespace) -> tuple[PolicyState, Any]:
+    policy = load_policy(args.config)
+    conn = connect(policy.database)
+    return PolicyState(policy, SqlitePolicyStore(conn), time.time()), conn
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    path = args.file or args.config
+    policy = load_policy(path)
+    devices = sum(len(u.devices) for u in policy.users)
+    print(f"{path}: OK ({len(policy.users)} users, {devices} devices, "
+          f"{len(policy.queues)} queues, trunk {'yes' if policy.trunk else 'no'})")
+    return 0
+
+
+def cmd_users(args: argparse.Namespace) -> int:
+    state, conn = _state(args)
+    view = state.view
+    bindings = SqliteBindingStore(conn).load(time.time())
+    rows = []
+    for u in view.policy.users:
+        live = sorted({b.device_id for b in bindings if b.user_id == u.id})
+        rows.append({
+            "user": u.id, "name": u.display_name, "ext": u.extension, "role": u.role.value,
+            "method": u.receive_method.value,
+            "source": view.sources[(u.id, "receive_method")].source,
+            "agent_phone": u.agent_phone,
+            "fallback": ",".join(m.value for m in chain_of(view.policy, u)[1:]) or None,
+            "devices": ",".join(f"{d.id}:{d.kind.value}{'*' if d.id in live else ''}"
+                                for d in u.devices) or None,
+        })
+    _emit(args, rows, _table(rows, ["user", "name", "ext", "role", "method", "source",
+                                    "agent_phone", "fallback", "devices"])
+          + "\n(* = registered now)")
+    return 0
+
+
+def _describe(decision: Any) -> tuple[str, dict[str, Any]]:
+    if isinstance(decision, Fork):
+        targets = [f"{t.device_id} ({t.kind.value if t.kind else '?'}) {t.uri}" for t in decision.targets]
+        nxt = "" if decision.next_step is None else f"; on no answer after {decision.ring_timeout:g} s: next fallback"
+        text = (f"FORK via {decision.method.value} to {len(targets)} device(s), ring "
+                f"{decision.ring_timeout:g} s{nxt}:\n  " + "\n  ".join(targets))
+        return text, {"action": "fork", "method": decision.method.value, "targets": targets,
+                      "ring_timeout": decision.ring_timeout, "queue": decision.queue_id}
+    if isinstance(decision, PstnLeg):
+        text = (f"PSTN LEG to {decision.number} via {decision.target.uri}, caller ID "
+                f"{decision.caller_id} (queue {decision.queue_id}), ring {decision.ring_timeout:g} s")
+        return text, {"action": "pstn", "number": decision.number, "caller_id": decision.caller_id,
+                      "uri": decision.target.uri, "queue": decision.queue_id}
+    if isinstance(decision, Redirect):
+        targets = [f"<{t.uri}>;q={t.q}" for t in decision.targets]
+        return ("REDIRECT 302 with:\n  " + "\n  ".join(targets),
+                {"action": "redirect", "contacts": targets, "queue": decision.queue_id})
+    assert isinstance(decision, Reject)
+    return (f"REJECT {decision.status}: {decision.reason}",
+            {"action": "reject", "status": decision.status, "reason": decision.reason})
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    state, conn = _state(args)
+    now = time.time()
+    bindings: list[Binding] = SqliteBindingStore(conn).load(now)
+    mode = RoutingMode(args.mode) if args.mode else state.view.policy.routing.mode
+    call = CallRequest(user=args.user, queue_header=args.queue, called_number=args.called, mode=mode)
+    decision = decide(state.view.policy, call, bindings, now)
+    text, data = _describe(decision)
+    data["why"] = list(decision.notes)
+    _emit(args, data, text + "\nwhy:\n  - " + "\n  - ".join(decision.notes or ("-",)))
+    return 0
+
+
+def _change(args: argparse.Namespace, field: str, value: str) -> int:
+    state, _ = _state(args)
+    change = state.change(args.actor, args.user, field, value, via="cli", now=time.time())
+    _emit(args, change.__dict__,
+          f"{change.user_id}: {field} {change.old or '-'} -> {change.new} (by {change.actor})")
+    return 0
+
+
+def cmd_set_method(args: argparse.Namespace) -> int:
+    return _change(args, "receive_method", args.method)
+
+
+def cmd_set_phone(args: argparse.Namespace) -> int:
+    return _change(args, "agent_phone", args.number)
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    state, _ = _state(args)
+    rows = [{"id": c.id, "at": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c.at)),
+             "user": c.user_id, "field": c.field, "old": c.old, "new": c.new,
+             "by": c.actor, "via": c.via} for c in state.store.audit(args.user, args.limit)]
+    _emit(args, rows, _table(rows, ["id", "at", "user", "field", "old", "new", "by", "via"]))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from router.app import run
+    return run(args.config)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sip-router", description=__doc__.splitlines()[0])
+    parser.add_argument("-c", "--config", default=os.environ.get("SIP_ROUTER_CONFIG", DEFAULT_CONFIG),
+                        help=f"policy file (default: $SIP_ROUTER_CONFIG or {DEFAULT_CONFIG})")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("check", help="validate a policy file and list every error with file:line")
+    p.add_argument("file", nargs="?")
+    p.set_defaults(func=cmd_check)
+    sub.add_parser("run", help="run the router").set_defaults(func=cmd_run)
+    sub.add_parser("users", help="users, their receive method and where it comes from").set_defaults(func=cmd_users)
+    p = sub.add_parser("explain", help="what a call for USER would do right now, and why")
+    p.add_argument("user")
+    p.add_argument("--queue", help="queue id, as the X-Queue header would name it")
+    p.add_argument("--called", help="the dialled hotline/DID number")
+    p.add_argument("--mode", choices=["proxy", "redirect"])
+    p.set_defaults(func=cmd_explain)
+    for name, field, meta, func in (("set-method", "method", "METHOD", cmd_set_method),
+                                    ("set-phone", "number", "NUMBER", cmd_set_phone)):
+        p = sub.add_parser(name, help=f"change a user's {'receive method' if field == 'method' else 'agent phone'}")
+        p.add_argument("user")
+        p.add_argument(field, metavar=meta)
+        p.add_argument("--as", dest="actor", required=True, help="who makes the change (user id)")
+        p.set_defaults(func=func)
+    p = sub.add_parser("audit", help="run-time changes, newest first")
+    p.add_argument("user", nargs="?")
+    p.add_argument("--limit", type=int, default=100)
+    p.set_defaults(func=cmd_audit)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"configuration has {len(exc.problems)} error(s):", file=sys.stderr)
+        for line in exc.problems:
+            print(f"  {line}", file=sys.stderr)
+        return 2
+    except RouterError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,320 @@
+"""Load the YAML policy into frozen dataclasses, with file:line errors.
+
+The file is composed (not merely loaded) so that every value keeps its line.
+All problems are collected and raised together as one ``ConfigError``; the
+caller decides what to do with it (``check`` prints them, ``run`` refuses to
+start, a reload keeps the last good policy).  Nothing here exits the process.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+
+import yaml
+
+from router.errors import ConfigError, InvalidNumber
+from router.policy.model import (
+    CallerIdMode, Device, DeviceKind, Listen, LogSettings, Policy, Queue,
+    ReceiveMethod, RegistrarSettings, Role, Routing, RoutingMode, Trunk,
+    TrustedPeer, User,
+)
+from router.policy.numbers import canonical
+from router.yamlnodes import MapReader, Problems, scalar_text
+
+DEFAULT_CONFIG = "config/router.yaml"
+MIN_RING_TIMEOUT = 3.0
+METHODS = [m.value for m in ReceiveMethod]
+KINDS = [k.value for k in DeviceKind]
+_HEX32 = re.compile(r"^[0-9a-fA-F]{32}$")
+_HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
+_TOKEN = re.compile(r"^[A-Za-z0-9._~!$&'*+-]+$")  # safe in a SIP URI user part
+
+
+def load_policy(path: str) -> Policy:
+    """Read and validate the policy file at ``path``; raise ``ConfigError``."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError as exc:
+        raise ConfigError([f"{path}:1: cannot read the file: {exc.strerror}"]) from None
+    return parse_policy(text, path)
+
+
+def parse_policy(text: str, filename: str = "<config>") -> Policy:
+    problems = Problems(filename)
+    try:
+        root = yaml.compose(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else 1
+        raise ConfigError([f"{filename}:{line}: not valid YAML: {exc.problem}"]) from None
+    if root is None:
+        raise ConfigError([f"{filename}:1: the file is empty"])
+    top = MapReader(root, "", problems)
+    if not top.ok:
+        raise ConfigError(problems.lines)
+    policy = _build(top, filename, problems)
+    top.done()
+    if problems.lines or policy is None:
+        raise ConfigError(problems.lines)
+    return policy
+
+
+def _build(top: MapReader, filename: str, problems: Problems) -> Policy | None:
+    domain = top.str("domain", required=True)
+    country = top.str("country", "VN").upper()
+    base = os.path.dirname(os.path.abspath(filename)) if not filename.startswith("<") else os.getcwd()
+    state_dir = os.path.normpath(os.path.join(base, top.str("state_dir", "/var/lib/sip-router")))
+    database = os.path.join(state_dir, top.str("database", "router.db"))
+    listen = tuple(_listen(n, f"listen[{i}]", problems) for i, n in enumerate(top.list("listen")))
+    if not listen:
+        listen = (Listen(),)
+    routing = _routing(top.sub("routing"), problems)
+    registrar = _registrar(top.sub("registrar"), problems)
+    log = _log(top.sub("log"))
+    trunk = _trunk(top.sub("trunk"))
+    peers = tuple(_peer(n, f"trusted_peers[{i}]", problems)
+                  for i, n in enumerate(top.list("trusted_peers")))
+    queues = tuple(_queue(n, f"queues[{i}]", problems, country, routing)
+                   for i, n in enumerate(top.list("queues")))
+    users = tuple(_user(n, f"users[{i}]", problems, country)
+                  for i, n in enumerate(top.list("users")))
+    _cross_check(top, users, queues, trunk, routing, problems, country)
+    if any(x is None for x in (*listen, *peers, *queues, *users)) or domain is None:
+        return None
+    return Policy(source=filename, domain=domain, country=country, state_dir=state_dir,
+                  database=database, listen=listen, users=users, queues=queues,  # type: ignore[arg-type]
+                  trunk=trunk, trusted_peers=peers, routing=routing,  # type: ignore[arg-type]
+                  registrar=registrar, log=log)
+
+
+def _listen(node: yaml.Node, path: str, problems: Problems) -> Listen | None:
+    m = MapReader(node, path, problems)
+    if not m.ok:
+        return None
+    address = m.str("address", "127.0.0.1")
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        problems.add(m.node_of("address"), f"{path}.address", f"{address!r} is not an IP address")
+    result = Listen(address=address,
+                    port=m.number("port", 5060, integer=True, minimum=1, maximum=65535),
+                    transport=m.choice("transport", ["udp", "tcp"], "udp"))
+    m.done()
+    return result
+
+
+def _routing(m: MapReader | None, problems: Problems) -> Routing:
+    if m is None or not m.ok:
+        return Routing()
+    fallback = _methods(m, "fallback", problems)
+    result = Routing(mode=RoutingMode(m.choice("mode", ["proxy", "redirect"], "proxy")),
+                     queue_header=m.str("queue_header", "X-Queue"),
+                     default_fallback=fallback or (),
+                     default_ring_timeout=m.number("ring_timeout", 15.0, minimum=MIN_RING_TIMEOUT))
+    m.done()
+    return result
+
+
+def _methods(m: MapReader, key: str, problems: Problems) -> tuple[ReceiveMethod, ...] | None:
+    if not m.has(key) and key not in m.items:
+        m.used.add(key)
+        return None
+    out: list[ReceiveMethod] = []
+    for node in m.list(key):
+        text = scalar_text(node)
+        if text in ("none", ""):
+            continue
+        if text not in METHODS:
+            problems.add(node, f"{m.path}.{key}", f"{text!r} is not a receive method ({', '.join(METHODS)})")
+        elif ReceiveMethod(text) in out:
+            problems.add(node, f"{m.path}.{key}", f"{text!r} is listed twice")
+        else:
+            out.append(ReceiveMethod(text))
+    return tuple(out)
+
+
+def _registrar(m: MapReader | None, problems: Problems) -> RegistrarSettings:
+    if m is None or not m.ok:
+        return RegistrarSettings()
+    d = RegistrarSettings()
+    result = RegistrarSettings(
+        min_expires=m.number("min_expires", d.min_expires, integer=True, minimum=1),
+        max_expires=m.number("max_expires", d.max_expires, integer=True, minimum=1),
+        default_expires=m.number("default_expires", d.default_expires, integer=True, minimum=1),
+        max_bindings_per_device=m.number("max_bindings_per_device", d.max_bindings_per_device,
+                                         integer=True, minimum=1, maximum=10),
+        max_bindings_per_aor=m.number("max_bindings_per_aor", d.max_bindings_per_aor,
+                                      integer=True, minimum=1, maximum=20),
+        nonce_ttl=m.number("nonce_ttl", d.nonce_ttl, integer=True, minimum=10),
+        max_auth_failures=m.number("max_auth_failures", d.max_auth_failures, integer=True, minimum=1),
+        source_failures_per_minute=m.number("source_failures_per_minute",
+                                            d.source_failures_per_minute, integer=True, minimum=1),
+    )
+    if not result.min_expires <= result.default_expires <= result.max_expires:
+        problems.add(m.node, m.path, "needs min_expires <= default_expires <= max_expires")
+    m.done()
+    return result
+
+
+def _log(m: MapReader | None) -> LogSettings:
+    if m is None or not m.ok:
+        return LogSettings()
+    result = LogSettings(level=m.choice("level", ["debug", "info", "warning", "error"], "info"),
+                         format=m.choice("format", ["auto", "json", "console"], "auto"))
+    m.done()
+    return result
+
+
+def _trunk(m: MapReader | None) -> Trunk | None:
+    if m is None or not m.ok:
+        return None
+    result = Trunk(host=m.str("address", required=True) or "",
+                   port=m.number("port", 5060, integer=True, minimum=1, maximum=65535),
+                   transport=m.choice("transport", ["udp", "tcp"], "udp"),
+                   caller_id=CallerIdMode(m.choice("caller_id", ["pai", "from"], "pai")),
+                   username=m.str("username"), password=m.str("password"), realm=m.str("realm"))
+    if (result.username is None) != (result.password is None):
+        m.problems.add(m.node, m.path, "username and password go together")
+    m.done()
+    return result
+
+
+def _peer(node: yaml.Node, path: str, problems: Problems) -> TrustedPeer | None:
+    m = MapReader(node, path, problems)
+    if not m.ok:
+        return None
+    address = m.str("address", required=True)
+    if address is not None:
+        try:
+            address = str(ipaddress.ip_network(address, strict=False))
+        except ValueError:
+            problems.add(m.node_of("address"), f"{path}.address",
+                         f"{address!r} is not an address or network (e.g. 10.0.0.5 or 10.0.0.0/24)")
+    mode = m.choice("mode", ["proxy", "redirect"])
+    result = TrustedPeer(name=m.str("name", address or "peer"), network=address or "",
+                         mode=RoutingMode(mode) if mode else None)
+    m.done()
+    return result
+
+
+def _number(m: MapReader, key: str, country: str, required: bool = False) -> str | None:
+    raw = m.str(key, required=required)
+    if raw is None:
+        return None
+    try:
+        return canonical(raw, country)
+    except InvalidNumber as exc:
+        m.problems.add(m.node_of(key), f"{m.path}.{key}", str(exc))
+        return None
+
+
+def _queue(node: yaml.Node, path: str, problems: Problems, country: str,
+           routing: Routing) -> Queue | None:
+    m = MapReader(node, path, problems)
+    if not m.ok:
+        return None
+    qid = m.str("id", required=True)
+    dids: list[str] = []
+    for n in m.list("dids"):
+        text = scalar_text(n) or ""
+        try:
+            dids.append(canonical(text, country))
+        except InvalidNumber as exc:
+            problems.add(n, f"{path}.dids", str(exc))
+    result = Queue(id=qid or "", name=m.str("name", qid or ""),
+                   hotline=_number(m, "hotline", country), dids=tuple(dids),
+                   ring_timeout=m.number("ring_timeout", routing.default_ring_timeout,
+                                         minimum=MIN_RING_TIMEOUT))
+    m.done()
+    return result
+
+
+def _device(node: yaml.Node, path: str, problems: Problems) -> Device | None:
+    m = MapReader(node, path, problems)
+    if not m.ok:
+        return None
+    did = m.str("id", required=True)
+    username = m.str("username", did)
+    if username is not None and not _TOKEN.match(username):
+        problems.add(m.node_of("username"), f"{path}.username",
+                     f"{username!r} may hold only letters, digits and . _ ~ - +")
+    password, ha1, ha1_256 = m.str("password"), m.str("ha1"), m.str("ha1_sha256")
+    if password is None and ha1 is None:
+        problems.add(m.node, path, "needs a password or an ha1 (MD5 of username:realm:password)")
+    if password is not None and (ha1 is not None or ha1_256 is not None):
+        problems.add(m.node, path, "give a password or ha1/ha1_sha256, not both")
+    if ha1 is not None and not _HEX32.match(ha1):
+        problems.add(m.node_of("ha1"), f"{path}.ha1", "must be 32 hex digits (an MD5 digest)")
+    if ha1_256 is not None and not _HEX64.match(ha1_256):
+        problems.add(m.node_of("ha1_sha256"), f"{path}.ha1_sha256", "must be 64 hex digits")
+    kind = m.choice("kind", KINDS, required=True)
+    m.done()
+    if did is None or kind is None or username is None:
+        return None
+    return Device(id=did, kind=DeviceKind(kind), auth_username=username, password=password,
+                  ha1_md5=ha1.lower() if ha1 else None,
+                  ha1_sha256=ha1_256.lower() if ha1_256 else None)
+
+
+def _user(node: yaml.Node, path: str, problems: Problems, country: str) -> User | None:
+    m = MapReader(node, path, problems)
+    if not m.ok:
+        return None
+    uid = m.str("id", required=True)
+    if uid is not None and not _TOKEN.match(uid):
+        problems.add(m.node_of("id"), f"{path}.id", f"{uid!r} may hold only letters, digits and . _ ~ - +")
+    devices = tuple(_device(n, f"{path}.devices[{i}]", problems) for i, n in enumerate(m.list("devices")))
+    method = m.choice("receive_method", METHODS, "all_devices")
+    result = User(
+        id=uid or "", display_name=m.str("display_name", uid or ""),
+        extension=m.str("extension"), role=Role(m.choice("role", ["admin", "agent"], "agent")),
+        receive_method=ReceiveMethod(method), agent_phone=_number(m, "agent_phone", country),
+        default_queue=m.str("default_queue"),
+        devices=tuple(d for d in devices if d is not None),
+        fallback=_methods(m, "fallback", problems),
+        ring_timeout=m.number("ring_timeout", None, minimum=MIN_RING_TIMEOUT))
+    m.done()
+    return result if uid is not None else None
+
+
+def _duplicates(problems: Problems, what: str, values: list[tuple[str, yaml.Node, str]]) -> None:
+    """Report each repeat of a value at the repeat, naming where it was first used."""
+    first: dict[str, str] = {}
+    for value, node, path in values:
+        if value in first:
+            problems.add(node, path, f"{what} {value!r} is already used by {first[value]}")
+        else:
+            first[value] = path
+
+
+def _cross_check(top: MapReader, users: tuple[User | None, ...], queues: tuple[Queue | None, ...],
+                 trunk: Trunk | None, routing: Routing, problems: Problems, country: str) -> None:
+    user_nodes = top.list("users")
+    placed = [(u, user_nodes[i], f"users[{i}]") for i, u in enumerate(users) if u is not None]
+    queue_ids = {q.id for q in queues if q is not None}
+    _duplicates(problems, "user id or extension",
+                [(u.id, n, p) for u, n, p in placed]
+                + [(u.extension, n, p) for u, n, p in placed if u.extension])
+    _duplicates(problems, "device id", [(d.id, n, p) for u, n, p in placed for d in u.devices])
+    _duplicates(problems, "device username",
+                [(d.auth_username, n, p) for u, n, p in placed for d in u.devices])
+    queue_nodes = top.list("queues")
+    _duplicates(problems, "queue id",
+                [(q.id, queue_nodes[i], f"queues[{i}]") for i, q in enumerate(queues) if q is not None])
+    for i, u in enumerate(users):
+        if u is None:
+            continue
+        node = user_nodes[i]
+        chain = (u.receive_method, *(u.fallback if u.fallback is not None else routing.default_fallback))
+        if ReceiveMethod.AGENT_PHONE in chain:
+            if u.agent_phone is None:
+                problems.add(node, f"users[{i}].agent_phone",
+                             f"user {u.id!r} may ring agent_phone but has no valid agent_phone number")
+            if trunk is None:
+                problems.add(node, f"users[{i}]",
+                             f"user {u.id!r} may ring agent_phone but no trunk is configured")
+        if u.default_queue is not None and u.default_queue not in queue_ids:
+            problems.add(node, f"users[{i}].default_queue", f"no queue with id {u.default_queue!r}")

@@ -1,0 +1,227 @@
+"""The policy model: users, devices, queues, trunk and routing settings.
+
+Everything here is a frozen dataclass built once by ``router.config`` from the
+YAML file.  Run-time changes never mutate these objects; they are layered on top
+by ``router.policy.effective``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from functools import cached_property
+
+
+class ReceiveMethod(str, enum.Enum):
+    """How a call for a user reaches them (the customer's four methods)."""
+
+    ALL_DEVICES = "all_devices"
+    APP = "app"
+    IP_PHONE = "ip_phone"
+    AGENT_PHONE = "agent_phone"
+
+
+class DeviceKind(str, enum.Enum):
+    """What a registered device is; decided by its credentials."""
+
+    WEB = "web"
+    APP = "app"
+    IP_PHONE = "ip_phone"
+
+
+class Role(str, enum.Enum):
+    ADMIN = "admin"
+    AGENT = "agent"
+
+
+class RoutingMode(str, enum.Enum):
+    """Fork ourselves (stateful proxy) or answer 302 and let upstream fork."""
+
+    PROXY = "proxy"
+    REDIRECT = "redirect"
+
+
+class CallerIdMode(str, enum.Enum):
+    """How the queue hotline is presented on the PSTN leg."""
+
+    PAI = "pai"    # P-Asserted-Identity carries the hotline; From untouched
+    FROM = "from"  # From is rewritten to the hotline (restored on the way back)
+
+
+# The mapping from the brief, section 2.  agent_phone rings no device.
+DEVICE_KINDS: dict[ReceiveMethod, frozenset[DeviceKind]] = {
+    ReceiveMethod.ALL_DEVICES: frozenset({DeviceKind.WEB, DeviceKind.APP, DeviceKind.IP_PHONE}),
+    ReceiveMethod.APP: frozenset({DeviceKind.WEB, DeviceKind.APP}),
+    ReceiveMethod.IP_PHONE: frozenset({DeviceKind.IP_PHONE}),
+    ReceiveMethod.AGENT_PHONE: frozenset(),
+}
+
+
+@dataclass(frozen=True)
+class Device:
+    id: str
+    kind: DeviceKind
+    auth_username: str
+    password: str | None = None
+    ha1_md5: str | None = None
+    ha1_sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class User:
+    id: str
+    display_name: str
+    extension: str | None
+    role: Role
+    receive_method: ReceiveMethod
+    agent_phone: str | None = None
+    default_queue: str | None = None
+    devices: tuple[Device, ...] = ()
+    fallback: tuple[ReceiveMethod, ...] | None = None  # None: use the default
+    ring_timeout: float | None = None                  # None: use the queue's
+
+
+@dataclass(frozen=True)
+class Queue:
+    id: str
+    name: str
+    hotline: str | None = None
+    dids: tuple[str, ...] = ()
+    ring_timeout: float = 15.0
+
+
+@dataclass(frozen=True)
+class Trunk:
+    host: str
+    port: int = 5060
+    transport: str = "udp"
+    caller_id: CallerIdMode = CallerIdMode.PAI
+    username: str | None = None
+    password: str | None = None
+    realm: str | None = None
+
+    def uri_for(self, number: str) -> str:
+        """The Request-URI that reaches ``number`` through this trunk."""
+        port = "" if self.port == 5060 else f":{self.port}"
+        params = "" if self.transport == "udp" else f";transport={self.transport}"
+        return f"sip:{number}@{self.host}{port}{params}"
+
+
+@dataclass(frozen=True)
+class TrustedPeer:
+    name: str
+    network: str                       # an address or CIDR, e.g. 10.0.0.5 or 10.0.0.0/24
+    mode: RoutingMode | None = None    # None: the deployment's mode
+
+
+@dataclass(frozen=True)
+class Listen:
+    address: str = "127.0.0.1"
+    port: int = 5060
+    transport: str = "udp"
+
+
+@dataclass(frozen=True)
+class RegistrarSettings:
+    min_expires: int = 60
+    max_expires: int = 3600
+    default_expires: int = 3600
+    max_bindings_per_device: int = 3
+    max_bindings_per_aor: int = 10
+    nonce_ttl: int = 300
+    max_auth_failures: int = 5
+    source_failures_per_minute: int = 60
+
+
+@dataclass(frozen=True)
+class Routing:
+    mode: RoutingMode = RoutingMode.PROXY
+    queue_header: str = "X-Queue"
+    default_fallback: tuple[ReceiveMethod, ...] = ()
+    default_ring_timeout: float = 15.0
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    level: str = "info"
+    format: str = "auto"  # auto | json | console
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The whole validated configuration, as loaded from one YAML file."""
+
+    source: str
+    domain: str
+    country: str
+    state_dir: str
+    database: str
+    listen: tuple[Listen, ...]
+    users: tuple[User, ...]
+    queues: tuple[Queue, ...]
+    trunk: Trunk | None
+    trusted_peers: tuple[TrustedPeer, ...]
+    routing: Routing = field(default_factory=Routing)
+    registrar: RegistrarSettings = field(default_factory=RegistrarSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+
+    # Lookups are indexed once; the policy is immutable, so the index never goes stale.
+    @cached_property
+    def _users_by_key(self) -> dict[str, User]:
+        index: dict[str, User] = {}
+        for u in self.users:
+            if u.extension is not None:
+                index[u.extension] = u
+        for u in self.users:
+            index[u.id] = u
+        return index
+
+    @cached_property
+    def _devices_by_auth(self) -> dict[str, tuple[User, Device]]:
+        return {d.auth_username: (u, d) for u in self.users for d in u.devices}
+
+    def user(self, key: str) -> User | None:
+        """The user whose id or extension is ``key``."""
+        return self._users_by_key.get(key)
+
+    def queue(self, queue_id: str) -> Queue | None:
+        for q in self.queues:
+            if q.id == queue_id:
+                return q
+        return None
+
+    def queue_for_number(self, number: str) -> Queue | None:
+        """The queue whose hotline or DID list contains ``number``."""
+        for q in self.queues:
+            if q.hotline == number or number in q.dids:
+                return q
+        return None
+
+    def device_by_auth(self, auth_username: str) -> tuple[User, Device] | None:
+        """The user and device that own the SIP credential ``auth_username``."""
+        return self._devices_by_auth.get(auth_username)
+
+
+@dataclass(frozen=True)
+class Binding:
+    """One registered contact of one device, as the registrar stored it.
+
+    ``source_*`` and ``transport`` say where the REGISTER came from: a phone
+    behind NAT is reached there, over the same transport (RFC 3261 §10.3 with
+    the usual rport/NAT practice of Kamailio's ``fix_nated_register``).
+    """
+
+    user_id: str
+    device_id: str
+    kind: DeviceKind
+    contact: str
+    expires_at: float
+    q: float = 1.0
+    call_id: str = ""
+    cseq: int = 0
+    source_host: str = ""
+    source_port: int = 0
+    transport: str = "udp"
+    user_agent: str = ""
+    registered_at: float = 0.0
+    instance: str = ""  # +sip.instance, when the phone sends one

@@ -1,0 +1,66 @@
+"""The policy in force: the YAML policy with winning run-time changes applied.
+
+Used by the CLI (and later the HTTP API) to make changes, and by the router
+process to get the policy its calls are decided by.  Authorization and value
+checks happen before anything is written; a refused change writes nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from router.policy import authz
+from router.policy.effective import Change, Effective, Key, apply
+from router.policy.model import Policy
+from router.store.interfaces import PolicyStore
+
+
+@dataclass(frozen=True)
+class PolicyView:
+    """The effective policy and where each changeable value came from."""
+
+    policy: Policy
+    sources: dict[Key, Effective]
+    marker: int
+
+
+class PolicyState:
+    def __init__(self, yaml_policy: Policy, store: PolicyStore, now: float) -> None:
+        self.store = store
+        self.yaml_policy = yaml_policy
+        self._seen = store.observe_yaml(yaml_policy, now)
+        self.view = self._build()
+
+    def _build(self) -> PolicyView:
+        marker = self.store.change_marker()
+        policy, sources = apply(self.yaml_policy, self._seen, self.store.latest_changes())
+        return PolicyView(policy, sources, marker)
+
+    def reload(self, yaml_policy: Policy, now: float) -> PolicyView:
+        """Adopt a newly validated YAML policy (the caller validated it)."""
+        self.yaml_policy = yaml_policy
+        self._seen = self.store.observe_yaml(yaml_policy, now)
+        self.view = self._build()
+        return self.view
+
+    def refresh(self) -> bool:
+        """Pick up changes made by another process; True when something changed."""
+        if self.store.change_marker() == self.view.marker:
+            return False
+        self.view = self._build()
+        return True
+
+    def change(self, actor_key: str, user_key: str, field: str, value: str,
+               via: str, now: float) -> Change:
+        """Apply one change as ``actor_key``; raise a RouterError if refused."""
+        policy = self.view.policy
+        target = authz.find_user(policy, user_key)
+        authz.authorize(policy.user(actor_key), actor_key, target)
+        new = authz.normalize(policy, target, field, value)
+        old = self.view.sources[(target.id, field)].value
+        actor = policy.user(actor_key)
+        assert actor is not None
+        change = self.store.record_change(
+            Change(target.id, field, old, new, actor.id, via, now))
+        self.view = self._build()
+        return change

@@ -1,0 +1,41 @@
+"""The small interfaces the router's stores implement (SQLite by default).
+
+Like Kamailio's registrar/usrloc split: the logic that decides asks these for
+facts and hands them records; how they are kept is the store's business.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Protocol
+
+from router.policy.effective import Change, Key
+from router.policy.model import Binding, Policy
+
+
+class PolicyStore(Protocol):
+    def observe_yaml(self, policy: Policy, now: float) -> dict[Key, float]:
+        """Record the YAML values now in force; return when each was first seen."""
+
+    def latest_changes(self) -> dict[Key, Change]:
+        """The newest run-time change per (user, field)."""
+
+    def record_change(self, change: Change) -> Change:
+        """Store an accepted change in the audit trail; return it with its id."""
+
+    def audit(self, user_id: str | None = None, limit: int = 100) -> list[Change]:
+        """Newest first."""
+
+    def change_marker(self) -> int:
+        """A number that grows whenever a change is recorded (cheap to poll)."""
+
+
+class BindingStore(Protocol):
+    def load(self, now: float) -> list[Binding]:
+        """Every binding not yet expired at ``now``."""
+
+    def replace_device(self, user_id: str, device_id: str, bindings: Iterable[Binding]) -> None:
+        """Make ``bindings`` the whole set of the device's bindings."""
+
+    def purge_expired(self, now: float) -> int:
+        """Delete bindings expired at ``now``; return how many."""

@@ -1,0 +1,144 @@
+"""SQLite implementations of the router's stores.
+
+One file holds the state: run-time policy changes with their audit trail, the
+YAML observations that decide precedence, registrations, and call records.
+WAL mode lets the CLI read and write while the router runs.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterable
+
+from router.policy.effective import Change, Key
+from router.policy.model import Binding, DeviceKind, Policy
+from router.policy.effective import yaml_value
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS yaml_values (
+    user_id TEXT NOT NULL, field TEXT NOT NULL, value TEXT, seen_at REAL NOT NULL,
+    PRIMARY KEY (user_id, field));
+CREATE TABLE IF NOT EXISTS changes (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, user_id TEXT NOT NULL, field TEXT NOT NULL,
+    old TEXT, new TEXT, actor TEXT NOT NULL, via TEXT NOT NULL, at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS changes_user ON changes (user_id, field, id);
+CREATE TABLE IF NOT EXISTS bindings (
+    user_id TEXT NOT NULL, device_id TEXT NOT NULL, kind TEXT NOT NULL, contact TEXT NOT NULL,
+    expires_at REAL NOT NULL, q REAL NOT NULL, call_id TEXT NOT NULL, cseq INTEGER NOT NULL,
+    source_host TEXT NOT NULL, source_port INTEGER NOT NULL, transport TEXT NOT NULL,
+    user_agent TEXT NOT NULL, registered_at REAL NOT NULL, instance TEXT NOT NULL,
+    PRIMARY KEY (device_id, contact));
+CREATE TABLE IF NOT EXISTS calls (
+    call_id TEXT PRIMARY KEY, caller TEXT, user_id TEXT, queue_id TEXT, method TEXT,
+    branches TEXT, answered_by TEXT, status INTEGER, reason TEXT,
+    started_at REAL, answered_at REAL, ended_at REAL);
+CREATE INDEX IF NOT EXISTS calls_user ON calls (user_id, started_at);
+"""
+
+
+def connect(path: str) -> sqlite3.Connection:
+    """Open (and create) the state database at ``path``."""
+    directory = os.path.dirname(path)
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+    conn = sqlite3.connect(path, timeout=10.0, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.executescript(SCHEMA)
+    return conn
+
+
+class SqlitePolicyStore:
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def observe_yaml(self, policy: Policy, now: float) -> dict[Key, float]:
+        stored = {(u, f): (v, t) for u, f, v, t in
+                  self.conn.execute("SELECT user_id, field, value, seen_at FROM yaml_values")}
+        seen: dict[Key, float] = {}
+        updates: list[tuple[str, str, str | None, float]] = []
+        for user in policy.users:
+            for field in ("receive_method", "agent_phone"):
+                value = yaml_value(user, field)
+                old = stored.get((user.id, field))
+                if old is not None and old[0] == value:
+                    seen[(user.id, field)] = old[1]
+                else:
+                    seen[(user.id, field)] = now
+                    updates.append((user.id, field, value, now))
+        if updates:
+            with self.conn:
+                self.conn.execute("BEGIN IMMEDIATE")
+                self.conn.executemany(
+                    "INSERT INTO yaml_values (user_id, field, value, seen_at) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (user_id, field) DO UPDATE SET value=excluded.value, "
+                    "seen_at=excluded.seen_at", updates)
+        return seen
+
+    def latest_changes(self) -> dict[Key, Change]:
+        rows = self.conn.execute(
+            "SELECT id, user_id, field, old, new, actor, via, at FROM changes WHERE id IN "
+            "(SELECT MAX(id) FROM changes GROUP BY user_id, field)")
+        return {(r[1], r[2]): _change(r) for r in rows}
+
+    def record_change(self, change: Change) -> Change:
+        with self.conn:
+            cur = self.conn.execute(
+                "INSERT INTO changes (user_id, field, old, new, actor, via, at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (change.user_id, change.field, change.old, change.new, change.actor,
+                 change.via, change.at))
+        return Change(change.user_id, change.field, change.old, change.new, change.actor,
+                      change.via, change.at, int(cur.lastrowid or 0))
+
+    def audit(self, user_id: str | None = None, limit: int = 100) -> list[Change]:
+        if user_id is None:
+            rows = self.conn.execute(
+                "SELECT id, user_id, field, old, new, actor, via, at FROM changes "
+                "ORDER BY id DESC LIMIT ?", (limit,))
+        else:
+            rows = self.conn.execute(
+                "SELECT id, user_id, field, old, new, actor, via, at FROM changes "
+                "WHERE user_id = ? ORDER BY id DESC LIMIT ?", (user_id, limit))
+        return [_change(r) for r in rows]
+
+    def change_marker(self) -> int:
+        row = self.conn.execute("SELECT COALESCE(MAX(id), 0) FROM changes").fetchone()
+        return int(row[0])
+
+
+def _change(r: tuple) -> Change:  # type: ignore[type-arg]
+    return Change(user_id=r[1], field=r[2], old=r[3], new=r[4], actor=r[5], via=r[6],
+                  at=r[7], id=r[0])
+
+
+_BINDING_COLUMNS = ("user_id, device_id, kind, contact, expires_at, q, call_id, cseq, "
+                    "source_host, source_port, transport, user_agent, registered_at, instance")
+
+
+class SqliteBindingStore:
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def load(self, now: float) -> list[Binding]:
+        rows = self.conn.execute(
+            f"SELECT {_BINDING_COLUMNS} FROM bindings WHERE expires_at > ?", (now,))
+        return [Binding(r[0], r[1], DeviceKind(r[2]), r[3], r[4], r[5], r[6], r[7], r[8], r[9],
+                        r[10], r[11], r[12], r[13]) for r in rows]
+
+    def replace_device(self, user_id: str, device_id: str, bindings: Iterable[Binding]) -> None:
+        rows = [(b.user_id, b.device_id, b.kind.value, b.contact, b.expires_at, b.q, b.call_id,
+                 b.cseq, b.source_host, b.source_port, b.transport, b.user_agent,
+                 b.registered_at, b.instance) for b in bindings]
+        with self.conn:
+            self.conn.execute("BEGIN IMMEDIATE")
+            self.conn.execute("DELETE FROM bindings WHERE device_id = ?", (device_id,))
+            self.conn.executemany(
+                f"INSERT INTO bindings ({_BINDING_COLUMNS}) VALUES "
+                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+
+    def purge_expired(self, now: float) -> int:
+        with self.conn:
+            cur = self.conn.execute("DELETE FROM bindings WHERE expires_at <= ?", (now,))
+        return cur.rowcount

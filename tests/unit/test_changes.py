@@ -1,0 +1,129 @@
+"""Run-time changes: who may change whom, the audit trail, and precedence with the YAML.
+
+These use a real SQLite file in a temporary directory.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from router.config import parse_policy
+from router.errors import Forbidden, InvalidChange, InvalidNumber, NotFound
+from router.policy.model import ReceiveMethod
+from router.runtime import PolicyState
+from router.store.sqlite import SqlitePolicyStore, connect
+
+from .conftest import BASE
+
+
+@pytest.fixture
+def store(tmp_path):
+    conn = connect(str(tmp_path / "state.db"))
+    yield SqlitePolicyStore(conn)
+    conn.close()
+
+
+@pytest.fixture
+def state(policy, store):
+    return PolicyState(policy, store, now=100.0)
+
+
+def method_of(state, user):
+    return state.view.policy.user(user).receive_method
+
+
+class TestAuthorization:
+    def test_an_admin_may_change_another_users_method(self, state):
+        change = state.change("lan", "minh", "receive_method", "app", via="cli", now=200.0)
+        assert (change.old, change.new, change.actor, change.via) == ("ip_phone", "app", "lan", "cli")
+        assert method_of(state, "minh") is ReceiveMethod.APP
+
+    def test_an_agent_may_change_their_own_method(self, state):
+        state.change("minh", "minh", "receive_method", "agent_phone", via="api", now=200.0)
+        assert method_of(state, "minh") is ReceiveMethod.AGENT_PHONE
+
+    def test_an_agent_may_not_change_another_user_and_nothing_is_written(self, state, store):
+        with pytest.raises(Forbidden, match="minh is an agent and may change only their own"):
+            state.change("minh", "lan", "receive_method", "app", via="cli", now=200.0)
+        assert store.audit() == []
+        assert method_of(state, "lan") is ReceiveMethod.ALL_DEVICES
+
+    def test_a_stranger_may_change_nothing(self, state, store):
+        with pytest.raises(Forbidden, match="'mallory' is not a user"):
+            state.change("mallory", "minh", "receive_method", "app", via="cli", now=200.0)
+        assert store.audit() == []
+
+    def test_users_are_found_by_extension_too(self, state):
+        change = state.change("1001", "1002", "receive_method", "app", via="cli", now=200.0)
+        assert (change.actor, change.user_id) == ("lan", "minh")
+
+    def test_an_unknown_target_is_not_found(self, state):
+        with pytest.raises(NotFound):
+            state.change("lan", "ghost", "receive_method", "app", via="cli", now=200.0)
+
+    def test_an_unknown_method_is_refused_listing_the_valid_ones(self, state, store):
+        with pytest.raises(InvalidChange, match="use one of all_devices, app, ip_phone, agent_phone"):
+            state.change("lan", "minh", "receive_method", "phone", via="cli", now=200.0)
+        assert store.audit() == []
+
+    def test_a_phone_in_the_wrong_form_is_refused_with_the_form_to_type(self, state, store):
+        with pytest.raises(InvalidNumber, match="write it as 84911111111"):
+            state.change("minh", "minh", "agent_phone", "+84 911 111 111", via="cli", now=200.0)
+        assert store.audit() == []
+        assert state.view.policy.user("minh").agent_phone == "84987654321"
+
+    def test_agent_phone_needs_a_number_first(self, make_policy, store):
+        policy = make_policy(base=BASE.replace('    agent_phone: "84987654321"\n', ""))
+        state = PolicyState(policy, store, now=100.0)
+        with pytest.raises(InvalidChange, match="set one first"):
+            state.change("minh", "minh", "receive_method", "agent_phone", via="cli", now=200.0)
+        state.change("minh", "minh", "agent_phone", "84911111111", via="cli", now=201.0)
+        state.change("minh", "minh", "receive_method", "agent_phone", via="cli", now=202.0)
+        assert method_of(state, "minh") is ReceiveMethod.AGENT_PHONE
+
+    def test_every_change_is_audited_with_who_when_old_new_and_through_what(self, state, store):
+        state.change("lan", "minh", "receive_method", "app", via="cli", now=200.0)
+        state.change("minh", "minh", "agent_phone", "84911111111", via="api", now=300.0)
+        newest, oldest = store.audit("minh")
+        assert (oldest.field, oldest.old, oldest.new, oldest.actor, oldest.via, oldest.at) == \
+            ("receive_method", "ip_phone", "app", "lan", "cli", 200.0)
+        assert (newest.field, newest.old, newest.new, newest.actor, newest.via, newest.at) == \
+            ("agent_phone", "84987654321", "84911111111", "minh", "api", 300.0)
+
+
+class TestPrecedence:
+    def test_a_run_time_change_wins_over_an_older_yaml_value(self, state):
+        state.change("lan", "minh", "receive_method", "app", via="cli", now=200.0)
+        assert state.view.sources[("minh", "receive_method")].source == "runtime"
+
+    def test_it_survives_a_reload_of_an_unchanged_yaml(self, state, policy):
+        state.change("lan", "minh", "receive_method", "app", via="cli", now=200.0)
+        state.reload(policy, now=300.0)
+        assert method_of(state, "minh") is ReceiveMethod.APP
+
+    def test_a_later_yaml_edit_of_that_user_wins_over_the_older_run_time_change(self, state, make_policy):
+        state.change("lan", "minh", "receive_method", "app", via="cli", now=200.0)
+        edited = make_policy(base=BASE.replace("receive_method: ip_phone", "receive_method: all_devices"))
+        state.reload(edited, now=300.0)
+        assert method_of(state, "minh") is ReceiveMethod.ALL_DEVICES
+        assert state.view.sources[("minh", "receive_method")].source == "yaml"
+
+    def test_a_yaml_edit_of_another_user_does_not_undo_this_users_change(self, state, make_policy):
+        state.change("lan", "minh", "receive_method", "app", via="cli", now=200.0)
+        edited = make_policy(base=BASE.replace("receive_method: all_devices", "receive_method: app"))
+        state.reload(edited, now=300.0)
+        assert method_of(state, "minh") is ReceiveMethod.APP
+        assert method_of(state, "lan") is ReceiveMethod.APP
+
+    def test_a_run_time_change_after_the_yaml_edit_wins_again(self, state, make_policy):
+        edited = make_policy(base=BASE.replace("receive_method: ip_phone", "receive_method: all_devices"))
+        state.reload(edited, now=300.0)
+        state.change("minh", "minh", "receive_method", "ip_phone", via="cli", now=400.0)
+        assert method_of(state, "minh") is ReceiveMethod.IP_PHONE
+
+    def test_another_process_sees_the_change_without_restart(self, policy, tmp_path, state):
+        other = PolicyState(policy, SqlitePolicyStore(connect(str(tmp_path / "state.db"))), now=150.0)
+        assert other.refresh() is False
+        state.change("lan", "minh", "receive_method", "app", via="cli", now=200.0)
+        assert other.refresh() is True
+        assert method_of(other, "minh") is ReceiveMethod.APP

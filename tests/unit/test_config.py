@@ -1,0 +1,138 @@
+"""The YAML policy: every mistake reported with file:line, nothing passes silently."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from router.config import load_policy, parse_policy
+from router.errors import ConfigError
+from router.policy.model import DeviceKind, ReceiveMethod, RoutingMode
+
+GOOD = """\
+domain: pbx.test
+trunk: {address: 127.0.0.1}
+queues:
+  - id: q1
+    hotline: "842873001234"
+users:
+  - id: lan
+    extension: "1001"
+    receive_method: ip_phone
+    agent_phone: "84912345678"
+    default_queue: q1
+    devices:
+      - id: lan-desk
+        kind: ip_phone
+        password: secret
+"""
+
+
+def problems(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_policy(textwrap.dedent(text), "router.yaml")
+    return info.value.problems
+
+
+def test_the_shipped_example_is_valid():
+    policy = load_policy("config/router.yaml")
+    assert policy.users and policy.queues and policy.trunk is not None
+    assert {d.kind for u in policy.users for d in u.devices} == set(DeviceKind)
+
+
+def test_a_good_file_loads_into_frozen_dataclasses():
+    policy = parse_policy(GOOD, "router.yaml")
+    user = policy.user("1001")
+    assert user is not None and user.id == "lan"
+    assert user.receive_method is ReceiveMethod.IP_PHONE
+    assert policy.queue("q1").ring_timeout == 15.0
+    assert policy.routing.mode is RoutingMode.PROXY
+    with pytest.raises(AttributeError):
+        user.receive_method = ReceiveMethod.APP  # type: ignore[misc]
+
+
+def test_an_invalid_agent_phone_names_file_line_and_the_fix():
+    text = GOOD.replace('agent_phone: "84912345678"', 'agent_phone: "0912345678"')
+    assert problems(text) == [
+        "router.yaml:10: users[0].agent_phone: '0912345678' starts with the trunk prefix 0; "
+        "write it as 84912345678"]
+
+
+def test_an_unknown_key_is_an_error_with_its_line():
+    text = GOOD.replace("    receive_method: ip_phone", "    recieve_method: ip_phone")
+    (line,) = problems(text)
+    assert line.startswith("router.yaml:9: users[0].recieve_method: unknown key")
+
+
+def test_an_unknown_receive_method_lists_the_valid_ones():
+    (line,) = problems(GOOD.replace("receive_method: ip_phone", "receive_method: phone"))
+    assert line.startswith("router.yaml:9: users[0].receive_method: 'phone' is not one of: all_devices")
+
+
+def test_every_error_is_reported_at_once():
+    text = GOOD.replace("kind: ip_phone", "kind: desk").replace('hotline: "842873001234"', "hotline: 123")
+    found = problems(text)
+    assert any(p.startswith("router.yaml:5: queues[0].hotline:") for p in found)
+    assert any(p.startswith("router.yaml:14: users[0].devices[0].kind: 'desk'") for p in found)
+
+
+def test_duplicate_ids_extensions_and_usernames_are_errors():
+    text = GOOD + (
+        "  - id: minh\n"
+        "    extension: \"1001\"\n"
+        "    devices:\n"
+        "      - {id: lan-desk, kind: app, password: x}\n")
+    assert problems(text) == [
+        "router.yaml:16: users[1]: user id or extension '1001' is already used by users[0]",
+        "router.yaml:16: users[1]: device id 'lan-desk' is already used by users[0]",
+        "router.yaml:16: users[1]: device username 'lan-desk' is already used by users[0]",
+    ]
+
+
+def test_a_duplicate_yaml_key_is_an_error():
+    found = problems(GOOD.replace("    extension: \"1001\"\n", "    extension: \"1001\"\n    extension: \"1002\"\n"))
+    assert found == ["router.yaml:9: users[0].extension: duplicate key"]
+
+
+def test_agent_phone_without_a_number_is_a_configuration_error():
+    text = GOOD.replace("receive_method: ip_phone", "receive_method: agent_phone").replace(
+        '    agent_phone: "84912345678"\n', "")
+    (line,) = problems(text)
+    assert line.startswith("router.yaml:7: users[0].agent_phone: user 'lan' may ring agent_phone")
+
+
+def test_a_fallback_to_agent_phone_needs_a_trunk():
+    text = GOOD.replace("trunk: {address: 127.0.0.1}\n", "").replace(
+        "receive_method: ip_phone", "receive_method: ip_phone\n    fallback: [agent_phone]")
+    assert any("no trunk is configured" in p for p in problems(text))
+
+
+def test_ring_timeout_has_a_minimum_of_3_seconds():
+    (line,) = problems(GOOD.replace('hotline: "842873001234"', 'hotline: "842873001234"\n    ring_timeout: 2'))
+    assert line == "router.yaml:6: queues[0].ring_timeout: must be at least 3, not 2"
+
+
+def test_a_device_needs_a_password_or_ha1():
+    (line,) = problems(GOOD.replace("        password: secret\n", ""))
+    assert line.startswith("router.yaml:13: users[0].devices[0]: needs a password or an ha1")
+
+
+def test_an_unknown_default_queue_is_an_error():
+    (line,) = problems(GOOD.replace("default_queue: q1", "default_queue: q9"))
+    assert line == "router.yaml:7: users[0].default_queue: no queue with id 'q9'"
+
+
+def test_broken_yaml_names_the_line():
+    (line,) = problems(GOOD.replace("    hotline:", "  hotline: [unclosed\n    x:"))
+    assert line.startswith("router.yaml:") and "not valid YAML" in line
+
+
+def test_a_trusted_peer_must_be_an_address_or_network():
+    (line,) = problems(GOOD + "trusted_peers:\n  - address: pbx.example\n")
+    assert line.startswith("router.yaml:17: trusted_peers[0].address: 'pbx.example' is not an address")
+
+
+def test_an_unreadable_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read the file"):
+        load_policy(str(tmp_path / "missing.yaml"))

@@ -1,0 +1,43 @@
+"""The sans-IO core imports no SIP binding, socket or database module."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2] / "router"
+FORBIDDEN = {"pjsua2", "ctypes", "socket", "sqlite3", "asyncio", "selectors", "select",
+             "threading", "subprocess", "http", "urllib", "router.store", "router.sip.engine",
+             "router.sip.pjsip_module"}
+PURE = sorted((ROOT / "policy").glob("*.py"))
+
+
+def imported_modules(path: pathlib.Path) -> set[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+@pytest.mark.parametrize("path", PURE, ids=lambda p: str(p.relative_to(ROOT)))
+def test_pure_module_imports_no_io(path):
+    bad = {m for m in imported_modules(path)
+           if any(m == f or m.startswith(f + ".") for f in FORBIDDEN)}
+    assert not bad, f"{path.name} imports {sorted(bad)}"
+
+
+def test_policy_never_imports_the_sip_package():
+    for path in PURE:
+        assert not any(m.startswith("router.sip") for m in imported_modules(path)), path.name
+
+
+def test_the_check_sees_a_forbidden_import(tmp_path):
+    sample = tmp_path / "bad.py"
+    sample.write_text("import sqlite3\nfrom socket import socket\n")
+    assert {"sqlite3", "socket"} <= imported_modules(sample)
