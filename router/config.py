@@ -152,11 +152,26 @@ def _registrar(m: MapReader | None, problems: Problems) -> RegistrarSettings:
         max_auth_failures=m.number("max_auth_failures", d.max_auth_failures, integer=True, minimum=1),
         source_failures_per_minute=m.number("source_failures_per_minute",
                                             d.source_failures_per_minute, integer=True, minimum=1),
+        algorithms=_algorithms(m, d.algorithms),
     )
     if not result.min_expires <= result.default_expires <= result.max_expires:
         problems.add(m.node, m.path, "needs min_expires <= default_expires <= max_expires")
     m.done()
     return result
+
+
+def _algorithms(m: MapReader, default: tuple[str, ...]) -> tuple[str, ...]:
+    nodes = m.list("algorithms")
+    if not nodes:
+        return default
+    out: list[str] = []
+    for node in nodes:
+        text = (scalar_text(node) or "").upper()
+        if text not in ("MD5", "SHA-256"):
+            m.problems.add(node, f"{m.path}.algorithms", f"{text!r} is not MD5 or SHA-256")
+        elif text not in out:
+            out.append(text)
+    return tuple(out) or default
 
 
 def _log(m: MapReader | None) -> LogSettings:

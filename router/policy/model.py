@@ -131,6 +131,9 @@ class RegistrarSettings:
     nonce_ttl: int = 300
     max_auth_failures: int = 5
     source_failures_per_minute: int = 60
+    # Challenge order.  MD5 first by default: many desk phones (and SIPp) answer
+    # only the first WWW-Authenticate; SHA-256-capable phones still find theirs.
+    algorithms: tuple[str, ...] = ("MD5", "SHA-256")
 
 
 @dataclass(frozen=True)

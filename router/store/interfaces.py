@@ -30,12 +30,25 @@ class PolicyStore(Protocol):
         """A number that grows whenever a change is recorded (cheap to poll)."""
 
 
+class DeviceBindings(Protocol):
+    """The whole set of one device's bindings (the registrar's SaveBindings)."""
+
+    @property
+    def device_id(self) -> str: ...
+
+    @property
+    def bindings(self) -> tuple[Binding, ...]: ...
+
+
 class BindingStore(Protocol):
     def load(self, now: float) -> list[Binding]:
         """Every binding not yet expired at ``now``."""
 
     def replace_device(self, user_id: str, device_id: str, bindings: Iterable[Binding]) -> None:
         """Make ``bindings`` the whole set of the device's bindings."""
+
+    def replace_many(self, sets: Iterable[DeviceBindings]) -> None:
+        """Several devices' binding sets, in one transaction."""
 
     def purge_expired(self, now: float) -> int:
         """Delete bindings expired at ``now``; return how many."""

@@ -11,9 +11,17 @@ import os
 import sqlite3
 from collections.abc import Iterable
 
-from router.policy.effective import Change, Key
+from dataclasses import dataclass
+
+from router.policy.effective import Change, Key, yaml_value
 from router.policy.model import Binding, DeviceKind, Policy
-from router.policy.effective import yaml_value
+from router.store.interfaces import DeviceBindings
+
+
+@dataclass(frozen=True)
+class _DeviceSet:
+    device_id: str
+    bindings: tuple[Binding, ...]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS yaml_values (
@@ -128,15 +136,20 @@ class SqliteBindingStore:
                         r[10], r[11], r[12], r[13]) for r in rows]
 
     def replace_device(self, user_id: str, device_id: str, bindings: Iterable[Binding]) -> None:
-        rows = [(b.user_id, b.device_id, b.kind.value, b.contact, b.expires_at, b.q, b.call_id,
-                 b.cseq, b.source_host, b.source_port, b.transport, b.user_agent,
-                 b.registered_at, b.instance) for b in bindings]
+        self.replace_many([_DeviceSet(device_id, tuple(bindings))])
+
+    def replace_many(self, sets: Iterable[DeviceBindings]) -> None:
+        """Several devices' binding sets in one transaction."""
         with self.conn:
             self.conn.execute("BEGIN IMMEDIATE")
-            self.conn.execute("DELETE FROM bindings WHERE device_id = ?", (device_id,))
-            self.conn.executemany(
-                f"INSERT INTO bindings ({_BINDING_COLUMNS}) VALUES "
-                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            for item in sets:
+                self.conn.execute("DELETE FROM bindings WHERE device_id = ?", (item.device_id,))
+                self.conn.executemany(
+                    f"INSERT INTO bindings ({_BINDING_COLUMNS}) VALUES "
+                    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(b.user_id, b.device_id, b.kind.value, b.contact, b.expires_at, b.q,
+                      b.call_id, b.cseq, b.source_host, b.source_port, b.transport,
+                      b.user_agent, b.registered_at, b.instance) for b in item.bindings])
 
     def purge_expired(self, now: float) -> int:
         with self.conn:

@@ -1,0 +1,161 @@
+"""The PJSIP thread: owns the pjsua2 endpoint, polls it, executes the core's commands.
+
+Theory of operation.  Exactly one thread -- the one that calls ``run`` --
+touches PJSIP.  ``threadCnt = 0`` makes pjsua start no worker threads, so the
+router module's callback runs inside ``libHandleEvents`` on this thread:
+packet in, ``SipCore.on_request`` decides, the commands it returns are
+executed before the callback returns (sends go out at once; binding writes are
+batched and flushed every ``FLUSH_INTERVAL`` in one SQLite transaction).
+Other threads never call pjsua2: they put callables on ``self.inbox`` and the
+loop runs them between polls.  Signal handlers only set flags; the loop looks
+at them.  Every SWIG object (endpoint, log writer, transports) is owned here
+and released in ``close`` in reverse order.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pjsua2 as pj
+
+from router import log
+from router.policy.model import Listen
+from router.sip.core import Command, Log, Send, SipCore
+from router.sip.pjsip_module import LayoutMismatch, Packet, RouterModule
+from router.sip.registrar import SaveBindings, Source
+from router.store.interfaces import BindingStore
+
+POLL_MS = 10
+FLUSH_INTERVAL = 0.05
+TICK_INTERVAL = 1.0
+_PJ_LEVELS = {0: "critical", 1: "error", 2: "warning", 3: "info", 4: "debug", 5: "debug", 6: "debug"}
+
+
+class PjLogWriter(pj.LogWriter):  # type: ignore[misc]
+    """Routes PJSIP's own log lines into structlog (no buffered C stdio)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log = log.get("pjsip")
+
+    def write(self, entry: Any) -> None:
+        level = _PJ_LEVELS.get(entry.level, "debug")
+        getattr(self.log, level if level != "critical" else "error")("pjsip", line=entry.msg.rstrip())
+
+
+class Engine:
+    def __init__(self, listen: tuple[Listen, ...], core: SipCore, store: BindingStore,
+                 pj_log_level: int = 2) -> None:
+        self.listen = listen
+        self.core = core
+        self.store = store
+        self.log = log.get("sip")
+        self.inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self.pending: dict[str, SaveBindings] = {}
+        self.stop_requested = False
+        self.failure: str | None = None
+        self.ep = pj.Endpoint()
+        self.writer = PjLogWriter()
+        self.transports: list[int] = []
+        self.module: RouterModule | None = None
+        self.pj_log_level = pj_log_level
+        self.stats = {"requests": 0, "sent": 0, "send_errors": 0}
+
+    # ------------------------------------------------------------------ life cycle
+    def start(self) -> None:
+        self.ep.libCreate()
+        cfg = pj.EpConfig()
+        cfg.uaConfig.threadCnt = 0
+        cfg.uaConfig.mainThreadOnly = True
+        cfg.uaConfig.maxCalls = 1
+        cfg.uaConfig.userAgent = "sip-router"
+        cfg.logConfig.writer = self.writer
+        cfg.logConfig.level = self.pj_log_level
+        cfg.logConfig.consoleLevel = self.pj_log_level
+        cfg.logConfig.decor = 0
+        cfg.medConfig.noVad = True
+        self.ep.libInit(cfg)
+        self.ep.audDevManager().setNullDev()
+        for item in self.listen:
+            tc = pj.TransportConfig()
+            tc.port = item.port
+            tc.boundAddress = item.address
+            kind = pj.PJSIP_TRANSPORT_TCP if item.transport == "tcp" else pj.PJSIP_TRANSPORT_UDP
+            if ":" in item.address:
+                kind = pj.PJSIP_TRANSPORT_TCP6 if item.transport == "tcp" else pj.PJSIP_TRANSPORT_UDP6
+            self.transports.append(self.ep.transportCreate(kind, tc))
+            if item.transport == "tcp":
+                self.log.warning("sip.tcp.enabled", address=item.address, port=item.port,
+                                 detail="TCP is safe only from trusted addresses (an edge proxy): "
+                                        "a connection storm can abort PJSIP")
+            self.log.info("sip.listen", address=item.address, port=item.port, transport=item.transport)
+        self.ep.libStart()
+        self.module = RouterModule(self._on_packet)
+        self.module.register()
+
+    def close(self) -> None:
+        self.flush()
+        if self.module is not None:
+            self.module.unregister()
+            self.module = None
+        try:
+            self.ep.libDestroy()
+        except pj.Error as exc:
+            self.log.warning("sip.shutdown.error", detail=exc.info())
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, should_stop: Callable[[], bool], on_idle: Callable[[float], None]) -> None:
+        """Poll until ``should_stop()``; ``on_idle(now)`` runs between polls."""
+        next_flush = next_tick = 0.0
+        while not should_stop() and self.failure is None:
+            self.ep.libHandleEvents(POLL_MS)
+            while True:
+                try:
+                    job = self.inbox.get_nowait()
+                except queue.Empty:
+                    break
+                job()
+            now = time.time()
+            if now >= next_flush:
+                self.flush()
+                next_flush = now + FLUSH_INTERVAL
+            if now >= next_tick:
+                self.execute(self.core.tick(now))
+                on_idle(now)
+                next_tick = now + TICK_INTERVAL
+            if self.module is not None and self.module.errors:
+                self.failure = self.module.errors[0]
+        if self.failure is not None:
+            raise LayoutMismatch(self.failure)
+
+    def _on_packet(self, packet: Packet) -> None:
+        self.stats["requests"] += 1
+        source = Source(packet.host, packet.port, packet.transport, packet.conn)
+        self.execute(self.core.on_request(packet.data, source, time.time()))
+
+    def execute(self, commands: list[Command]) -> None:
+        for command in commands:
+            if isinstance(command, Send):
+                assert self.module is not None
+                status = self.module.send(command.data, command.host, command.port,
+                                          command.transport, command.conn)
+                if status == 0:
+                    self.stats["sent"] += 1
+                else:
+                    self.stats["send_errors"] += 1
+                    self.log.warning("sip.send.failed", host=command.host, port=command.port,
+                                     transport=command.transport, detail=self.module.strerror(status))
+            elif isinstance(command, SaveBindings):
+                self.pending[command.device_id] = command
+            elif isinstance(command, Log):
+                getattr(self.log, command.level)(command.event, **dict(command.fields))
+
+    def flush(self) -> None:
+        """Write batched binding changes in one transaction."""
+        if not self.pending:
+            return
+        batch, self.pending = self.pending, {}
+        self.store.replace_many(batch.values())

@@ -1,0 +1,384 @@
+"""Parse and build SIP messages (RFC 3261 §7, §20, §25); pure, no I/O.
+
+Theory of operation.  ``parse`` turns bytes into an immutable ``SipMessage``:
+the start line, the headers in order as ``(canonical lower-case name, value)``
+pairs, and the body.  It accepts what real phones send -- compact header
+names, folded header lines, bare LF line ends -- and raises
+``MalformedMessage`` for what RFC 3261 forbids, including a body shorter than
+its Content-Length (a datagram cut by PJSIP at 4,000 bytes).  Header values
+are parsed only when asked (``via``, ``name_addr``, ``auth_params`` ...), so a
+retransmission or an OPTIONS ping costs little.  Responses are built from the
+request they answer, copying Via, From, To, Call-ID and CSeq as §8.2.6 says.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from router.errors import MalformedMessage
+
+COMPACT = {"i": "call-id", "m": "contact", "e": "content-encoding", "l": "content-length",
+           "c": "content-type", "f": "from", "s": "subject", "k": "supported", "t": "to",
+           "v": "via", "o": "event", "r": "refer-to", "b": "referred-by", "u": "allow-events",
+           "x": "session-expires", "y": "identity"}
+# Canonical spelling used when we write a header we parsed.
+PRETTY = {"call-id": "Call-ID", "cseq": "CSeq", "www-authenticate": "WWW-Authenticate",
+          "max-forwards": "Max-Forwards", "content-length": "Content-Length",
+          "record-route": "Record-Route", "user-agent": "User-Agent", "min-expires": "Min-Expires",
+          "proxy-authenticate": "Proxy-Authenticate", "proxy-authorization": "Proxy-Authorization",
+          "p-asserted-identity": "P-Asserted-Identity", "content-type": "Content-Type"}
+# Headers whose value may be a comma-separated list of several entries (§7.3.1).
+LIST_HEADERS = frozenset({"via", "contact", "route", "record-route", "allow", "supported",
+                          "require", "proxy-require", "unsupported"})
+REQUIRED = ("via", "from", "to", "call-id", "cseq")
+_TOKEN_RE = re.compile(r"^[A-Za-z0-9\-.!%*_+`'~]+$")
+_REQUEST_LINE = re.compile(r"^([A-Za-z0-9\-.!%*_+`'~]+) (\S+) SIP/2\.0$")
+_STATUS_LINE = re.compile(r"^SIP/2\.0 (\d{3}) ?(.*)$")
+MAX_URI_LENGTH = 512
+
+
+def pretty_name(name: str) -> str:
+    if name in PRETTY:
+        return PRETTY[name]
+    return "-".join(part.capitalize() for part in name.split("-"))
+
+
+@dataclass(frozen=True, slots=True)
+class SipMessage:
+    method: str                   # request method, or the CSeq method of a response
+    uri: str                      # Request-URI ("" for responses)
+    status: int                   # 0 for requests
+    reason: str
+    headers: tuple[tuple[str, str], ...]
+    body: bytes = b""
+
+    @property
+    def is_request(self) -> bool:
+        return self.status == 0
+
+    def header(self, name: str) -> str | None:
+        """The first value of header ``name`` (lower-case canonical name)."""
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+    def all(self, name: str) -> list[str]:
+        """Every entry of ``name``, list headers split on top-level commas."""
+        out: list[str] = []
+        for key, value in self.headers:
+            if key == name:
+                out.extend(split_list(value) if name in LIST_HEADERS else [value])
+        return out
+
+    @property
+    def call_id(self) -> str:
+        return self.header("call-id") or ""
+
+    @property
+    def cseq(self) -> tuple[int, str]:
+        return parse_cseq(self.header("cseq") or "")
+
+    @property
+    def top_via(self) -> Via:
+        return parse_via(self.all("via")[0])
+
+
+@dataclass(frozen=True, slots=True)
+class Via:
+    transport: str
+    host: str
+    port: int | None
+    params: dict[str, str | None] = field(default_factory=dict)
+
+    @property
+    def branch(self) -> str:
+        return self.params.get("branch") or ""
+
+
+@dataclass(frozen=True, slots=True)
+class Uri:
+    scheme: str
+    user: str
+    host: str
+    port: int | None
+    params: dict[str, str | None] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class NameAddr:
+    display: str
+    uri: str
+    params: dict[str, str | None] = field(default_factory=dict)
+
+    @property
+    def tag(self) -> str | None:
+        return self.params.get("tag")
+
+
+# --------------------------------------------------------------------------- parsing
+
+def parse(data: bytes) -> SipMessage:
+    """Parse one SIP message; raise ``MalformedMessage`` with a human reason."""
+    sep = data.find(b"\r\n\r\n")
+    if sep >= 0:
+        head, body = data[:sep], data[sep + 4:]
+    else:
+        sep = data.find(b"\n\n")
+        if sep < 0:
+            raise MalformedMessage("no blank line ends the headers")
+        head, body = data[:sep], data[sep + 2:]
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        raise MalformedMessage("headers are not UTF-8") from None
+    lines = text.replace("\r\n", "\n").split("\n")
+    start = lines[0].strip()
+    headers: list[tuple[str, str]] = []
+    for line in lines[1:]:
+        if not line:
+            continue
+        if line[0] in " \t":        # folded continuation of the previous header (§7.3.1)
+            if not headers:
+                raise MalformedMessage("a folded line comes before any header")
+            name, value = headers[-1]
+            headers[-1] = (name, f"{value} {line.strip()}")
+            continue
+        colon = line.find(":")
+        if colon <= 0:
+            raise MalformedMessage(f"header line without a name and colon: {line[:40]!r}")
+        name = line[:colon].strip().lower()
+        if not _TOKEN_RE.match(name):
+            raise MalformedMessage(f"invalid header name {name[:40]!r}")
+        headers.append((COMPACT.get(name, name), line[colon + 1:].strip()))
+    match = _REQUEST_LINE.match(start)
+    if match:
+        method, uri, status, reason = match.group(1), match.group(2), 0, ""
+        if len(uri) > MAX_URI_LENGTH:
+            raise MalformedMessage("Request-URI too long")
+    else:
+        smatch = _STATUS_LINE.match(start)
+        if not smatch:
+            raise MalformedMessage(f"not a SIP/2.0 request or status line: {start[:60]!r}")
+        method, uri, status, reason = "", "", int(smatch.group(1)), smatch.group(2)
+        if status < 100:
+            raise MalformedMessage(f"status code {status} is not valid")
+    message = SipMessage(method, uri, status, reason, tuple(headers), body)
+    _check(message)
+    if not message.is_request:
+        message = SipMessage(message.cseq[1], "", status, reason, message.headers, body)
+    return message
+
+
+def _check(message: SipMessage) -> None:
+    present = {name for name, _ in message.headers}
+    missing = [pretty_name(h) for h in REQUIRED if h not in present]
+    if missing:
+        raise MalformedMessage(f"missing mandatory header(s): {', '.join(missing)}")
+    number, method = parse_cseq(message.header("cseq") or "")
+    if message.is_request and method != message.method:
+        raise MalformedMessage(f"CSeq method {method} does not match the request method {message.method}")
+    length = message.header("content-length")
+    if length is not None:
+        if not length.isdigit():
+            raise MalformedMessage(f"Content-Length {length!r} is not a number")
+        if int(length) > len(message.body):
+            raise MalformedMessage(
+                f"body is {len(message.body)} bytes but Content-Length says {length}: truncated")
+    mf = message.header("max-forwards")
+    if mf is not None and not (mf.isdigit() and int(mf) <= 255):
+        raise MalformedMessage(f"Max-Forwards {mf!r} is not a number from 0 to 255")
+    try:
+        parse_via(message.all("via")[0])
+    except (IndexError, ValueError) as exc:
+        raise MalformedMessage(f"top Via is not valid: {exc}") from None
+
+
+def parse_cseq(value: str) -> tuple[int, str]:
+    parts = value.split()
+    if len(parts) != 2 or not parts[0].isdigit() or len(parts[0]) > 10:
+        raise MalformedMessage(f"CSeq {value!r} is not 'number METHOD'")
+    number = int(parts[0])
+    if number >= 2**31:
+        raise MalformedMessage("CSeq number must be below 2**31")
+    return number, parts[1]
+
+
+def split_list(value: str) -> list[str]:
+    """Split on commas that are outside quotes and angle brackets."""
+    if "," not in value:
+        return [value.strip()]
+    out, depth, quoted, start = [], 0, False, 0
+    i = 0
+    while i < len(value):
+        ch = value[i]
+        if quoted:
+            if ch == "\\":
+                i += 1
+            elif ch == '"':
+                quoted = False
+        elif ch == '"':
+            quoted = True
+        elif ch == "<":
+            depth += 1
+        elif ch == ">":
+            depth = max(depth - 1, 0)
+        elif ch == "," and depth == 0:
+            out.append(value[start:i].strip())
+            start = i + 1
+        i += 1
+    out.append(value[start:].strip())
+    return [v for v in out if v]
+
+
+def parse_params(text: str) -> dict[str, str | None]:
+    params: dict[str, str | None] = {}
+    for part in text.split(";"):
+        part = part.strip()
+        if not part:
+            continue
+        if "=" in part:
+            key, _, val = part.partition("=")
+            params[key.strip().lower()] = val.strip()
+        else:
+            params[part.lower()] = None
+    return params
+
+
+def parse_via(value: str) -> Via:
+    proto, _, rest = value.strip().partition(" ")
+    parts = proto.split("/")
+    if len(parts) != 3 or parts[0].upper() != "SIP" or parts[1] != "2.0" or not rest.strip():
+        raise ValueError(f"{value[:60]!r} is not 'SIP/2.0/TRANSPORT host'")
+    sent_by, _, params = rest.strip().partition(";")
+    host, port = _host_port(sent_by.strip())
+    return Via(parts[2].upper(), host, port, parse_params(params))
+
+
+def _host_port(text: str) -> tuple[str, int | None]:
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError(f"unterminated IPv6 reference {text!r}")
+        host, rest = text[: end + 1], text[end + 1:]
+        port_text = rest[1:] if rest.startswith(":") else ""
+    else:
+        host, _, port_text = text.partition(":")
+    if not host:
+        raise ValueError("empty host")
+    if port_text:
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise ValueError(f"port {port_text!r} is not valid")
+        return host.lower(), int(port_text)
+    return host.lower(), None
+
+
+def parse_uri(uri: str) -> Uri:
+    """A sip:, sips: or tel: URI.  tel: numbers come back as ``user``."""
+    scheme, colon, rest = uri.partition(":")
+    scheme = scheme.lower()
+    if not colon or scheme not in ("sip", "sips", "tel"):
+        raise MalformedMessage(f"{uri[:60]!r} is not a sip:, sips: or tel: URI")
+    if scheme == "tel":
+        number, _, params = rest.partition(";")
+        return Uri("tel", number.replace("-", "").replace(".", ""), "", None, parse_params(params))
+    rest, _, _headers = rest.partition("?")
+    userinfo, at, hostpart = rest.rpartition("@")
+    if not at:
+        hostpart = rest
+    user = userinfo.partition(":")[0]
+    hostport, _, params = hostpart.partition(";")
+    try:
+        host, port = _host_port(hostport)
+    except ValueError as exc:
+        raise MalformedMessage(f"URI {uri[:60]!r}: {exc}") from None
+    return Uri(scheme, _unescape(user), host, port, parse_params(params))
+
+
+def _unescape(text: str) -> str:
+    if "%" not in text:
+        return text
+    return re.sub(r"%([0-9A-Fa-f]{2})", lambda m: chr(int(m.group(1), 16)), text)
+
+
+def parse_name_addr(value: str) -> NameAddr:
+    """From, To, Contact, Route entries: ``"Name" <uri>;params`` or ``uri;params``."""
+    value = value.strip()
+    lt = value.find("<")
+    if lt >= 0:
+        gt = value.find(">", lt)
+        if gt < 0:
+            raise MalformedMessage(f"unterminated <uri> in {value[:60]!r}")
+        display = value[:lt].strip().strip('"')
+        uri = value[lt + 1:gt].strip()
+        params = parse_params(value[gt + 1:])
+    else:
+        display = ""
+        uri, _, rest = value.partition(";")   # addr-spec: params after ; belong to the header
+        params = parse_params(rest)
+    if not uri:
+        raise MalformedMessage(f"empty URI in {value[:60]!r}")
+    return NameAddr(display, uri.strip(), params)
+
+
+def auth_params(value: str) -> tuple[str, dict[str, str]]:
+    """``Digest k=v, k="v"`` -> ("digest", {k: v}); quoted values unquoted."""
+    scheme, _, rest = value.strip().partition(" ")
+    params: dict[str, str] = {}
+    for item in split_list(rest):
+        key, eq, val = item.partition("=")
+        if not eq:
+            continue
+        val = val.strip()
+        if len(val) >= 2 and val[0] == '"' and val[-1] == '"':
+            val = val[1:-1].replace('\\"', '"').replace("\\\\", "\\")
+        params[key.strip().lower()] = val
+    return scheme.lower(), params
+
+
+# --------------------------------------------------------------------------- building
+
+def with_tag(to_value: str, tag: str) -> str:
+    if ";tag=" in to_value.replace(" ", "").lower():
+        return to_value
+    return f"{to_value};tag={tag}"
+
+
+def response_via(request: SipMessage, source_host: str, source_port: int) -> list[str]:
+    """The request's Vias, the top one stamped with received/rport (§18.2.1, RFC 3581)."""
+    vias = request.all("via")
+    top = vias[0]
+    via = parse_via(top)
+    wants_rport = "rport" in via.params and not via.params["rport"]
+    if wants_rport:
+        top = re.sub(r";\s*rport\s*=?\s*(?=;|$)", f";rport={source_port}", top, count=1)
+    if (via.host != source_host or wants_rport) and "received" not in via.params:
+        top += f";received={source_host}"
+    return [top, *vias[1:]]
+
+
+def response_destination(request: SipMessage, source_host: str, source_port: int) -> tuple[str, int]:
+    """Where a response to ``request`` goes over UDP (§18.2.2 with RFC 3581 rport)."""
+    via = request.top_via
+    if "rport" in via.params:
+        return source_host, source_port
+    return source_host, via.port or 5060
+
+
+def build_response(request: SipMessage, status: int, reason: str,
+                   source: tuple[str, int], to_tag: str | None = None,
+                   headers: list[tuple[str, str]] | tuple[tuple[str, str], ...] = (),
+                   body: bytes = b"", server: str = "sip-router") -> bytes:
+    """Bytes of a response to ``request`` (§8.2.6).  ``headers`` are (Name, value)."""
+    out = [f"SIP/2.0 {status} {reason}"]
+    out.extend(f"Via: {v}" for v in response_via(request, *source))
+    out.append(f"From: {request.header('from')}")
+    to = request.header("to") or ""
+    out.append(f"To: {with_tag(to, to_tag) if to_tag and status > 100 else to}")
+    out.append(f"Call-ID: {request.call_id}")
+    out.append(f"CSeq: {request.header('cseq')}")
+    out.extend(f"{name}: {value}" for name, value in headers)
+    out.append(f"Server: {server}")
+    out.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(out) + "\r\n\r\n").encode() + body
