@@ -52,6 +52,7 @@ class SipMessage:
     reason: str
     headers: tuple[tuple[str, str], ...]
     body: bytes = b""
+    via0: Via | None = None       # the top Via, parsed once by ``parse``
 
     @property
     def is_request(self) -> bool:
@@ -82,6 +83,8 @@ class SipMessage:
 
     @property
     def top_via(self) -> Via:
+        if self.via0 is not None:
+            return self.via0
         return parse_via(self.all("via")[0])
 
 
@@ -165,13 +168,12 @@ def parse(data: bytes) -> SipMessage:
         if status < 100:
             raise MalformedMessage(f"status code {status} is not valid")
     message = SipMessage(method, uri, status, reason, tuple(headers), body)
-    _check(message)
-    if not message.is_request:
-        message = SipMessage(message.cseq[1], "", status, reason, message.headers, body)
-    return message
+    via0 = _check(message)
+    return SipMessage(method if status == 0 else message.cseq[1], uri, status, reason,
+                      message.headers, body, via0)
 
 
-def _check(message: SipMessage) -> None:
+def _check(message: SipMessage) -> Via:
     present = {name for name, _ in message.headers}
     missing = [pretty_name(h) for h in REQUIRED if h not in present]
     if missing:
@@ -190,7 +192,7 @@ def _check(message: SipMessage) -> None:
     if mf is not None and not (mf.isdigit() and int(mf) <= 255):
         raise MalformedMessage(f"Max-Forwards {mf!r} is not a number from 0 to 255")
     try:
-        parse_via(message.all("via")[0])
+        return parse_via(message.all("via")[0])
     except (IndexError, ValueError) as exc:
         raise MalformedMessage(f"top Via is not valid: {exc}") from None
 
@@ -205,31 +207,15 @@ def parse_cseq(value: str) -> tuple[int, str]:
     return number, parts[1]
 
 
+_LIST_ITEM = re.compile(r'(?:"(?:[^"\\]|\\.)*"?|<[^>]*>?|[^,"<])+')
+_AUTH_PARAM = re.compile(r'([A-Za-z][A-Za-z0-9_-]*)\s*=\s*("(?:[^"\\]|\\.)*"|[^\s,]*)')
+
+
 def split_list(value: str) -> list[str]:
     """Split on commas that are outside quotes and angle brackets."""
     if "," not in value:
         return [value.strip()]
-    out, depth, quoted, start = [], 0, False, 0
-    i = 0
-    while i < len(value):
-        ch = value[i]
-        if quoted:
-            if ch == "\\":
-                i += 1
-            elif ch == '"':
-                quoted = False
-        elif ch == '"':
-            quoted = True
-        elif ch == "<":
-            depth += 1
-        elif ch == ">":
-            depth = max(depth - 1, 0)
-        elif ch == "," and depth == 0:
-            out.append(value[start:i].strip())
-            start = i + 1
-        i += 1
-    out.append(value[start:].strip())
-    return [v for v in out if v]
+    return [item.strip() for item in _LIST_ITEM.findall(value) if item.strip()]
 
 
 def parse_params(text: str) -> dict[str, str | None]:
@@ -326,14 +312,12 @@ def auth_params(value: str) -> tuple[str, dict[str, str]]:
     """``Digest k=v, k="v"`` -> ("digest", {k: v}); quoted values unquoted."""
     scheme, _, rest = value.strip().partition(" ")
     params: dict[str, str] = {}
-    for item in split_list(rest):
-        key, eq, val = item.partition("=")
-        if not eq:
-            continue
-        val = val.strip()
-        if len(val) >= 2 and val[0] == '"' and val[-1] == '"':
-            val = val[1:-1].replace('\\"', '"').replace("\\\\", "\\")
-        params[key.strip().lower()] = val
+    for key, val in _AUTH_PARAM.findall(rest):
+        if len(val) >= 2 and val[0] == '"':
+            val = val[1:-1]
+            if "\\" in val:
+                val = re.sub(r"\\(.)", r"\1", val)
+        params[key.lower()] = val
     return scheme.lower(), params
 
 

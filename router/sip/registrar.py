@@ -20,6 +20,7 @@ is where calls are sent.  Expiry is driven by ``next_wakeup``/``expire``.
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -88,13 +89,37 @@ class Registrar:
         self.realm = policy.domain
         self.nonces = digest.NonceBook(policy.registrar.nonce_ttl, secret)
         self.by_device: dict[str, list[Binding]] = {}
+        self.devices_of: dict[str, set[str]] = {}              # user -> devices with bindings
+        self.expiries: list[tuple[float, str]] = []             # heap of (expires_at, device)
         self.failures: dict[str, tuple[int, float]] = {}       # device -> (count, last at)
         self.source_failures: dict[str, deque[float]] = {}
         self._ha1: dict[tuple[str, str], str | None] = {}
+        loaded: dict[str, list[Binding]] = {}
         for b in bindings:
             if b.expires_at > now:
-                self.by_device.setdefault(b.device_id, []).append(b)
+                loaded.setdefault(b.device_id, []).append(b)
+        for device_id, bs in loaded.items():
+            self._set(bs[0].user_id, device_id, bs)
         self.set_policy(policy)
+
+    def _set(self, user_id: str, device_id: str, bindings: list[Binding]) -> None:
+        """The one place the binding indexes change."""
+        old = self.by_device.get(device_id)
+        if old:
+            devices = self.devices_of.get(old[0].user_id)
+            if devices is not None:
+                devices.discard(device_id)
+                if not devices:
+                    del self.devices_of[old[0].user_id]
+        if bindings:
+            self.by_device[device_id] = bindings
+            self.devices_of.setdefault(user_id, set()).add(device_id)
+            heapq.heappush(self.expiries, (min(b.expires_at for b in bindings), device_id))
+            if len(self.expiries) > 4 * len(self.by_device) + 64:   # drop stale entries
+                self.expiries = [(min(b.expires_at for b in bs), d) for d, bs in self.by_device.items()]
+                heapq.heapify(self.expiries)
+        else:
+            self.by_device.pop(device_id, None)
 
     # ------------------------------------------------------------------ policy
     def set_policy(self, policy: Policy) -> list[SaveBindings]:
@@ -109,13 +134,13 @@ class Registrar:
             owner = self._device(device_id)
             old = self.by_device[device_id]
             if owner is None:
-                del self.by_device[device_id]
+                self._set(old[0].user_id, device_id, [])
                 changed.append(SaveBindings(old[0].user_id, device_id, ()))
                 continue
             user, device = owner
             new = [replace(b, user_id=user.id, kind=device.kind) for b in old]
             if new != old:
-                self.by_device[device_id] = new
+                self._set(user.id, device_id, new)
                 changed.append(SaveBindings(user.id, device_id, tuple(new)))
         return changed
 
@@ -141,24 +166,26 @@ class Registrar:
 
     # ------------------------------------------------------------------ queries
     def bindings(self, now: float, user_id: str | None = None) -> list[Binding]:
-        return [b for bs in self.by_device.values() for b in bs
-                if b.expires_at > now and (user_id is None or b.user_id == user_id)]
+        if user_id is None:
+            return [b for bs in self.by_device.values() for b in bs if b.expires_at > now]
+        return [b for d in sorted(self.devices_of.get(user_id, ()))
+                for b in self.by_device[d] if b.expires_at > now]
 
     def next_wakeup(self) -> float | None:
-        soonest = [b.expires_at for bs in self.by_device.values() for b in bs]
-        return min(soonest) if soonest else None
+        return self.expiries[0][0] if self.expiries else None
 
     def expire(self, now: float) -> list[SaveBindings]:
         """Drop expired bindings; also forget old nonces and failure counters."""
         out: list[SaveBindings] = []
-        for device_id, bs in list(self.by_device.items()):
+        while self.expiries and self.expiries[0][0] <= now:
+            _, device_id = heapq.heappop(self.expiries)
+            bs = self.by_device.get(device_id)
+            if not bs:
+                continue          # a stale heap entry: the device was updated since
             live = [b for b in bs if b.expires_at > now]
             if len(live) != len(bs):
                 out.append(SaveBindings(bs[0].user_id, device_id, tuple(live)))
-                if live:
-                    self.by_device[device_id] = live
-                else:
-                    del self.by_device[device_id]
+                self._set(bs[0].user_id, device_id, live)
         self.nonces.prune(now)
         for host, stamps in list(self.source_failures.items()):
             while stamps and now - stamps[0] > THROTTLE_WINDOW:
@@ -244,7 +271,7 @@ class Registrar:
             for b in existing.values():
                 if b.call_id == call_id and cseq <= b.cseq:
                     raise MalformedMessage("CSeq out of order for this Call-ID")
-            self.by_device.pop(device.id, None)
+            self._set(user.id, device.id, [])
             return self._ok(msg, user, device, now, SaveBindings(user.id, device.id, ()), "unregister_all")
         updated = dict(existing)
         for value in contacts:
@@ -279,18 +306,14 @@ class Registrar:
                 user_agent=(msg.header("user-agent") or "")[:120],
                 registered_at=old.registered_at if old else now, instance=instance)
         kept = sorted(updated.values(), key=lambda b: b.registered_at)[-settings.max_bindings_per_device:]
-        others = [b for d, bs in self.by_device.items() if d != device.id
-                  for b in bs if b.user_id == user.id and b.expires_at > now]
+        others = [b for b in self.bindings(now, user.id) if b.device_id != device.id]
         if len(others) + len(kept) > settings.max_bindings_per_aor:
             return Outcome(Reply(403, "Too Many Registered Contacts", (("Warning",
                 f'399 - "{user.id} already has {len(others)} bindings; the limit is '
                 f'{settings.max_bindings_per_aor}"'),)), None, "register.refused", ())
         if kept == list(existing.values()) and not contacts:
             return self._ok(msg, user, device, now, None, "query")
-        if kept:
-            self.by_device[device.id] = kept
-        else:
-            self.by_device.pop(device.id, None)
+        self._set(user.id, device.id, kept)
         return self._ok(msg, user, device, now, SaveBindings(user.id, device.id, tuple(kept)),
                         "update" if kept else "unregister")
 

@@ -1,0 +1,177 @@
+"""Helpers shared by integration tests and benchmarks: the real router process and SIPp.
+
+Everything runs on loopback.  Every process started here is stopped by its PID
+when the ``with`` block ends, also when a test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCENARIOS = ROOT / "tests" / "scenarios"
+DOMAIN = "pbx.test"
+
+
+def free_port(kind: int = socket.SOCK_DGRAM) -> int:
+    """A loopback port free for both UDP and TCP right now."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, kind) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        other = socket.SOCK_STREAM if kind == socket.SOCK_DGRAM else socket.SOCK_DGRAM
+        with socket.socket(socket.AF_INET, other) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free loopback port")
+
+
+def write_users_config(directory: str, port: int, users: int) -> tuple[str, str]:
+    """A policy with ``users`` users of one ip_phone each, and the SIPp CSV for them."""
+    config = Path(directory) / "router.yaml"
+    lines = [f"domain: {DOMAIN}", f"state_dir: {directory}",
+             f"listen: [{{address: 127.0.0.1, port: {port}}}]",
+             "registrar: {max_bindings_per_device: 1, source_failures_per_minute: 100000}",
+             "log: {level: warning, format: json}", "users:"]
+    csv = ["SEQUENTIAL"]
+    for i in range(users):
+        lines.append(f"  - {{id: u{i}, extension: '{10000 + i}', receive_method: ip_phone, devices: "
+                     f"[{{id: d{i}, kind: ip_phone, username: d{i}, password: pw{i}}}]}}")
+        csv.append(f"u{i};d{i};[authentication username=d{i} password=pw{i}];{DOMAIN}")
+    config.write_text("\n".join(lines) + "\n")
+    csv_path = Path(directory) / "users.csv"
+    csv_path.write_text("\n".join(csv) + "\n")
+    return str(config), str(csv_path)
+
+
+def options_ping(port: int, timeout: float = 0.2) -> bool:
+    """True when the router answers an OPTIONS on ``port`` with 200."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        s.settimeout(timeout)
+        me = s.getsockname()[1]
+        s.sendto((f"OPTIONS sip:{DOMAIN} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{me};branch=z9hG4bK{time.monotonic_ns()}\r\n"
+                  f"From: <sip:ping@{DOMAIN}>;tag=1\r\nTo: <sip:{DOMAIN}>\r\nCall-ID: ping-{time.monotonic_ns()}\r\n"
+                  "CSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n").encode(), ("127.0.0.1", port))
+        try:
+            data = s.recv(4096)
+        except OSError:
+            return False
+    return data.startswith(b"SIP/2.0 200")
+
+
+class RouterProcess:
+    """``sip-router run`` as a child process; logs in JSON to a file."""
+
+    def __init__(self, config: str, port: int, log_level: str = "info",
+                 env: dict[str, str] | None = None) -> None:
+        self.config = config
+        self.port = port
+        self.log_path = Path(config).with_suffix(f".{port}.log")
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 15.0) -> RouterProcess:
+        self._log = open(self.log_path, "ab")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(self.env or {}))
+        self.proc = subprocess.Popen([sys.executable, "-m", "router", "-c", self.config, "run"],
+                                     cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"router exited with {self.proc.returncode}:\n{self.log_text()}")
+            if options_ping(self.port):
+                return self
+        self.stop()
+        raise RuntimeError(f"router did not start in {timeout} s:\n{self.log_text()}")
+
+    def __enter__(self) -> RouterProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def signal(self, signum: int) -> None:
+        os.kill(self.pid, signum)
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM, then SIGKILL if it does not stop in time; returns the exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(5)
+        self._log.close()
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def events(self, name: str | None = None) -> list[dict[str, object]]:
+        out = []
+        for line in self.log_text().splitlines():
+            if line.startswith("{"):
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if name is None or entry.get("event") == name:
+                    out.append(entry)
+        return out
+
+    def wait_for(self, name: str, count: int = 1, timeout: float = 5.0) -> list[dict[str, object]]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = self.events(name)
+            if len(found) >= count:
+                return found
+            time.sleep(0.05)
+        raise AssertionError(f"no {count}x {name} in the router log:\n{self.log_text()[-3000:]}")
+
+    def rss_kib(self) -> int:
+        with open(f"/proc/{self.pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        return 0
+
+
+def run_sipp(scenario: str, port: int, *args: str, calls: int = 1, timeout: float = 30.0,
+             csv: str | None = None, cwd: str | None = None,
+             transport: str = "u1") -> subprocess.CompletedProcess[str]:
+    """Run one SIPp scenario as UAC against the router; returns the finished process."""
+    cmd = ["sipp", "-sf", str(SCENARIOS / scenario), "-i", "127.0.0.1", "-p", str(free_port()),
+           "-m", str(calls), "-nostdin", "-t", transport,
+           "-timeout", str(int(timeout)), "-timeout_error", "-trace_err", "-trace_msg"]
+    if csv:
+        cmd += ["-inf", csv]
+    cmd += [*args, f"127.0.0.1:{port}"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 15, cwd=cwd)
