@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from router.config import DEFAULT_CONFIG, load_policy
-from router.errors import ConfigError, RouterError
+from router.errors import ConfigError, NotFound, RouterError
 from router.policy.decide import CallRequest, Fork, PstnLeg, Redirect, Reject, chain_of, decide
 from router.policy.model import Binding, RoutingMode
 from router.runtime import PolicyState
@@ -134,6 +134,24 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_registrations(args: argparse.Namespace) -> int:
+    policy = load_policy(args.config)
+    now = time.time()
+    bindings = SqliteBindingStore(connect(policy.database)).load(now)
+    if args.user:
+        user = policy.user(args.user)
+        if user is None:
+            raise NotFound(f"no user or extension {args.user!r}")
+        bindings = [b for b in bindings if b.user_id == user.id]
+    rows = [{"user": b.user_id, "device": b.device_id, "kind": b.kind.value, "contact": b.contact,
+             "source": f"{b.source_host}:{b.source_port}", "transport": b.transport,
+             "expires_in": int(b.expires_at - now), "q": b.q, "user_agent": b.user_agent or None}
+            for b in sorted(bindings, key=lambda b: (b.user_id, b.device_id, b.contact))]
+    _emit(args, rows, _table(rows, ["user", "device", "kind", "contact", "source", "transport",
+                                    "expires_in", "user_agent"]))
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from router.app import run
     return run(args.config)
@@ -163,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(field, metavar=meta)
         p.add_argument("--as", dest="actor", required=True, help="who makes the change (user id)")
         p.set_defaults(func=func)
+    p = sub.add_parser("registrations", help="registered devices: contact, source, transport, expiry")
+    p.add_argument("user", nargs="?")
+    p.set_defaults(func=cmd_registrations)
     p = sub.add_parser("audit", help="run-time changes, newest first")
     p.add_argument("user", nargs="?")
     p.add_argument("--limit", type=int, default=100)

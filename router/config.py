@@ -154,6 +154,8 @@ def _registrar(m: MapReader | None, problems: Problems) -> RegistrarSettings:
         source_failures_per_minute=m.number("source_failures_per_minute",
                                             d.source_failures_per_minute, integer=True, minimum=1),
         algorithms=_algorithms(m, d.algorithms),
+        md5_only_agents=tuple(scalar_text(n) or "" for n in m.list("md5_only_agents"))
+        if "md5_only_agents" in m.items else d.md5_only_agents,
     )
     if not result.min_expires <= result.default_expires <= result.max_expires:
         problems.add(m.node, m.path, "needs min_expires <= default_expires <= max_expires")

@@ -134,6 +134,10 @@ class RegistrarSettings:
     # Challenge order.  MD5 first by default: many desk phones (and SIPp) answer
     # only the first WWW-Authenticate; SHA-256-capable phones still find theirs.
     algorithms: tuple[str, ...] = ("MD5", "SHA-256")
+    # User-Agent prefixes challenged with MD5 alone: these abort on a challenge
+    # they cannot answer instead of skipping it (measured: baresip 1.0 says
+    # "Register: Function not implemented" when SHA-256 is offered too).
+    md5_only_agents: tuple[str, ...] = ("baresip v0.", "baresip v1.")
 
 
 @dataclass(frozen=True)

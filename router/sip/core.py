@@ -100,11 +100,9 @@ class SipCore:
         commands: list[Command] = self._reply(msg, source, now, outcome.reply)
         if outcome.save is not None:
             commands.append(outcome.save)
-        level = "info" if outcome.reply.status == 200 and outcome.save is not None else "debug"
-        if outcome.reply.status in (403, 400, 423):
-            level = "warning"
         commands.append(Log(outcome.event, (("call_id", msg.call_id), ("source", f"{source.host}:{source.port}"),
-                                            ("status", outcome.reply.status), *outcome.fields), level))
+                                            ("status", outcome.reply.status), *outcome.fields),
+                            outcome.level))
         return commands
 
     def _options(self, msg: SipMessage, source: Source, now: float) -> list[Command]:

@@ -68,6 +68,7 @@ class Outcome:
     save: SaveBindings | None = None
     event: str = "register"
     fields: tuple[tuple[str, object], ...] = ()
+    level: str = "info"
 
 
 # Authentication gate outcomes -> (status, reason).  None: go on to bindings.
@@ -207,16 +208,24 @@ class Registrar:
                 stale = gate == digest.Verdict.STALE
                 headers = tuple(("WWW-Authenticate", c) for c in
                                 digest.challenge(self.realm, self.nonces.issue(now),
-                                                 self.policy.registrar.algorithms, stale=stale))
+                                                 self._algorithms_for(msg), stale=stale))
+            quiet = gate in ("challenge", digest.Verdict.STALE)     # the normal first leg
             return Outcome(Reply(row[0], row[1], headers), None, "register.auth",
-                           (("result", gate), ("detail", detail)))
+                           (("result", gate), ("detail", detail)), "debug" if quiet else "warning")
         assert owner is not None
         user, device = owner
         try:
             return self._update(msg, source, user, device, now)
         except MalformedMessage as exc:
             return Outcome(Reply(400, "Bad Request", (("Warning", f'399 - "{exc}"'),)),
-                           None, "register.refused", (("detail", str(exc)),))
+                           None, "register.refused", (("detail", str(exc)),), "warning")
+
+    def _algorithms_for(self, msg: SipMessage) -> tuple[str, ...]:
+        settings = self.policy.registrar
+        agent = msg.header("user-agent") or ""
+        if agent and any(agent.startswith(prefix) for prefix in settings.md5_only_agents if prefix):
+            return ("MD5",) if "MD5" in settings.algorithms else settings.algorithms
+        return settings.algorithms
 
     def _authenticate(self, msg: SipMessage, source: Source,
                       now: float) -> tuple[str, tuple[User, Device] | None, str]:
@@ -260,7 +269,7 @@ class Registrar:
         if to_uri.user not in (user.id, user.extension):
             return Outcome(Reply(403, "Forbidden", (("Warning",
                 f'399 - "device {device.id} belongs to {user.id} and may register only that user"'),)),
-                None, "register.refused", (("device", device.id), ("aor", to_uri.user)))
+                None, "register.refused", (("device", device.id), ("aor", to_uri.user)), "warning")
         contacts = msg.all("contact")
         header_expires = _int_or_none(msg.header("expires"))
         existing = {b.contact: b for b in self.by_device.get(device.id, [])}
@@ -285,7 +294,7 @@ class Registrar:
             if 0 < expires < settings.min_expires:
                 return Outcome(Reply(423, "Interval Too Brief",
                                      (("Min-Expires", str(settings.min_expires)),)),
-                               None, "register.refused", (("expires", expires),))
+                               None, "register.refused", (("expires", expires),), "warning")
             expires = min(expires, settings.max_expires)
             q = _q(addr.params.get("q"))
             old = existing.get(addr.uri)
@@ -310,7 +319,7 @@ class Registrar:
         if len(others) + len(kept) > settings.max_bindings_per_aor:
             return Outcome(Reply(403, "Too Many Registered Contacts", (("Warning",
                 f'399 - "{user.id} already has {len(others)} bindings; the limit is '
-                f'{settings.max_bindings_per_aor}"'),)), None, "register.refused", ())
+                f'{settings.max_bindings_per_aor}"'),)), None, "register.refused", (), "warning")
         if kept == list(existing.values()) and not contacts:
             return self._ok(msg, user, device, now, None, "query")
         self._set(user.id, device.id, kept)
@@ -325,7 +334,8 @@ class Registrar:
         headers.append(("Date", time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now))))
         return Outcome(Reply(200, "OK", tuple(headers)), save, "register.ok",
                        (("user", user.id), ("device", device.id), ("kind", device.kind.value),
-                        ("action", action), ("bindings", len(headers) - 1)))
+                        ("action", action), ("bindings", len(headers) - 1)),
+                       "info" if save is not None else "debug")
 
 
 def _int_or_none(value: str | None) -> int | None:

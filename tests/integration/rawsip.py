@@ -1,0 +1,77 @@
+"""A plain UDP SIP peer for what SIPp cannot do (SHA-256 digest, byte-exact malformed input)."""
+
+from __future__ import annotations
+
+import itertools
+import socket
+
+from router.sip import digest
+from router.sip.message import SipMessage, auth_params, parse
+
+_counter = itertools.count(1)
+
+
+class UdpPeer:
+    def __init__(self, router_port: int) -> None:
+        self.router = ("127.0.0.1", router_port)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(2.0)
+        self.port = self.sock.getsockname()[1]
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> UdpPeer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def send(self, data: bytes) -> None:
+        self.last_sent = data
+        self.sock.sendto(data, self.router)
+
+    def recv(self) -> SipMessage:
+        data, _ = self.sock.recvfrom(65535)
+        return parse(data)
+
+    def nothing_within(self, seconds: float) -> bool:
+        self.sock.settimeout(seconds)
+        try:
+            self.sock.recvfrom(65535)
+            return False
+        except TimeoutError:
+            return True
+        finally:
+            self.sock.settimeout(2.0)
+
+    def register(self, aor: str, cseq: int, call_id: str, authorization: str = "",
+                 expires: int = 300, domain: str = "pbx.test", to: str | None = None) -> SipMessage:
+        n = next(_counter)
+        text = (f"REGISTER sip:{domain} SIP/2.0\r\n"
+                f"Via: SIP/2.0/UDP 127.0.0.1:{self.port};branch=z9hG4bK-raw-{n};rport\r\n"
+                f"From: <sip:{aor}@{domain}>;tag=raw{n}\r\nTo: {to or f'<sip:{aor}@{domain}>'}\r\n"
+                f"Call-ID: {call_id}\r\nCSeq: {cseq} REGISTER\r\n"
+                f"Contact: <sip:{aor}-raw@127.0.0.1:{self.port}>\r\nExpires: {expires}\r\n"
+                f"{authorization}Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n")
+        self.send(text.encode())
+        return self.recv()
+
+    def register_with(self, algorithm: str, aor: str, username: str, password: str,
+                      domain: str = "pbx.test", to: str | None = None) -> SipMessage:
+        """The whole digest exchange, answering the challenge of ``algorithm``."""
+        call_id = f"raw-{next(_counter)}@127.0.0.1"
+        challenge = self.register(aor, 1, call_id, to=to)
+        assert challenge.status == 401, challenge
+        offers = {auth_params(v)[1].get("algorithm"): auth_params(v)[1]
+                  for v in challenge.all("www-authenticate")}
+        params = offers[algorithm]
+        uri = f"sip:{domain}"
+        ha1 = digest.ha1(algorithm, username, params["realm"], password)
+        response = digest.response(algorithm, ha1, params["nonce"], "REGISTER", uri,
+                                   "auth", "00000001", "c0ffee")
+        header = (f'Authorization: Digest username="{username}", realm="{params["realm"]}", '
+                  f'nonce="{params["nonce"]}", uri="{uri}", response="{response}", '
+                  f'algorithm={algorithm}, qop=auth, nc=00000001, cnonce="c0ffee"\r\n')
+        return self.register(aor, 2, call_id, header, to=to)
