@@ -17,15 +17,13 @@ import time
 from dataclasses import dataclass
 from types import FrameType
 
-import pjsua2 as pj
-
 from router import log
 from router.config import load_policy
 from router.errors import ConfigError
 from router.policy.model import Policy
 from router.runtime import PolicyState
 from router.sip.core import SipCore
-from router.sip.engine import Engine
+from router.sip.engine import Engine, EngineError
 from router.sip.pjsip_module import LayoutMismatch
 from router.store.sqlite import SqliteBindingStore, SqlitePolicyStore, connect
 
@@ -103,8 +101,8 @@ class Router:
         signal.signal(signal.SIGHUP, on_hup)
         try:
             self.engine.start()
-        except pj.Error as exc:
-            self.log.error("router.start.failed", detail=exc.info())
+        except EngineError as exc:
+            self.log.error("router.start.failed", detail=str(exc))
             return EXIT_START_FAILED
         except LayoutMismatch as exc:
             self.log.error("router.layout.mismatch", detail=str(exc))

@@ -28,6 +28,7 @@ from typing import Any
 import pjsua2 as pj
 
 from router import log
+from router.errors import RouterError
 from router.policy.model import Listen
 from router.sip.core import Command, Log, Send, SipCore
 from router.sip.pjsip_module import LayoutMismatch, Packet, RouterModule
@@ -93,6 +94,10 @@ class PjLogWriter(pj.LogWriter):  # type: ignore[misc]
         getattr(self.log, level if level != "critical" else "error")("pjsip", line=entry.msg.rstrip())
 
 
+class EngineError(RouterError):
+    """PJSIP refused to start (port in use, bad address...)."""
+
+
 class Engine:
     def __init__(self, listen: tuple[Listen, ...], core: SipCore, store: BindingStore,
                  pj_log_level: int = 2) -> None:
@@ -115,6 +120,12 @@ class Engine:
 
     # ------------------------------------------------------------------ life cycle
     def start(self) -> None:
+        try:
+            self._start()
+        except pj.Error as exc:
+            raise EngineError(exc.info()) from None
+
+    def _start(self) -> None:
         self.ep.libCreate()
         cfg = pj.EpConfig()
         cfg.uaConfig.threadCnt = 0

@@ -146,7 +146,7 @@ def parse(data: bytes) -> SipMessage:
             if not headers:
                 raise MalformedMessage("a folded line comes before any header")
             name, value = headers[-1]
-            headers[-1] = (name, f"{value} {line.strip()}")
+            headers[-1] = (name, f"{value} {line.strip()}".strip())
             continue
         colon = line.find(":")
         if colon <= 0:

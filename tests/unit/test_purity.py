@@ -11,7 +11,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[2] / "router"
 FORBIDDEN = {"pjsua2", "ctypes", "socket", "sqlite3", "asyncio", "selectors", "select",
              "threading", "subprocess", "http", "urllib", "router.store", "router.sip.engine",
              "router.sip.pjsip_module"}
-PURE = sorted((ROOT / "policy").glob("*.py"))
+PURE = sorted((ROOT / "policy").glob("*.py")) + [
+    ROOT / "sip" / name for name in ("message.py", "digest.py", "registrar.py", "transaction.py", "core.py")]
 
 
 def imported_modules(path: pathlib.Path) -> set[str]:
@@ -33,7 +34,7 @@ def test_pure_module_imports_no_io(path):
 
 
 def test_policy_never_imports_the_sip_package():
-    for path in PURE:
+    for path in (ROOT / "policy").glob("*.py"):
         assert not any(m.startswith("router.sip") for m in imported_modules(path)), path.name
 
 
@@ -41,3 +42,16 @@ def test_the_check_sees_a_forbidden_import(tmp_path):
     sample = tmp_path / "bad.py"
     sample.write_text("import sqlite3\nfrom socket import socket\n")
     assert {"sqlite3", "socket"} <= imported_modules(sample)
+
+
+def test_only_the_sip_package_imports_pjsua2_or_ctypes():
+    for path in ROOT.rglob("*.py"):
+        if path.parent.name == "sip":
+            continue
+        bad = {m for m in imported_modules(path) if m.split(".")[0] in ("pjsua2", "ctypes")}
+        assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
+
+
+def test_one_module_holds_the_raw_pointers():
+    users = [p.name for p in (ROOT / "sip").glob("*.py") if "ctypes" in imported_modules(p)]
+    assert users == ["pjsip_module.py"]
