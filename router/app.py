@@ -25,7 +25,8 @@ from router.runtime import PolicyState
 from router.sip.core import SipCore
 from router.sip.engine import Engine, EngineError
 from router.sip.pjsip_module import LayoutMismatch
-from router.store.sqlite import SqliteBindingStore, SqlitePolicyStore, connect
+from router.sip.forward import Local
+from router.store.sqlite import SqliteBindingStore, SqliteCallStore, SqlitePolicyStore, connect
 
 EXIT_OK, EXIT_START_FAILED, EXIT_LAYOUT = 0, 1, 3
 
@@ -61,11 +62,37 @@ class Router:
         self.bindings = SqliteBindingStore(self.conn)
         purged = self.bindings.purge_expired(now)
         loaded = self.bindings.load(now)
-        self.core = SipCore(self.policy_state.view.policy, loaded, now)
-        self.engine = Engine(policy.listen, self.core, self.bindings)
+        first = policy.listen[0]
+        self.resolved: dict[str, str] = {}
+        self.core = SipCore(self.policy_state.view.policy, loaded, now,
+                            local=Local(first.advertise or first.address, first.port),
+                            resolve=self.resolve)
+        self.engine = Engine(policy.listen, self.core, self.bindings, SqliteCallStore(self.conn),
+                             pj_log_level=policy.log.pjsip_level)
+        if policy.trunk is not None:
+            self.resolve(policy.trunk.host)      # look names up before the first call, not during it
         self.flags = Flags()
         self.log.info("router.state", database=policy.database, bindings=len(loaded),
                       expired_purged=purged)
+
+    def resolve(self, host: str) -> str:
+        """The trunk's address: names are looked up once per reload (A/AAAA)."""
+        if host in self.resolved:
+            return self.resolved[host]
+        try:
+            socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+            return host
+        except OSError:
+            pass
+        try:
+            info = socket.getaddrinfo(host, None, type=socket.SOCK_DGRAM)
+            address = str(info[0][4][0])
+        except OSError as exc:
+            self.log.error("trunk.resolve.failed", host=host, detail=str(exc))
+            return host
+        self.resolved[host] = address
+        self.log.info("trunk.resolved", host=host, address=address)
+        return address
 
     def on_idle(self, now: float) -> None:
         if self.flags.reload:
@@ -85,6 +112,9 @@ class Router:
         if policy.listen != self.policy_state.yaml_policy.listen:
             self.log.warning("policy.reload.listen_ignored",
                              detail="listen addresses change only on restart")
+        self.resolved.clear()
+        if policy.trunk is not None:
+            self.resolve(policy.trunk.host)
         view = self.policy_state.reload(policy, now)
         self.engine.execute(self.core.set_policy(view.policy))
         self.log.info("policy.reloaded", source=self.config_path, users=len(policy.users))

@@ -20,7 +20,7 @@ from router.errors import ConfigError, NotFound, RouterError
 from router.policy.decide import CallRequest, Fork, PstnLeg, Redirect, Reject, chain_of, decide
 from router.policy.model import Binding, RoutingMode
 from router.runtime import PolicyState
-from router.store.sqlite import SqliteBindingStore, SqlitePolicyStore, connect
+from router.store.sqlite import SqliteBindingStore, SqliteCallStore, SqlitePolicyStore, connect
 
 
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -152,6 +152,21 @@ def cmd_registrations(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calls(args: argparse.Namespace) -> int:
+    policy = load_policy(args.config)
+    records = SqliteCallStore(connect(policy.database)).recent(args.user, args.limit)
+    fmt = "%Y-%m-%d %H:%M:%S"
+    rows = [{"call_id": r.call_id, "started": time.strftime(fmt, time.localtime(r.started_at)),
+             "caller": r.caller, "user": r.user_id, "queue": r.queue_id, "method": r.method,
+             "branches": ",".join(r.branches) or None, "answered_by": r.answered_by,
+             "status": r.status, "reason": r.reason,
+             "duration_s": round(r.ended_at - r.answered_at, 1) if r.ended_at and r.answered_at else None}
+            for r in records]
+    _emit(args, rows, _table(rows, ["started", "caller", "user", "queue", "method", "branches",
+                                    "answered_by", "status", "duration_s", "call_id"]))
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from router.app import run
     return run(args.config)
@@ -184,6 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("registrations", help="registered devices: contact, source, transport, expiry")
     p.add_argument("user", nargs="?")
     p.set_defaults(func=cmd_registrations)
+    p = sub.add_parser("calls", help="call records, newest first")
+    p.add_argument("--user")
+    p.add_argument("--limit", type=int, default=50)
+    p.set_defaults(func=cmd_calls)
     p = sub.add_parser("audit", help="run-time changes, newest first")
     p.add_argument("user", nargs="?")
     p.add_argument("--limit", type=int, default=100)

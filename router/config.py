@@ -102,7 +102,11 @@ def _listen(node: yaml.Node, path: str, problems: Problems) -> Listen | None:
         problems.add(m.node_of("address"), f"{path}.address", f"{address!r} is not an IP address")
     result = Listen(address=address,
                     port=m.number("port", 5060, integer=True, minimum=1, maximum=65535),
-                    transport=m.choice("transport", ["udp", "tcp"], "udp"))
+                    transport=m.choice("transport", ["udp", "tcp"], "udp"),
+                    advertise=m.str("advertise"))
+    if address in ("0.0.0.0", "::") and result.advertise is None:
+        problems.add(m.node, path, f"listening on {address} needs `advertise:`, the address phones "
+                                   "and peers reach this router at (it goes into Via and Record-Route)")
     m.done()
     return result
 
@@ -181,7 +185,8 @@ def _log(m: MapReader | None) -> LogSettings:
     if m is None or not m.ok:
         return LogSettings()
     result = LogSettings(level=m.choice("level", ["debug", "info", "warning", "error"], "info"),
-                         format=m.choice("format", ["auto", "json", "console"], "auto"))
+                         format=m.choice("format", ["auto", "json", "console"], "auto"),
+                         pjsip_level=m.number("pjsip_level", 2, integer=True, minimum=0, maximum=6))
     m.done()
     return result
 

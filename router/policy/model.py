@@ -119,6 +119,7 @@ class Listen:
     address: str = "127.0.0.1"
     port: int = 5060
     transport: str = "udp"
+    advertise: str | None = None   # the address put in Via/Record-Route when listening on 0.0.0.0
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,7 @@ class Routing:
 class LogSettings:
     level: str = "info"
     format: str = "auto"  # auto | json | console
+    pjsip_level: int = 2  # PJSIP's own log detail, 0-6; above 3 only for debugging
 
 
 @dataclass(frozen=True)

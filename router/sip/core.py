@@ -19,10 +19,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from router.errors import MalformedMessage, sip_status
+from router.policy.decide import CallRequest
 from router.policy.model import Binding, Policy
+from router.sip import digest
+from router.sip.admission import Refused, admit
+from router.sip.forward import Local, is_loop
 from router.sip.message import (
-    COMPACT, SipMessage, build_response, parse, response_destination,
+    COMPACT, SipMessage, build_response, parse, parse_name_addr, parse_uri, response_destination,
 )
+from router.sip.proxy import Note, Out, Proxy, SaveCall, called_number
 from router.sip.registrar import Outcome, Registrar, Reply, SaveBindings, Source
 from router.sip.transaction import ResponseCache, transaction_key
 
@@ -48,22 +53,26 @@ class Log:
     level: str = "info"
 
 
-Command = Send | SaveBindings | Log
+Command = Send | SaveBindings | SaveCall | Log
+IN_DIALOG = frozenset({"BYE", "UPDATE", "INFO", "PRACK", "REFER", "NOTIFY", "MESSAGE", "SUBSCRIBE"})
 
 
 class SipCore:
     def __init__(self, policy: Policy, bindings: list[Binding], now: float,
-                 secret: bytes | None = None) -> None:
+                 secret: bytes | None = None, local: Local = Local("127.0.0.1", 5060),
+                 resolve: Callable[[str], str] = lambda host: host) -> None:
         self.policy = policy
         self.registrar = Registrar(policy, bindings, now, secret)
         self.cache = ResponseCache()
+        self.proxy = Proxy(local, lambda: self.policy, self._live_bindings, resolve)
+        self.local = local
         self.handlers: dict[str, Callable[[SipMessage, Source, float], list[Command]]] = {
             "REGISTER": self._register,
             "OPTIONS": self._options,
-            "ACK": lambda m, s, n: [],
-            "INVITE": self._not_yet,
-            "CANCEL": self._no_transaction,
-            "BYE": self._no_transaction,
+            "ACK": self._ack,
+            "INVITE": self._invite,
+            "CANCEL": self._cancel,
+            **{m: self._in_dialog for m in IN_DIALOG},
         }
 
     def set_policy(self, policy: Policy) -> list[Command]:
@@ -84,15 +93,43 @@ class SipCore:
             return [self._send(msg, source, cached)]
         handler = self.handlers.get(msg.method)
         if handler is None:
-            if msg.method in KNOWN_NOT_SERVED:
-                return self._reply(msg, source, now, Reply(405, "Method Not Allowed", (("Allow", ALLOW),)))
             return self._reply(msg, source, now, Reply(501, "Not Implemented", (("Allow", ALLOW),)))
         return handler(msg, source, now)
+
+    def on_response(self, data: bytes, source: Source, now: float) -> list[Command]:
+        try:
+            msg = parse(data)
+        except MalformedMessage as exc:
+            return [Log("sip.malformed", (("source", f"{source.host}:{source.port}"),
+                                          ("reason", str(exc))), "warning")]
+        if msg.is_request:
+            return self.on_request(data, source, now)
+        return self._emit(self.proxy.on_response(msg, now))
 
     def tick(self, now: float) -> list[Command]:
         """Housekeeping the engine runs about once a second."""
         self.cache.expire(now)
         return list(self.registrar.expire(now))
+
+    def on_timer(self, now: float) -> list[Command]:
+        return self._emit(self.proxy.on_timer(now))
+
+    def next_wakeup(self) -> float | None:
+        return self.proxy.next_wakeup()
+
+    def _live_bindings(self, user_id: str, now: float) -> list[Binding]:
+        return self.registrar.bindings(now, user_id)
+
+    def _emit(self, items: list[Out | SaveCall | Note]) -> list[Command]:
+        out: list[Command] = []
+        for item in items:
+            if isinstance(item, Out):
+                out.append(Send(item.data, item.host, item.port, item.transport, item.conn))
+            elif isinstance(item, Note):
+                out.append(Log(item.event, item.fields, item.level))
+            else:
+                out.append(item)
+        return out
 
     # --------------------------------------------------------------- handlers
     def _register(self, msg: SipMessage, source: Source, now: float) -> list[Command]:
@@ -109,12 +146,69 @@ class SipCore:
         return self._reply(msg, source, now, Reply(200, "OK", (
             ("Allow", ALLOW), ("Accept", "application/sdp"), ("Supported", "path, outbound"))))
 
-    def _not_yet(self, msg: SipMessage, source: Source, now: float) -> list[Command]:
-        return self._reply(msg, source, now, Reply(480, "Temporarily Unavailable", (
-            ("Warning", '399 - "call routing is not enabled on this router"'),)))
+    def _invite(self, msg: SipMessage, source: Source, now: float) -> list[Command]:
+        if parse_name_addr(msg.header("to") or "").tag:
+            return self._in_dialog(msg, source, now)
+        key = transaction_key(msg)
+        if self.proxy.has_call(key):
+            return self._emit(self.proxy.retransmission(key))
+        if (msg.header("max-forwards") or "70") == "0":
+            return self._reply(msg, source, now, Reply(483, "Too Many Hops"))
+        if is_loop(msg, self.local):
+            return self._reply(msg, source, now, Reply(482, "Loop Detected"))
+        verdict = admit(self.policy, msg, source.host, self.registrar.nonces,
+                        lambda user, alg: self._ha1(user, alg),
+                        lambda device, t: any(b.device_id == device for b in
+                                              self.registrar.by_device.get(device, ()) if b.expires_at > t),
+                        now)
+        if isinstance(verdict, Refused):
+            headers: tuple[tuple[str, str], ...] = ()
+            if verdict.status == 407:
+                headers = tuple(("Proxy-Authenticate", c) for c in digest.challenge(
+                    self.policy.domain, self.registrar.nonces.issue(now), self.policy.registrar.algorithms,
+                    stale=verdict.detail == "stale nonce"))
+            log = Log("call.refused", (("call_id", msg.call_id), ("status", verdict.status),
+                                       ("detail", verdict.detail)),
+                      "debug" if verdict.status == 407 else "warning")
+            return [*self._reply(msg, source, now, Reply(verdict.status, verdict.reason, headers)), log]
+        try:
+            user = parse_uri(msg.uri).user
+        except MalformedMessage:
+            user = ""
+        request = CallRequest(user=user, queue_header=msg.header(self.policy.routing.queue_header.lower()),
+                              called_number=called_number(msg), mode=verdict.mode,
+                              may_use_trunk=verdict.may_use_trunk)
+        log = Log("call.received", (("call_id", msg.call_id), ("from", verdict.who), ("user", user)))
+        return [log, *self._emit(self.proxy.on_invite(msg, source, key, request, now))]
 
-    def _no_transaction(self, msg: SipMessage, source: Source, now: float) -> list[Command]:
-        return self._reply(msg, source, now, Reply(481, "Call/Transaction Does Not Exist"))
+    def _ha1(self, username: str, algorithm: str) -> str | None:
+        owner = self.policy.device_by_auth(username)
+        return self.registrar.ha1_for(owner[1], algorithm) if owner else None
+
+    def _cancel(self, msg: SipMessage, source: Source, now: float) -> list[Command]:
+        invite_key = transaction_key(msg)[:-1] + ("INVITE",)
+        emitted = self.proxy.on_cancel(msg, source, invite_key, now)
+        if emitted is None:
+            return self._reply(msg, source, now, Reply(481, "Call/Transaction Does Not Exist"))
+        return [*self._reply(msg, source, now, Reply(200, "OK")), *self._emit(emitted)]
+
+    def _ack(self, msg: SipMessage, source: Source, now: float) -> list[Command]:
+        if self.proxy.has_call(transaction_key(msg)):
+            return []          # the ACK of a final failure we sent: absorbed (§17.2.1)
+        emitted = self.proxy.on_in_dialog(msg, source, now)
+        return self._emit(emitted) if emitted else []
+
+    def _in_dialog(self, msg: SipMessage, source: Source, now: float) -> list[Command]:
+        if not parse_name_addr(msg.header("to") or "").tag:
+            if msg.method in KNOWN_NOT_SERVED:
+                return self._reply(msg, source, now, Reply(405, "Method Not Allowed", (("Allow", ALLOW),)))
+            return self._reply(msg, source, now, Reply(481, "Call/Transaction Does Not Exist"))
+        if (msg.header("max-forwards") or "70") == "0":
+            return self._reply(msg, source, now, Reply(483, "Too Many Hops"))
+        emitted = self.proxy.on_in_dialog(msg, source, now)
+        if emitted is None:
+            return self._reply(msg, source, now, Reply(481, "Call/Transaction Does Not Exist"))
+        return self._emit(emitted)
 
     # --------------------------------------------------------------- helpers
     def _send(self, msg: SipMessage, source: Source, data: bytes) -> Send:

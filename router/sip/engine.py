@@ -30,10 +30,12 @@ import pjsua2 as pj
 from router import log
 from router.errors import RouterError
 from router.policy.model import Listen
+from router.records import CallRecord
 from router.sip.core import Command, Log, Send, SipCore
 from router.sip.pjsip_module import LayoutMismatch, Packet, RouterModule
+from router.sip.proxy import SaveCall
 from router.sip.registrar import SaveBindings, Source
-from router.store.interfaces import BindingStore
+from router.store.interfaces import BindingStore, CallStore
 
 POLL_MS = 10
 BATCH = 256
@@ -100,13 +102,15 @@ class EngineError(RouterError):
 
 class Engine:
     def __init__(self, listen: tuple[Listen, ...], core: SipCore, store: BindingStore,
-                 pj_log_level: int = 2) -> None:
+                 calls: CallStore, pj_log_level: int = 2) -> None:
         self.listen = listen
         self.core = core
         self.store = store
         self.log = log.get("sip")
         self.inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self.pending: dict[str, SaveBindings] = {}
+        self.pending_calls: dict[str, CallRecord] = {}
+        self.calls = calls
         self.stop_requested = False
         self.failure: str | None = None
         self.ep = pj.Endpoint()
@@ -114,8 +118,8 @@ class Engine:
         self.transports: list[int] = []
         self.module: RouterModule | None = None
         self.pj_log_level = pj_log_level
-        self.stats = {"requests": 0, "sent": 0, "send_errors": 0}
-        self.received: list[Packet] = []
+        self.stats = {"requests": 0, "responses": 0, "sent": 0, "send_errors": 0}
+        self.received: list[tuple[bool, Packet]] = []
         self.udp: dict[int, socket.socket] = {}    # address family -> PJSIP's own UDP socket
 
     # ------------------------------------------------------------------ life cycle
@@ -158,7 +162,7 @@ class Engine:
                                         "a connection storm can abort PJSIP")
             self.log.info("sip.listen", address=item.address, port=item.port, transport=item.transport)
         self.ep.libStart()
-        self.module = RouterModule(self._on_packet)
+        self.module = RouterModule(self._on_packet, self._on_response)
         self.module.register()
 
     def close(self) -> None:
@@ -179,12 +183,17 @@ class Engine:
         """Poll until ``should_stop()``; ``on_idle(now)`` runs between polls."""
         next_flush = next_tick = 0.0
         while not should_stop() and self.failure is None:
-            if self.ep.libHandleEvents(POLL_MS) > 0:
+            wake = self.core.next_wakeup()
+            wait = POLL_MS if wake is None else max(0, min(POLL_MS, int((wake - time.time()) * 1000)))
+            if self.ep.libHandleEvents(wait) > 0:
                 while len(self.received) < BATCH and self.ep.libHandleEvents(0) > 0:
                     pass
             batch, self.received = self.received, []
-            for packet in batch:
-                self._handle(packet)
+            for is_response, packet in batch:
+                self._handle(packet, is_response)
+            wake = self.core.next_wakeup()
+            if wake is not None and wake <= time.time():
+                self.execute(self.core.on_timer(time.time()))
             while True:
                 try:
                     job = self.inbox.get_nowait()
@@ -205,12 +214,19 @@ class Engine:
             raise LayoutMismatch(self.failure)
 
     def _on_packet(self, packet: Packet) -> None:
-        self.received.append(packet)
+        self.received.append((False, packet))
 
-    def _handle(self, packet: Packet) -> None:
-        self.stats["requests"] += 1
+    def _on_response(self, packet: Packet) -> None:
+        self.received.append((True, packet))
+
+    def _handle(self, packet: Packet, is_response: bool) -> None:
         source = Source(packet.host, packet.port, packet.transport, packet.conn)
-        self.execute(self.core.on_request(packet.data, source, time.time()))
+        if is_response:
+            self.stats["responses"] += 1
+            self.execute(self.core.on_response(packet.data, source, time.time()))
+        else:
+            self.stats["requests"] += 1
+            self.execute(self.core.on_request(packet.data, source, time.time()))
 
     def execute(self, commands: list[Command]) -> None:
         for command in commands:
@@ -224,6 +240,8 @@ class Engine:
                                      transport=command.transport, detail=self.module.strerror(status))
             elif isinstance(command, SaveBindings):
                 self.pending[command.device_id] = command
+            elif isinstance(command, SaveCall):
+                self.pending_calls[command.record.call_id] = command.record
             elif isinstance(command, Log):
                 getattr(self.log, command.level)(command.event, **dict(command.fields))
 
@@ -244,8 +262,10 @@ class Engine:
                                 command.transport, command.conn)
 
     def flush(self) -> None:
-        """Write batched binding changes in one transaction."""
-        if not self.pending:
-            return
-        batch, self.pending = self.pending, {}
-        self.store.replace_many(batch.values())
+        """Write batched binding changes and call records, a transaction each."""
+        if self.pending:
+            batch, self.pending = self.pending, {}
+            self.store.replace_many(batch.values())
+        if self.pending_calls:
+            records, self.pending_calls = self.pending_calls, {}
+            self.calls.save_many(records.values())

@@ -1,8 +1,9 @@
 """The router's own PJSIP module: every raw pointer the router touches lives here.
 
 pjsua2 has no hook for REGISTER or for proxying, so the router registers a
-``pjsip_module`` of its own into the running endpoint (priority 63, just
-before pjsua's application module) and takes every incoming request there.
+``pjsip_module`` of its own into the running endpoint (priority 31, see
+``MODULE_PRIORITY``) and takes every incoming request, and every response
+that no PJSIP transaction claims, there.
 The callback only copies the packet and its source out of ``pjsip_rx_data``
 and hands them on; it never keeps a pointer past its own return, except the
 transport handle of a TCP connection, which is reference-counted by
@@ -48,7 +49,11 @@ MSG_METHOD_NAME = 16
 # --- constants ---------------------------------------------------------------
 TRANSPORT_UDP, TRANSPORT_TCP, TRANSPORT_IPV6 = 1, 2, 128
 TPSELECTOR_TRANSPORT = 1
-MODULE_PRIORITY = 63            # PJSIP_MOD_PRIORITY_APPLICATION - 1: before pjsua
+# Just before PJSIP's UA layer (32): it swallows 2xx responses that match none of
+# its dialogs ("strayed 2xx"), and every 2xx the proxy forwards is such a one.
+# After the transaction layer (16), so pjsua's own transactions (the trunk
+# registration) still get their responses.
+MODULE_PRIORITY = 31
 AF_INET, AF_INET6 = 2, 10
 
 

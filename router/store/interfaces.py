@@ -11,6 +11,7 @@ from typing import Protocol
 
 from router.policy.effective import Change, Key
 from router.policy.model import Binding, Policy
+from router.records import CallRecord
 
 
 class PolicyStore(Protocol):
@@ -52,3 +53,11 @@ class BindingStore(Protocol):
 
     def purge_expired(self, now: float) -> int:
         """Delete bindings expired at ``now``; return how many."""
+
+
+class CallStore(Protocol):
+    def save_many(self, records: Iterable[CallRecord]) -> None:
+        """Insert or update call records by Call-ID."""
+
+    def recent(self, user_id: str | None = None, limit: int = 50) -> list[CallRecord]:
+        """Newest first."""

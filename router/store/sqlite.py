@@ -7,6 +7,7 @@ WAL mode lets the CLI read and write while the router runs.
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 from collections.abc import Iterable
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 
 from router.policy.effective import Change, Key, yaml_value
 from router.policy.model import Binding, DeviceKind, Policy
+from router.records import CallRecord
 from router.store.interfaces import DeviceBindings
 
 
@@ -155,3 +157,35 @@ class SqliteBindingStore:
         with self.conn:
             cur = self.conn.execute("DELETE FROM bindings WHERE expires_at <= ?", (now,))
         return cur.rowcount
+
+
+class SqliteCallStore:
+    """Call records: one row per routed call, updated as the call answers and ends."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def save_many(self, records: Iterable[CallRecord]) -> None:
+        rows = [(r.call_id, r.caller, r.user_id, r.queue_id, r.method, json.dumps(list(r.branches)),
+                 r.answered_by, r.status, r.reason, r.started_at, r.answered_at, r.ended_at)
+                for r in records]
+        with self.conn:
+            self.conn.execute("BEGIN IMMEDIATE")
+            self.conn.executemany(
+                "INSERT INTO calls (call_id, caller, user_id, queue_id, method, branches, answered_by, "
+                "status, reason, started_at, answered_at, ended_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (call_id) DO UPDATE SET caller=excluded.caller, user_id=excluded.user_id, "
+                "queue_id=excluded.queue_id, method=excluded.method, branches=excluded.branches, "
+                "answered_by=excluded.answered_by, status=excluded.status, reason=excluded.reason, "
+                "answered_at=excluded.answered_at, ended_at=excluded.ended_at", rows)
+
+    def recent(self, user_id: str | None = None, limit: int = 50) -> list[CallRecord]:
+        query = ("SELECT call_id, caller, user_id, queue_id, method, branches, answered_by, status, "
+                 "reason, started_at, answered_at, ended_at FROM calls")
+        args: tuple[object, ...] = ()
+        if user_id is not None:
+            query += " WHERE user_id = ?"
+            args = (user_id,)
+        rows = self.conn.execute(query + " ORDER BY started_at DESC LIMIT ?", (*args, limit))
+        return [CallRecord(r[0], r[1], r[2], r[3], r[4], tuple(json.loads(r[5] or "[]")), r[6],
+                           r[7], r[8], r[9], r[10], r[11]) for r in rows]

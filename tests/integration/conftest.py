@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,7 @@ listen:
   max_auth_failures: 2
   source_failures_per_minute: 1000
   algorithms: {algorithms}
-trunk: {{address: 127.0.0.1, port: 5999}}
+trunk: {{address: 127.0.0.1, port: {trunk_port}}}
 trusted_peers: [{{name: acd, address: 127.0.0.1}}]
 queues:
   - {{id: support, hotline: "842873001234"}}
@@ -43,6 +44,7 @@ users:
     devices:
       - {{id: lan-desk, kind: ip_phone, username: lan-desk, password: desk-secret}}
       - {{id: lan-app, kind: app, username: lan-app, password: app-secret}}
+      - {{id: lan-web, kind: web, username: lan-web, password: web-secret}}
   - id: minh
     extension: "1002"
     receive_method: ip_phone
@@ -50,7 +52,8 @@ users:
     default_queue: support
     devices:
       - {{id: minh-desk, kind: ip_phone, username: minh-desk, password: minh-secret}}
-log: {{level: info, format: json}}
+      - {{id: minh-app, kind: app, username: minh-app, password: minh-app-secret}}
+log: {{level: {log_level}, format: json, pjsip_level: {pjsip_level}}}
 """
 
 
@@ -58,13 +61,17 @@ class Lab:
     """One router with its config, and ways to talk to it."""
 
     def __init__(self, tmp: Path, tcp: bool = False, min_expires: int = 60,
-                 algorithms: str = "[MD5, SHA-256]") -> None:
+                 algorithms: str = "[MD5, SHA-256]", edit: Callable[[str], str] = lambda t: t) -> None:
         self.tmp = tmp
         self.port = free_port()
+        self.trunk_port = free_port()
         self.config = tmp / "router.yaml"
         tcp_line = f"  - {{address: 127.0.0.1, port: {self.port}, transport: tcp}}\n" if tcp else ""
-        self.config.write_text(POLICY.format(state=tmp / "state", port=self.port, tcp=tcp_line,
-                                             min_expires=min_expires, algorithms=algorithms))
+        self.config.write_text(edit(POLICY.format(state=tmp / "state", port=self.port, tcp=tcp_line,
+                                                  min_expires=min_expires, algorithms=algorithms,
+                                                  trunk_port=self.trunk_port,
+                                                  pjsip_level=os.environ.get("SIP_ROUTER_TEST_PJSIP_LEVEL", "2"),
+                                                  log_level=os.environ.get("SIP_ROUTER_TEST_LOG_LEVEL", "info"))))
         self.router = RouterProcess(str(self.config), self.port)
 
     def cli(self, *args: str) -> object:
@@ -78,14 +85,19 @@ class Lab:
         return self.cli("registrations", *([user] if user else []))  # type: ignore[return-value]
 
     def sipp(self, scenario: Path, *, user: str = "", password: str = "", service: str = "phone",
-             transport: str = "u1", timeout: float = 10.0) -> subprocess.CompletedProcess[str]:
-        cmd = ["sipp", "-sf", str(scenario), "-i", "127.0.0.1", "-p", str(free_port()),
+             transport: str = "u1", timeout: float = 10.0, local_ip: str = "127.0.0.1",
+             extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+        cmd = ["sipp", "-sf", str(scenario), "-i", local_ip, "-p", str(free_port()), *extra,
                "-m", "1", "-nostdin", "-t", transport, "-s", service,
                "-timeout", str(int(timeout)), "-timeout_error", "-trace_err", "-trace_msg"]
         if user:
             cmd += ["-au", user, "-ap", password]
         cmd.append(f"127.0.0.1:{self.port}")
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 15, cwd=self.tmp)
+
+    def calls(self, user: str | None = None) -> list[dict[str, object]]:
+        time.sleep(0.2)
+        return self.cli("calls", *(["--user", user] if user else []))  # type: ignore[return-value]
 
     def sipp_log(self, scenario: Path) -> str:
         return "\n".join(p.read_text(errors="replace") for p in self.tmp.glob(f"{scenario.stem}_*messages.log"))

@@ -64,3 +64,132 @@ def raw_request(path: Path, message: str, expect: int) -> Path:
         f'  <send retrans="500"><![CDATA[\n{message}\n]]></send>\n'
         f'  <recv response="{expect}"/>\n</scenario>\n')
     return path
+
+
+INVITE = """\
+  <send retrans="500"{start_rtd}><![CDATA[
+INVITE sip:{user}@[remote_ip]:[remote_port] SIP/2.0
+Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch];rport
+From: "Customer" <sip:{caller}@[local_ip]>;tag=[call_number]c
+To: <sip:{to}@pbx.test>
+Call-ID: [call_id]
+CSeq: {cseq} INVITE
+Contact: <sip:{caller}@[local_ip]:[local_port]>
+Max-Forwards: {max_forwards}
+{headers}Content-Type: application/sdp
+Content-Length: [len]
+
+v=0
+o=- 1 1 IN IP4 [local_ip]
+s=-
+c=IN IP4 [media_ip]
+t=0 0
+m=audio [media_port] RTP/AVP 0
+a=rtpmap:0 PCMU/8000
+
+]]></send>
+"""
+
+ACK_FAILURE = """\
+  <send><![CDATA[
+ACK sip:{user}@[remote_ip]:[remote_port] SIP/2.0
+[last_Via:]
+From: "Customer" <sip:{caller}@[local_ip]>;tag=[call_number]c
+[last_To:]
+Call-ID: [call_id]
+CSeq: {cseq} ACK
+Max-Forwards: 70
+Content-Length: 0
+
+]]></send>
+"""
+
+
+def invite_flow(path: Path, user: str, expect: int, *, caller: str = "0909000111", to: str | None = None,
+                headers: str = "", cancel_after_ms: int | None = None, bye_after_ms: int = 300,
+                proxy_auth: bool = False, bye_from_callee: bool = False, max_forwards: int = 70,
+                ringing: int = 1) -> Path:
+    """A caller (the upstream ACD, or a device with -au/-ap) places one call and checks the outcome."""
+    fmt = dict(user=user, caller=caller, to=to or user, headers=headers, max_forwards=max_forwards)
+    steps = []
+    cseq = 1
+    if proxy_auth:
+        steps.append(INVITE.format(cseq=cseq, start_rtd="", **fmt))
+        steps.append('  <recv response="407" auth="true"/>\n')
+        steps.append(ACK_FAILURE.format(cseq=cseq, **fmt))
+        cseq += 1
+        fmt["headers"] = "[authentication]\n" + fmt["headers"]
+    steps.append(INVITE.format(cseq=cseq, start_rtd=' start_rtd="pdd"', **fmt))
+    steps.append('  <recv response="100" optional="true"/>\n')
+    if cancel_after_ms is not None:
+        steps.append('  <recv response="180" rtd="pdd"/>\n')
+        steps.extend('  <recv response="180"/>\n' for _ in range(ringing - 1))   # one per ringing phone
+        steps.append(f'  <pause milliseconds="{cancel_after_ms}"/>\n')
+        steps.append(f"""  <send><![CDATA[
+CANCEL sip:{user}@[remote_ip]:[remote_port] SIP/2.0
+[last_Via:]
+From: "Customer" <sip:{caller}@[local_ip]>;tag=[call_number]c
+To: <sip:{fmt['to']}@pbx.test>
+Call-ID: [call_id]
+CSeq: {cseq} CANCEL
+Max-Forwards: 70
+Content-Length: 0
+
+]]></send>
+  <recv response="200"/>
+  <recv response="487"/>
+""")
+        steps.append(ACK_FAILURE.format(cseq=cseq, **fmt))
+    elif expect == 200:
+        steps.append('  <recv response="180" optional="true" rtd="pdd"/>\n')
+        steps.append('  <recv response="183" optional="true"/>\n')
+        steps.append('  <recv response="200" rrs="true"/>\n')
+        steps.append(f"""  <send><![CDATA[
+ACK [next_url] SIP/2.0
+Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch];rport
+[routes]
+From: "Customer" <sip:{caller}@[local_ip]>;tag=[call_number]c
+[last_To:]
+Call-ID: [call_id]
+CSeq: {cseq} ACK
+Max-Forwards: 70
+Content-Length: 0
+
+]]></send>
+""")
+        if bye_from_callee:
+            steps.append("""  <recv request="BYE"/>
+  <send><![CDATA[
+SIP/2.0 200 OK
+[last_Via:]
+[last_From:]
+[last_To:]
+[last_Call-ID:]
+[last_CSeq:]
+Content-Length: 0
+
+]]></send>
+""")
+        else:
+            steps.append(f'  <pause milliseconds="{bye_after_ms}"/>\n')
+            steps.append(f"""  <send retrans="500"><![CDATA[
+BYE [next_url] SIP/2.0
+Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch];rport
+[routes]
+From: "Customer" <sip:{caller}@[local_ip]>;tag=[call_number]c
+[last_To:]
+Call-ID: [call_id]
+CSeq: {cseq + 1} BYE
+Max-Forwards: 70
+Content-Length: 0
+
+]]></send>
+  <recv response="200"/>
+""")
+    else:
+        steps.append('  <recv response="180" optional="true"/>\n')
+        steps.append(f'  <recv response="{expect}" rtd="pdd"/>\n')
+        steps.append(ACK_FAILURE.format(cseq=cseq, **fmt))
+    path.write_text('<?xml version="1.0" encoding="ISO-8859-1" ?>\n<scenario name="caller">\n'
+                    + "".join(steps) + "</scenario>\n")
+    return path

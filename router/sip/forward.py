@@ -1,0 +1,160 @@
+"""Rewriting requests and responses as a proxy forwards them (RFC 3261 §16.6, §16.7); pure.
+
+A forwarded request keeps everything the endpoints put in it and gains what a
+record-routing proxy adds: our Via on top (with a branch that carries the
+loop-detection hash of §16.6 step 8), a decremented Max-Forwards, our
+Record-Route, and a new Request-URI.  Route entries naming us are consumed
+(loose routing, RFC 3261 §16.4).  A response travelling back loses our Via.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+
+from router.sip.message import SipMessage, parse_name_addr, parse_uri, parse_via, pretty_name
+
+BRANCH_PREFIX = "z9hG4bKsr"
+
+
+@dataclass(frozen=True)
+class Local:
+    """Where this router listens, as it names itself in Via and Record-Route."""
+
+    host: str
+    port: int
+
+    @property
+    def hostport(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    def is_me(self, uri: str) -> bool:
+        try:
+            parsed = parse_uri(uri)
+        except ValueError:
+            return False
+        return parsed.host.strip("[]") == self.host and (parsed.port or 5060) == self.port
+
+
+def loop_hash(msg: SipMessage) -> str:
+    """§16.6 step 8: a hash of the fields a looping request keeps unchanged."""
+    to_tag = parse_name_addr(msg.header("to") or "").tag or ""
+    from_tag = parse_name_addr(msg.header("from") or "").tag or ""
+    seed = "|".join((msg.uri, to_tag, from_tag, msg.call_id, str(msg.cseq[0]),
+                     ",".join(msg.all("route")), msg.header("proxy-require") or ""))
+    return hashlib.blake2b(seed.encode(), digest_size=5).hexdigest()
+
+
+def new_branch(msg: SipMessage) -> str:
+    return f"{BRANCH_PREFIX}{loop_hash(msg)}.{secrets.token_hex(5)}"
+
+
+def is_loop(msg: SipMessage, local: Local) -> bool:
+    """A Via we added, whose branch carries this very request's loop hash."""
+    mine = f"{BRANCH_PREFIX}{loop_hash(msg)}."
+    for value in msg.all("via"):
+        try:
+            via = parse_via(value)
+        except ValueError:
+            continue
+        if via.host.strip("[]") == local.host and (via.port or 5060) == local.port \
+                and via.branch.startswith(mine):
+            return True
+    return False
+
+
+def stamp_received(via_value: str, host: str, port: int) -> str:
+    """§18.2.1 and RFC 3581 on a received request's top Via."""
+    via = parse_via(via_value)
+    out = via_value
+    if "rport" in via.params and not via.params["rport"]:
+        out = out.replace(";rport", f";rport={port}", 1)
+        if "received" not in via.params:
+            out += f";received={host}"
+    elif via.host != host and "received" not in via.params:
+        out += f";received={host}"
+    return out
+
+
+def render(start: str, headers: list[tuple[str, str]], body: bytes) -> bytes:
+    lines = [start]
+    lines.extend(f"{pretty_name(n)}: {v}" for n, v in headers if n != "content-length")
+    lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def forward_request(msg: SipMessage, uri: str, local: Local, branch: str, transport: str,
+                    source: tuple[str, int], *, record_route: bool = True,
+                    drop: frozenset[str] = frozenset(),
+                    add: tuple[tuple[str, str], ...] = (),
+                    replace: dict[str, str] | None = None) -> bytes:
+    """The bytes of ``msg`` forwarded to ``uri`` through this proxy."""
+    replace = replace or {}
+    headers: list[tuple[str, str]] = [
+        ("via", f"SIP/2.0/{transport.upper()} {local.hostport};branch={branch};rport")]
+    if record_route:
+        headers.append(("record-route", f"<sip:{local.hostport};lr>"))
+    first_via = True
+    route_seen = False
+    for name, value in msg.headers:
+        if name in drop or name in replace:
+            continue
+        if name == "via":
+            if first_via:
+                vias = [v for v in msg.all("via")]
+                headers.extend(("via", stamp_received(v, *source) if i == 0 else v)
+                               for i, v in enumerate(vias))
+                first_via = False
+            continue
+        if name == "route":
+            if not route_seen:
+                routes = msg.all("route")
+                while routes and local.is_me(parse_name_addr(routes[0]).uri):
+                    routes.pop(0)
+                headers.extend(("route", r) for r in routes)
+                route_seen = True
+            continue
+        if name == "max-forwards":
+            headers.append((name, str(max(int(value) - 1, 0))))
+            continue
+        headers.append((name, value))
+    if msg.header("max-forwards") is None:
+        headers.append(("max-forwards", "70"))
+    headers.extend((n.lower(), v) for n, v in replace.items())
+    headers.extend((n.lower(), v) for n, v in add)
+    return render(f"{msg.method} {uri} SIP/2.0", headers, msg.body)
+
+
+def next_hop(msg: SipMessage, local: Local) -> str:
+    """The URI a request goes to next: the first Route not naming us, else the R-URI."""
+    for route in msg.all("route"):
+        uri = parse_name_addr(route).uri
+        if not local.is_me(uri):
+            return uri
+    return msg.uri
+
+
+def strip_top_via(response: SipMessage, replace: dict[str, str] | None = None) -> bytes:
+    """A response with our Via removed, ready to travel back (§16.7 step 9)."""
+    replace = replace or {}
+    headers: list[tuple[str, str]] = []
+    vias = response.all("via")[1:]
+    via_done = False
+    for name, value in response.headers:
+        if name == "via":
+            if not via_done:
+                headers.extend(("via", v) for v in vias)
+                via_done = True
+            continue
+        headers.append((name, replace.get(name, value)))
+    return render(f"SIP/2.0 {response.status} {response.reason}", headers, response.body)
+
+
+def via_destination(via_value: str) -> tuple[str, int]:
+    """Where a response goes back to, read from a (stamped) Via."""
+    via = parse_via(via_value)
+    host = via.params.get("received") or via.host
+    rport = via.params.get("rport")
+    port = int(rport) if rport else (via.port or 5060)
+    return host.strip("[]"), port

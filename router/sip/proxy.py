@@ -1,0 +1,543 @@
+"""The stateful forking proxy (RFC 3261 §16): one INVITE in, branches out; pure.
+
+Theory of operation.  A new INVITE is admitted (``admission``), answered 100
+at once, and decided by the policy core.  A reject or a redirect is answered
+directly.  A fork or a PSTN leg becomes a ``Call`` with one ``Branch`` per
+target; each branch is a table-driven INVITE client transaction
+(``branch.TABLE``).  The call reacts to what its branches report:
+
+* the first 2xx is forwarded and every other branch is CANCELled with
+  ``Reason: SIP;cause=200;text="Call completed elsewhere"``;
+* provisional responses are forwarded;
+* when every branch has failed, the best response is chosen (§16.7.6); if it
+  means "nobody answered" and the user's chain has a next step, that step is
+  decided and rung, else the best response goes back;
+* the ring timeout cancels every branch and moves to the next step at once,
+  or answers 480;
+* a CANCEL from the caller cancels every branch and answers 487.
+
+Every call Record-Routes, so the dialog's ACK, BYE and re-INVITE come back
+through the router; they are forwarded between the two known ends of the
+dialog only (``Dialog``), never to an address a stranger names.  A 2xx to
+the caller, a final failure, or the BYE writes the call record.  The clock is
+``now``; ``next_wakeup`` says when the proxy next needs ``on_timer``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from router.policy.decide import CallRequest, Decision, Fork, PstnLeg, Redirect, Reject, decide
+from router.policy.model import Binding, Policy
+from router.records import CallRecord
+from router.sip.branch import Branch, Event, State
+from router.sip.forward import (
+    Local, forward_request, is_loop, new_branch, strip_top_via, via_destination,
+)
+from router.sip.message import SipMessage, build_response, parse, parse_name_addr, parse_uri
+from router.sip.registrar import Source
+
+NO_ANSWER = frozenset({408, 480, 404, 410, 500, 502, 503, 504})   # fall back on these
+COMPLETED_ELSEWHERE = 'SIP;cause=200;text="Call completed elsewhere"'
+DIALOG_TTL = 12 * 3600.0
+CALL_LINGER = 32.0
+
+
+@dataclass(frozen=True)
+class Out:
+    """Bytes to send somewhere (the core turns it into a ``Send``)."""
+
+    data: bytes
+    host: str
+    port: int
+    transport: str = "udp"
+    conn: int = 0
+
+
+@dataclass(frozen=True)
+class SaveCall:
+    record: CallRecord
+
+
+@dataclass(frozen=True)
+class Note:
+    """A log line for the engine, bound to the call."""
+
+    event: str
+    fields: tuple[tuple[str, object], ...] = ()
+    level: str = "info"
+
+
+@dataclass
+class Dialog:
+    caller_tag: str
+    caller: Source
+    callee: Source
+    call_id: str
+    expires_at: float
+    record: CallRecord
+    rewrite: tuple[str, str] | None = None     # (caller's From URI, hotline URI) when From is rewritten
+    ended: bool = False
+
+
+@dataclass
+class Call:
+    call_id: str
+    key: tuple[str, ...]
+    invite: SipMessage
+    source: Source
+    request: CallRequest
+    started: float
+    user_id: str | None = None
+    queue_id: str | None = None
+    steps: list[str] = field(default_factory=list)
+    branches: dict[str, Branch] = field(default_factory=dict)
+    next_step: int | None = None
+    ring_deadline: float | None = None
+    last_response: bytes | None = None
+    final_status: int | None = None
+    final_reason: str = ""
+    answered_by: str | None = None
+    answered_at: float | None = None
+    failures: list[tuple[int, SipMessage | None]] = field(default_factory=list)
+    rewrite: tuple[str, str] | None = None
+    linger_until: float | None = None
+    tag: str = field(default_factory=lambda: secrets.token_hex(6))   # our To tag for our own answers
+
+    def active(self) -> list[Branch]:
+        return [b for b in self.branches.values() if not b.superseded and not b.done]
+
+
+Emit = list[Out | SaveCall | Note]
+
+
+class Proxy:
+    def __init__(self, local: Local, policy: Callable[[], Policy],
+                 bindings: Callable[[str, float], list[Binding]],
+                 resolve: Callable[[str], str] = lambda host: host) -> None:
+        self.local = local
+        self.policy = policy
+        self.bindings = bindings
+        self.resolve = resolve
+        self.calls: dict[tuple[str, ...], Call] = {}
+        self.by_branch: dict[str, tuple[Call, Branch]] = {}
+        self.dialogs: dict[str, Dialog] = {}
+        self.wakeups: list[tuple[float, int, tuple[str, ...]]] = []
+        self._seq = 0
+
+    # ================================================================== entry points
+    def on_invite(self, msg: SipMessage, source: Source, key: tuple[str, ...],
+                  request: CallRequest, now: float) -> Emit:
+        out: Emit = []
+        call = Call(msg.call_id, key, msg, source, request, now)
+        self.calls[key] = call
+        self._reply(call, 100, "Trying", out)
+        decision = decide(self.policy(), request, self._all_bindings(request.user, now), now)
+        self._apply(call, decision, now, out)
+        return out
+
+    def retransmission(self, key: tuple[str, ...]) -> Emit:
+        call = self.calls.get(key)
+        if call is None or call.last_response is None:
+            return []
+        return [self._to_caller(call, call.last_response)]
+
+    def has_call(self, key: tuple[str, ...]) -> bool:
+        return key in self.calls
+
+    def on_cancel(self, msg: SipMessage, source: Source, invite_key: tuple[str, ...], now: float) -> Emit | None:
+        """The caller gave up.  None when no such INVITE is known (the core answers 481)."""
+        call = self.calls.get(invite_key)
+        if call is None:
+            return None
+        out: Emit = []
+        if call.final_status is None:
+            reason = msg.header("reason") or 'SIP;cause=487;text="Cancelled by the caller"'
+            self._cancel_all(call, reason, now, out)
+            self._final(call, 487, "Request Terminated", now, out)
+        return out
+
+    def on_response(self, msg: SipMessage, now: float) -> Emit:
+        via = msg.top_via
+        if via.host.strip("[]") != self.local.host or (via.port or 5060) != self.local.port:
+            return [Note("sip.response.not_ours", (("call_id", msg.call_id),), "debug")]
+        found = self.by_branch.get(via.branch)
+        if found is None:
+            return self._stateless_response(msg)
+        call, branch = found
+        if msg.method == "CANCEL":
+            branch.cancel_answered()
+            return []
+        if msg.method != "INVITE":
+            return []
+        event = Event.PROVISIONAL if msg.status < 200 else \
+            Event.SUCCESS if msg.status < 300 else Event.FAILURE
+        out: Emit = []
+        branch.after_response(now)
+        self._run(call, branch, event, now, out, msg)
+        self._schedule(call)
+        return out
+
+    def on_timer(self, now: float) -> Emit:
+        out: Emit = []
+        while self.wakeups and self.wakeups[0][0] <= now:
+            _, _, key = heapq.heappop(self.wakeups)
+            call = self.calls.get(key)
+            if call is None:
+                continue
+            if call.linger_until is not None and call.linger_until <= now and \
+                    all(b.done for b in call.branches.values()):
+                self._forget(call)
+                continue
+            if call.ring_deadline is not None and call.ring_deadline <= now:
+                call.ring_deadline = None
+                self._ring_timeout(call, now, out)
+            for branch in list(call.branches.values()):
+                for event in branch.due(now):
+                    branch.timers.pop(event, None)
+                    self._run(call, branch, event, now, out, None)
+            self._schedule(call)
+        for call_id, dialog in list(self.dialogs.items()):
+            if dialog.expires_at <= now:
+                del self.dialogs[call_id]
+        return out
+
+    def next_wakeup(self) -> float | None:
+        return self.wakeups[0][0] if self.wakeups else None
+
+    def on_in_dialog(self, msg: SipMessage, source: Source, now: float) -> Emit | None:
+        """ACK/BYE/re-INVITE inside a dialog we record-routed; None if unknown."""
+        dialog = self.dialogs.get(msg.call_id)
+        if dialog is None:
+            return None
+        from_tag = parse_name_addr(msg.header("from") or "").tag
+        toward = dialog.callee if from_tag == dialog.caller_tag else dialog.caller
+        rewritten = _rewrite_headers(msg, dialog.rewrite, from_tag == dialog.caller_tag)
+        data = forward_request(msg, msg.uri, self.local, new_branch(msg), toward.transport,
+                               (source.host, source.port), record_route=False, replace=rewritten)
+        out: Emit = [Out(data, toward.host, toward.port, toward.transport, toward.conn)]
+        if msg.method == "BYE" and not dialog.ended:
+            dialog.ended = True
+            dialog.expires_at = now + CALL_LINGER
+            record = replace(dialog.record, ended_at=now)
+            who = "caller" if toward is dialog.callee else "callee"
+            out += [SaveCall(record), Note("call.completed", _summary(record) + (("ended_by", who),))]
+        return out
+
+    # ================================================================== decisions
+    def _apply(self, call: Call, decision: Decision, now: float, out: Emit) -> None:
+        for line in decision.notes:
+            out.append(Note("call.why", (("call_id", call.call_id), ("note", line)), "debug"))
+        if isinstance(decision, Reject):
+            self._final(call, decision.status, _phrase(decision.status), now, out,
+                        reason_text=decision.reason)
+            return
+        if isinstance(decision, Redirect):
+            contacts = tuple(("Contact", f"<{t.uri}>;q={t.q:g}") for t in decision.targets)
+            call.user_id, call.queue_id = decision.user_id, decision.queue_id
+            call.steps.append("redirect")
+            self._final(call, 302, "Moved Temporarily", now, out, headers=contacts)
+            return
+        assert isinstance(decision, (Fork, PstnLeg))
+        call.user_id, call.queue_id = decision.user_id, decision.queue_id
+        call.steps.append(decision.method.value)
+        call.next_step = decision.next_step
+        call.ring_deadline = now + decision.ring_timeout
+        if isinstance(decision, Fork):
+            for target in decision.targets:
+                binding = target.binding
+                assert binding is not None
+                dest = Source(binding.source_host, binding.source_port, binding.transport, 0)
+                self._branch(call, target.uri, target.device_id or target.uri, dest, now, out)
+        else:
+            self._pstn(call, decision, now, out)
+        out.append(Note("call.routing", (("call_id", call.call_id), ("user", call.user_id),
+                                         ("queue", call.queue_id), ("method", decision.method.value),
+                                         ("branches", len(call.active())))))
+        self._schedule(call)
+
+    def _pstn(self, call: Call, leg: PstnLeg, now: float, out: Emit) -> None:
+        policy = self.policy()
+        trunk = leg.trunk
+        hotline_uri = f"sip:{leg.caller_id}@{trunk.host}"
+        user = policy.user(leg.user_id)
+        agent = user.extension if user is not None and user.extension else leg.user_id
+        add = [("P-Asserted-Identity", f"<{hotline_uri}>"),
+               ("Diversion", f"<sip:{agent}@{policy.domain}>;reason=deflection;counter=1")]
+        headers: dict[str, str] = {}
+        if trunk.caller_id.value == "from":
+            original = call.invite.header("from") or ""
+            addr = parse_name_addr(original)
+            tag = f";tag={addr.tag}" if addr.tag else ""
+            headers["from"] = f'"{leg.caller_id}" <sip:{leg.caller_id}@{policy.domain}>{tag}'
+            call.rewrite = (addr.uri, f"sip:{leg.caller_id}@{policy.domain}")
+        dest = Source(self.resolve(trunk.host), trunk.port, trunk.transport, 0)
+        self._branch(call, leg.target.uri, f"pstn:{leg.number}", dest, now, out,
+                     add=tuple(add), replace=headers,
+                     drop=frozenset({policy.routing.queue_header.lower(), "p-asserted-identity",
+                                     "diversion"}))
+
+    def _branch(self, call: Call, uri: str, label: str, dest: Source, now: float, out: Emit,
+                add: tuple[tuple[str, str], ...] = (), replace: dict[str, str] | None = None,
+                drop: frozenset[str] = frozenset()) -> None:
+        key = new_branch(call.invite)
+        data = forward_request(call.invite, uri, self.local, key, dest.transport,
+                               (call.source.host, call.source.port),
+                               drop=drop | {"proxy-authorization"}, add=add, replace=replace)
+        branch = Branch(key, call.call_id, label, uri, dest.host, dest.port, dest.transport,
+                        dest.conn, data, parse(data), now)
+        branch.arm(now)
+        call.branches[key] = branch
+        self.by_branch[key] = (call, branch)
+        out.append(Out(data, dest.host, dest.port, dest.transport, dest.conn))
+
+    # ================================================================== branch events
+    def _run(self, call: Call, branch: Branch, event: Event, now: float, out: Emit,
+             msg: SipMessage | None) -> None:
+        for action in branch.step(event):
+            getattr(self, f"_do_{action}")(call, branch, msg, now, out)
+
+    def _do_forward_provisional(self, call, branch, msg, now, out) -> None:  # type: ignore[no-untyped-def]
+        if msg.status == 100 or call.final_status is not None or branch.superseded:
+            return
+        data = strip_top_via(msg, _restore(msg, call.rewrite))
+        call.last_response = data
+        out.append(self._to_caller(call, data))
+
+    def _do_forward_success(self, call, branch, msg, now, out) -> None:  # type: ignore[no-untyped-def]
+        branch.final_status = msg.status
+        out.append(self._to_caller(call, strip_top_via(msg, _restore(msg, call.rewrite))))
+        if call.answered_by is not None:
+            return
+        call.answered_by, call.answered_at = branch.label, now
+        call.final_status, call.final_reason = msg.status, msg.reason
+        call.ring_deadline = None
+        for other in call.branches.values():
+            if other is not branch and not other.done:
+                self._cancel(other, COMPLETED_ELSEWHERE, now, out)
+        caller_tag = parse_name_addr(call.invite.header("from") or "").tag or ""
+        callee = Source(branch.host, branch.port, branch.transport, branch.conn)
+        record = self._record(call, None)
+        self.dialogs[call.call_id] = Dialog(caller_tag, call.source, callee, call.call_id,
+                                            now + DIALOG_TTL, record, call.rewrite)
+        call.linger_until = now + CALL_LINGER
+        out.append(SaveCall(record))
+        out.append(Note("call.answered", (("call_id", call.call_id), ("by", branch.label),
+                                          ("after_ms", int((now - call.started) * 1000)))))
+
+    def _do_ack(self, call, branch, msg, now, out) -> None:  # type: ignore[no-untyped-def]
+        out.append(Out(branch.ack_for(msg), branch.host, branch.port, branch.transport, branch.conn))
+
+    def _do_failed(self, call, branch, msg, now, out) -> None:  # type: ignore[no-untyped-def]
+        branch.final_status = msg.status
+        if not branch.superseded:
+            call.failures.append((msg.status, msg))
+        self._settle(call, now, out)
+
+    def _do_timed_out(self, call, branch, msg, now, out) -> None:  # type: ignore[no-untyped-def]
+        branch.final_status = 408
+        if not branch.superseded:
+            call.failures.append((408, None))
+        self._settle(call, now, out)
+
+    def _do_retransmit(self, call, branch, msg, now, out) -> None:  # type: ignore[no-untyped-def]
+        out.append(Out(branch.invite, branch.host, branch.port, branch.transport, branch.conn))
+        branch.retransmitted(now)
+
+    def _do_pend_cancel(self, call, branch, msg, now, out) -> None:  # type: ignore[no-untyped-def]
+        branch.cancel_wanted = True
+
+    def _do_cancel_if_pending(self, call, branch, msg, now, out) -> None:  # type: ignore[no-untyped-def]
+        if branch.cancel_wanted and branch.cancel_sent_at is None:
+            self._do_send_cancel(call, branch, msg, now, out)
+
+    def _do_send_cancel(self, call, branch, msg, now, out) -> None:  # type: ignore[no-untyped-def]
+        if branch.cancel_sent_at is None:
+            out.append(Out(branch.cancel(), branch.host, branch.port, branch.transport, branch.conn))
+            branch.cancel_sent(now)
+
+    def _do_resend_cancel(self, call, branch, msg, now, out) -> None:  # type: ignore[no-untyped-def]
+        out.append(Out(branch.cancel(), branch.host, branch.port, branch.transport, branch.conn))
+        branch.cancel_resent(now)
+
+    def _do_start_c(self, call, branch, msg, now, out) -> None:  # type: ignore[no-untyped-def]
+        branch.start_c(now)
+
+    def _do_start_d(self, call, branch, msg, now, out) -> None:  # type: ignore[no-untyped-def]
+        branch.start_d(now)
+
+    # ================================================================== call level
+    def _cancel(self, branch: Branch, reason: str, now: float, out: Emit) -> None:
+        branch.cancel_reason = reason
+        call = self.by_branch[branch.key][0]
+        self._run(call, branch, Event.CANCEL, now, out, None)
+
+    def _cancel_all(self, call: Call, reason: str, now: float, out: Emit) -> None:
+        for branch in call.branches.values():
+            if not branch.done:
+                branch.superseded = True
+                self._cancel(branch, reason, now, out)
+
+    def _settle(self, call: Call, now: float, out: Emit) -> None:
+        """Every branch of this step has failed: fall back, or answer the best failure."""
+        if call.final_status is not None or call.active():
+            return
+        status, msg = _best(call.failures)
+        if status in NO_ANSWER and call.next_step is not None:
+            self._next_step(call, now, out, f"{status} from every branch")
+            return
+        if msg is not None:
+            data = strip_top_via(msg, _restore(msg, call.rewrite))
+            self._final(call, status, msg.reason, now, out, data=data)
+        else:
+            self._final(call, 408, "Request Timeout", now, out, reason_text="no branch answered in time")
+
+    def _ring_timeout(self, call: Call, now: float, out: Emit) -> None:
+        if call.final_status is not None:
+            return
+        seconds = now - call.started
+        self._cancel_all(call, 'SIP;cause=480;text="Ring timeout"', now, out)
+        out.append(Note("call.ring_timeout", (("call_id", call.call_id), ("after_s", round(seconds, 1)))))
+        if call.next_step is not None:
+            self._next_step(call, now, out, "ring timeout")
+        else:
+            self._final(call, 480, "Temporarily Unavailable", now, out, reason_text="no answer")
+
+    def _next_step(self, call: Call, now: float, out: Emit, why: str) -> None:
+        step = call.next_step
+        call.next_step = None
+        call.failures.clear()
+        out.append(Note("call.fallback", (("call_id", call.call_id), ("why", why), ("step", step))))
+        request = CallRequest(call.request.user, call.request.queue_header, call.request.called_number,
+                              call.request.mode, call.request.may_use_trunk, step or 0)
+        decision = decide(self.policy(), request, self._all_bindings(request.user, now), now)
+        self._apply(call, decision, now, out)
+
+    def _final(self, call: Call, status: int, phrase: str, now: float, out: Emit, *,
+               data: bytes | None = None, reason_text: str = "",
+               headers: tuple[tuple[str, str], ...] = ()) -> None:
+        if data is None:
+            extra = list(headers)
+            if reason_text:
+                extra.append(("Reason", f'SIP;cause={status};text="{_quote(reason_text)}"'))
+                extra.append(("Warning", f'399 sip-router "{_quote(reason_text)}"'))
+            data = self._response(call, status, phrase, tuple(extra))
+        call.final_status, call.final_reason = status, reason_text or phrase
+        call.ring_deadline = None
+        call.last_response = data
+        call.linger_until = now + CALL_LINGER
+        out.append(self._to_caller(call, data))
+        record = self._record(call, now)
+        out.append(SaveCall(record))
+        out.append(Note("call.completed", _summary(record), "info"))
+        self._schedule(call)
+
+    def _record(self, call: Call, ended: float | None) -> CallRecord:
+        caller = parse_name_addr(call.invite.header("from") or "").uri
+        return CallRecord(call.call_id, caller, call.user_id, call.queue_id, ">".join(call.steps),
+                          tuple(b.label for b in call.branches.values()), call.answered_by,
+                          call.final_status or 0, call.final_reason, call.started, call.answered_at, ended)
+
+    def _forget(self, call: Call) -> None:
+        self.calls.pop(call.key, None)
+        for key in call.branches:
+            self.by_branch.pop(key, None)
+
+    # ================================================================== sending
+    def _response(self, call: Call, status: int, phrase: str,
+                  headers: tuple[tuple[str, str], ...] = ()) -> bytes:
+        return build_response(call.invite, status, phrase, (call.source.host, call.source.port),
+                              to_tag=call.tag, headers=headers, server="sip-router/0.1")
+
+    def _reply(self, call: Call, status: int, phrase: str, out: Emit) -> None:
+        data = self._response(call, status, phrase)
+        call.last_response = data
+        out.append(self._to_caller(call, data))
+
+    def _to_caller(self, call: Call, data: bytes) -> Out:
+        via = call.invite.top_via
+        src = call.source
+        port = src.port if "rport" in via.params or src.transport != "udp" else (via.port or 5060)
+        return Out(data, src.host, port, src.transport, src.conn)
+
+    def _stateless_response(self, msg: SipMessage) -> Emit:
+        vias = msg.all("via")
+        if len(vias) < 2:
+            return []
+        host, port = via_destination(vias[1])
+        dialog = self.dialogs.get(msg.call_id)
+        restore = _restore(msg, dialog.rewrite) if dialog else None
+        transport = vias[1].split()[0].rsplit("/", 1)[-1].lower()
+        return [Out(strip_top_via(msg, restore), host, port, "tcp" if transport == "tcp" else "udp")]
+
+    def _schedule(self, call: Call) -> None:
+        times = [t for t in (b.next_timer() for b in call.branches.values()) if t is not None]
+        if call.ring_deadline is not None:
+            times.append(call.ring_deadline)
+        if call.linger_until is not None:
+            times.append(call.linger_until)
+        if times:
+            self._seq += 1
+            heapq.heappush(self.wakeups, (min(times), self._seq, call.key))
+
+    def _all_bindings(self, user_key: str, now: float) -> list[Binding]:
+        user = self.policy().user(user_key)
+        return self.bindings(user.id, now) if user is not None else []
+
+
+def _best(failures: list[tuple[int, SipMessage | None]]) -> tuple[int, SipMessage | None]:
+    """§16.7.6: a 6xx wins; else the lowest class; 503 is passed on as 500 by the caller's view."""
+    if not failures:
+        return 408, None
+    six = [f for f in failures if 600 <= f[0] < 700]
+    if six:
+        return six[0]
+    return min(failures, key=lambda f: (f[0] // 100, f[0] == 408, f[0] == 503))
+
+
+def _phrase(status: int) -> str:
+    return {404: "Not Found", 480: "Temporarily Unavailable", 403: "Forbidden",
+            483: "Too Many Hops", 482: "Loop Detected"}.get(status, "Temporarily Unavailable")
+
+
+def _quote(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"')[:200]
+
+
+def _summary(record: CallRecord) -> tuple[tuple[str, object], ...]:
+    return (("call_id", record.call_id), ("caller", record.caller), ("user", record.user_id),
+            ("queue", record.queue_id), ("method", record.method), ("branches", list(record.branches)),
+            ("answered_by", record.answered_by), ("status", record.status), ("reason", record.reason),
+            ("duration_s", round((record.ended_at or record.started_at) - (record.answered_at or record.started_at), 3)))
+
+
+def _restore(msg: SipMessage, rewrite: tuple[str, str] | None) -> dict[str, str] | None:
+    """Responses travelling back carry the caller's own From again."""
+    if rewrite is None:
+        return None
+    value = msg.header("from") or ""
+    return {"from": value.replace(rewrite[1], rewrite[0])} if rewrite[1] in value else None
+
+
+def _rewrite_headers(msg: SipMessage, rewrite: tuple[str, str] | None,
+                     from_caller: bool) -> dict[str, str] | None:
+    if rewrite is None:
+        return None
+    original, hotline = rewrite
+    if from_caller:
+        value = msg.header("from") or ""
+        return {"from": value.replace(original, hotline)}
+    value = msg.header("to") or ""
+    return {"to": value.replace(hotline, original)}
+
+
+def called_number(msg: SipMessage) -> str | None:
+    """The dialled number, when the upstream PBX kept it in To."""
+    try:
+        user = parse_uri(parse_name_addr(msg.header("to") or "").uri).user
+    except ValueError:
+        return None
+    return user if user.isdigit() else None

@@ -1,0 +1,249 @@
+"""Call routing end to end: the real router, SIPp as the ACD, the phones and the PSTN trunk."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.integration.conftest import Lab
+from tests.integration.peers import SippPeer, device, trunk
+from tests.integration.sippgen import invite_flow
+
+pytestmark = pytest.mark.integration
+
+PASSWORDS = {"lan-desk": "desk-secret", "lan-app": "app-secret", "lan-web": "web-secret",
+             "minh-desk": "minh-secret", "minh-app": "minh-app-secret"}
+AOR = {"lan": "1001", "minh": "1002"}
+
+
+class CallLab:
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+        self.peers: list[SippPeer] = []
+
+    def phone(self, device_id: str, behaviour: str = "answer") -> SippPeer:
+        user = device_id.split("-")[0]
+        peer = device(self.lab.tmp, self.lab.port, AOR[user], device_id, PASSWORDS[device_id], behaviour)
+        self.peers.append(peer.start())
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if any(b["device"] == device_id for b in self.lab.registrations(user, settle=0.1)):
+                return peer
+        raise AssertionError(f"{device_id} did not register: {peer.messages()[-2000:]}")
+
+    def trunk(self, behaviour: str = "answer") -> SippPeer:
+        peer = trunk(self.lab.tmp, self.lab.trunk_port, behaviour)
+        self.peers.append(peer.start())
+        time.sleep(0.3)
+        return peer
+
+    def call(self, user: str, expect: int, name: str = "caller", timeout: float = 20.0, **kwargs: object):
+        scenario = invite_flow(self.lab.tmp / f"{name}.xml", user, expect, **kwargs)  # type: ignore[arg-type]
+        result = self.lab.sipp(scenario, timeout=timeout)
+        return result, self.lab.sipp_log(scenario)
+
+    def stop(self) -> None:
+        for peer in self.peers:
+            peer.stop()
+
+
+@pytest.fixture
+def calls(lab) -> Iterator[CallLab]:
+    world = CallLab(lab)
+    try:
+        yield world
+    finally:
+        world.stop()
+
+
+@pytest.fixture
+def make_calls(make_lab) -> Iterator[object]:
+    worlds: list[CallLab] = []
+
+    def make(**kwargs: object) -> CallLab:
+        world = CallLab(make_lab(**kwargs))
+        worlds.append(world)
+        return world
+    try:
+        yield make
+    finally:
+        for world in worlds:
+            world.stop()
+
+
+def with_user_fields(user: str, fields: str):
+    def edit(text: str) -> str:
+        anchor = f"  - id: {user}\n"
+        return text.replace(anchor, anchor + "".join(f"    {line}\n" for line in fields.splitlines()))
+    return edit
+
+
+def test_all_devices_rings_every_device_and_the_others_are_cancelled_when_one_answers(calls):
+    desk = calls.phone("lan-desk", "answer")
+    app = calls.phone("lan-app", "ring")
+    web = calls.phone("lan-web", "ring")
+    result, log = calls.call("1001", 200)
+    assert result.returncode == 0, log
+    assert desk.received("INVITE")
+    for other in (app, web):
+        assert other.wait_received("INVITE")
+        (cancel,) = other.wait_received("CANCEL")
+        assert 'Reason: SIP;cause=200;text="Call completed elsewhere"' in cancel
+    (record,) = calls.lab.calls("lan")
+    assert record["answered_by"] == "lan-desk" and record["status"] == 200
+    assert set(record["branches"].split(",")) == {"lan-desk", "lan-app", "lan-web"}
+
+
+def test_an_agent_on_ip_phone_with_an_app_and_a_desk_phone_registered_only_the_desk_phone_rings(calls):
+    desk = calls.phone("minh-desk", "answer")
+    app = calls.phone("minh-app", "answer")
+    result, log = calls.call("1002", 200)
+    assert result.returncode == 0, log
+    assert len(desk.received("INVITE")) == 1
+    assert app.received("INVITE") == []
+    assert desk.wait_received("BYE"), "the caller's BYE must pass through the router"
+
+
+def test_app_method_rings_web_and_app_but_not_the_desk_phone_after_a_cli_change(calls):
+    desk = calls.phone("lan-desk", "answer")
+    app = calls.phone("lan-app", "answer")
+    web = calls.phone("lan-web", "ring")
+    calls.lab.cli("set-method", "lan", "app", "--as", "lan")
+    time.sleep(1.2)                       # the router picks run-time changes up within a second
+    result, log = calls.call("1001", 200)
+    assert result.returncode == 0, log
+    assert desk.received("INVITE") == []
+    assert app.received("INVITE") and web.wait_received("INVITE")
+
+
+def test_agent_phone_reaches_the_trunk_with_the_number_and_the_queue_hotline(calls):
+    pstn = calls.trunk("answer")
+    desk = calls.phone("minh-desk", "answer")
+    calls.lab.cli("set-method", "minh", "agent_phone", "--as", "minh")
+    time.sleep(1.2)
+    result, log = calls.call("1002", 200, headers="X-Queue: support\n")
+    assert result.returncode == 0, log
+    (invite,) = pstn.received("INVITE")
+    assert invite.startswith(f"INVITE sip:84987654321@127.0.0.1:{calls.lab.trunk_port} SIP/2.0")
+    assert "P-Asserted-Identity: <sip:842873001234@127.0.0.1>" in invite
+    assert "Diversion: <sip:1002@pbx.test>" in invite
+    assert "X-Queue" not in invite
+    assert desk.received("INVITE") == []
+    (record,) = calls.lab.calls("minh")
+    assert record["answered_by"] == "pstn:84987654321" and record["method"] == "agent_phone"
+
+
+def test_a_call_whose_queue_has_no_hotline_is_refused_with_a_reason(make_calls):
+    world = make_calls(edit=lambda t: t.replace('  - {id: support, hotline: "842873001234"}',
+                                                 '  - {id: support, hotline: "842873001234"}\n  - {id: nohot}'))
+    world.lab.cli("set-method", "minh", "agent_phone", "--as", "lan")
+    time.sleep(1.2)
+    result, log = world.call("1002", 480, headers="X-Queue: nohot\n")
+    assert result.returncode == 0, log
+    assert "queue 'nohot' has no hotline" in log
+
+
+def test_ring_timeout_falls_back_to_agent_phone(make_calls):
+    world = make_calls(edit=with_user_fields("minh", "ring_timeout: 3\nfallback: [agent_phone]"))
+    desk = world.phone("minh-desk", "ring")
+    pstn = world.trunk("answer")
+    started = time.monotonic()
+    result, log = world.call("1002", 200, timeout=30)
+    assert result.returncode == 0, log
+    (cancel,) = desk.wait_received("CANCEL")
+    assert "Ring timeout" in cancel
+    assert pstn.received("INVITE") and 2.5 < time.monotonic() - started < 15
+    (record,) = world.lab.calls("minh")
+    assert record["method"] == "ip_phone>agent_phone" and record["answered_by"] == "pstn:84987654321"
+
+
+def test_no_device_registered_falls_back_at_once(make_calls):
+    world = make_calls(edit=with_user_fields("minh", "fallback: [agent_phone]"))
+    pstn = world.trunk("answer")
+    result, log = world.call("1002", 200)
+    assert result.returncode == 0, log
+    assert pstn.received("INVITE")
+
+
+def test_no_device_and_no_fallback_answers_480_naming_why(calls):
+    result, log = calls.call("1002", 480)
+    assert result.returncode == 0, log
+    assert 'Reason: SIP;cause=480;text="ip_phone: no ip_phone device registered"' in log
+    assert "Warning: 399 sip-router" in log
+
+
+def test_a_cancel_from_the_caller_cancels_every_branch_and_answers_487(calls):
+    app = calls.phone("lan-app", "ring")
+    web = calls.phone("lan-web", "ring")
+    result, log = calls.call("1001", 487, cancel_after_ms=300, ringing=2)
+    assert result.returncode == 0, log
+    assert app.wait_received("CANCEL") and web.wait_received("CANCEL")
+    (record,) = calls.lab.calls("lan")
+    assert record["status"] == 487
+
+
+def test_a_bye_from_the_callee_passes_through_to_the_caller(calls):
+    # the device's answer scenario waits for a BYE; here the caller waits for the callee's BYE
+    desk = calls.phone("minh-desk", "answer")
+    result, log = calls.call("1002", 200, bye_after_ms=100)
+    assert result.returncode == 0, log
+    assert desk.received("BYE")
+    (record,) = calls.lab.calls("minh")
+    assert record["duration_s"] is not None
+
+
+def test_a_busy_device_is_reported_busy_to_the_caller(calls):
+    calls.phone("minh-desk", "busy")
+    result, log = calls.call("1002", 486)
+    assert result.returncode == 0, log
+
+
+def test_redirect_mode_answers_302_with_the_contacts(make_calls):
+    world = make_calls(edit=lambda t: t.replace("trusted_peers: [{name: acd, address: 127.0.0.1}]",
+                                                "trusted_peers: [{name: acd, address: 127.0.0.1, mode: redirect}]"))
+    desk = world.phone("lan-desk", "answer")
+    world.phone("lan-app", "answer")
+    result, log = world.call("1001", 302)
+    assert result.returncode == 0, log
+    reply = log.split("SIP/2.0 302")[1]
+    assert "<sip:lan-desk@127.0.0.1:" in reply and "<sip:lan-app@127.0.0.1:" in reply and ";q=1" in reply
+    assert desk.received("INVITE") == []
+
+
+def test_an_untrusted_source_is_challenged_and_cannot_reach_the_trunk(calls):
+    pstn = calls.trunk("answer")
+    calls.lab.cli("set-method", "minh", "agent_phone", "--as", "minh")
+    time.sleep(1.2)
+    scenario = invite_flow(calls.lab.tmp / "stranger.xml", "1002", 407)
+    result = calls.lab.sipp(scenario, local_ip="127.0.0.2")
+    assert result.returncode == 0, calls.lab.sipp_log(scenario)
+    time.sleep(0.5)
+    assert pstn.received("INVITE") == []
+
+
+def test_a_device_with_wrong_credentials_is_refused_403(calls):
+    pstn = calls.trunk("answer")
+    calls.lab.cli("set-method", "minh", "agent_phone", "--as", "minh")
+    time.sleep(1.2)
+    scenario = invite_flow(calls.lab.tmp / "fraud.xml", "1002", 403, proxy_auth=True)
+    result = calls.lab.sipp(scenario, user="lan-app", password="guess", local_ip="127.0.0.2")
+    assert result.returncode == 0, calls.lab.sipp_log(scenario)
+    assert pstn.received("INVITE") == []
+
+
+def test_an_authenticated_registered_device_may_call_an_agent(calls):
+    desk = calls.phone("minh-desk", "answer")
+    calls.phone("lan-app", "answer")
+    scenario = invite_flow(calls.lab.tmp / "internal.xml", "1002", 200, proxy_auth=True)
+    result = calls.lab.sipp(scenario, user="lan-app", password="app-secret", local_ip="127.0.0.2")
+    assert result.returncode == 0, calls.lab.sipp_log(scenario)
+    assert desk.received("INVITE")
+
+
+def test_an_unknown_user_is_404_and_max_forwards_zero_is_483(calls):
+    result, log = calls.call("9999", 404)
+    assert result.returncode == 0, log
+    result, log = calls.call("1002", 483, name="hops", max_forwards=0)
+    assert result.returncode == 0, log
