@@ -8,6 +8,7 @@ by ``router.policy.effective``.
 from __future__ import annotations
 
 import enum
+import ipaddress
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -112,6 +113,10 @@ class TrustedPeer:
     name: str
     network: str                       # an address or CIDR, e.g. 10.0.0.5 or 10.0.0.0/24
     mode: RoutingMode | None = None    # None: the deployment's mode
+
+    @cached_property
+    def net(self) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+        return ipaddress.ip_network(self.network, strict=False)
 
 
 @dataclass(frozen=True)

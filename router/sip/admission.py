@@ -40,7 +40,7 @@ def trusted_peer(policy: Policy, host: str) -> TrustedPeer | None:
     except ValueError:
         return None
     for peer in policy.trusted_peers:
-        if address in ipaddress.ip_network(peer.network, strict=False):
+        if address in peer.net:
             return peer
     return None
 

@@ -80,7 +80,9 @@ class Branch:
     transport: str
     conn: int
     invite: bytes                     # the forwarded INVITE, for retransmission
-    request: SipMessage               # the same, parsed, to build ACK and CANCEL
+    via: str                          # our Via on it; ACK and CANCEL reuse it (same branch)
+    original: SipMessage              # the INVITE as received: From, To, Call-ID, CSeq
+    routes: tuple[str, ...]           # the Route set sent on
     started: float
     state: State = State.CALLING
     cancel_wanted: bool = False
@@ -148,11 +150,11 @@ class Branch:
 
     # ------------------------------------------------------------------ messages
     def _hop_headers(self, method: str, to: str) -> list[tuple[str, str]]:
-        req = self.request
-        headers = [("via", req.all("via")[0]), ("max-forwards", "70"),
+        req = self.original
+        headers = [("via", self.via), ("max-forwards", "70"),
                    ("from", req.header("from") or ""), ("to", to),
                    ("call-id", req.call_id), ("cseq", f"{req.cseq[0]} {method}")]
-        headers.extend(("route", r) for r in req.all("route"))
+        headers.extend(("route", r) for r in self.routes)
         return headers
 
     def ack_for(self, response: SipMessage) -> bytes:
@@ -161,7 +163,7 @@ class Branch:
                       self._hop_headers("ACK", response.header("to") or ""), b"")
 
     def cancel(self) -> bytes:
-        headers = self._hop_headers("CANCEL", self.request.header("to") or "")
+        headers = self._hop_headers("CANCEL", self.original.header("to") or "")
         if self.cancel_reason:
             headers.append(("reason", self.cancel_reason))
         return render(f"CANCEL {self.uri} SIP/2.0", headers, b"")

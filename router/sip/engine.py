@@ -35,7 +35,7 @@ from router.sip.core import Command, Log, Send, SipCore
 from router.sip.pjsip_module import LayoutMismatch, Packet, RouterModule
 from router.sip.proxy import SaveCall
 from router.sip.registrar import SaveBindings, Source
-from router.store.interfaces import BindingStore, CallStore
+from router.store.interfaces import BindingWriter, CallWriter
 
 POLL_MS = 10
 BATCH = 256
@@ -101,8 +101,8 @@ class EngineError(RouterError):
 
 
 class Engine:
-    def __init__(self, listen: tuple[Listen, ...], core: SipCore, store: BindingStore,
-                 calls: CallStore, pj_log_level: int = 2) -> None:
+    def __init__(self, listen: tuple[Listen, ...], core: SipCore, store: BindingWriter,
+                 calls: CallWriter, pj_log_level: int = 2) -> None:
         self.listen = listen
         self.core = core
         self.store = store

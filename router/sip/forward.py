@@ -46,13 +46,19 @@ def loop_hash(msg: SipMessage) -> str:
     return hashlib.blake2b(seed.encode(), digest_size=5).hexdigest()
 
 
-def new_branch(msg: SipMessage) -> str:
-    return f"{BRANCH_PREFIX}{loop_hash(msg)}.{secrets.token_hex(5)}"
+def new_branch(msg: SipMessage, hashed: str | None = None) -> str:
+    return f"{BRANCH_PREFIX}{hashed or loop_hash(msg)}.{secrets.token_hex(5)}"
 
 
-def is_loop(msg: SipMessage, local: Local) -> bool:
+def our_via(local: Local, branch: str, transport: str) -> str:
+    return f"SIP/2.0/{transport.upper()} {local.hostport};branch={branch};rport"
+
+
+def is_loop(msg: SipMessage, local: Local, hashed: str | None = None) -> bool:
     """A Via we added, whose branch carries this very request's loop hash."""
-    mine = f"{BRANCH_PREFIX}{loop_hash(msg)}."
+    if len(msg.all("via")) < 2:
+        return False          # a request straight from its UA cannot have passed us
+    mine = f"{BRANCH_PREFIX}{hashed or loop_hash(msg)}."
     for value in msg.all("via"):
         try:
             via = parse_via(value)
@@ -91,8 +97,7 @@ def forward_request(msg: SipMessage, uri: str, local: Local, branch: str, transp
                     replace: dict[str, str] | None = None) -> bytes:
     """The bytes of ``msg`` forwarded to ``uri`` through this proxy."""
     replace = replace or {}
-    headers: list[tuple[str, str]] = [
-        ("via", f"SIP/2.0/{transport.upper()} {local.hostport};branch={branch};rport")]
+    headers: list[tuple[str, str]] = [("via", our_via(local, branch, transport))]
     if record_route:
         headers.append(("record-route", f"<sip:{local.hostport};lr>"))
     first_via = True
@@ -109,10 +114,7 @@ def forward_request(msg: SipMessage, uri: str, local: Local, branch: str, transp
             continue
         if name == "route":
             if not route_seen:
-                routes = msg.all("route")
-                while routes and local.is_me(parse_name_addr(routes[0]).uri):
-                    routes.pop(0)
-                headers.extend(("route", r) for r in routes)
+                headers.extend(("route", r) for r in routes_after_me(msg, local))
                 route_seen = True
             continue
         if name == "max-forwards":
@@ -124,6 +126,13 @@ def forward_request(msg: SipMessage, uri: str, local: Local, branch: str, transp
     headers.extend((n.lower(), v) for n, v in replace.items())
     headers.extend((n.lower(), v) for n, v in add)
     return render(f"{msg.method} {uri} SIP/2.0", headers, msg.body)
+
+
+def routes_after_me(msg: SipMessage, local: Local) -> list[str]:
+    routes = msg.all("route")
+    while routes and local.is_me(parse_name_addr(routes[0]).uri):
+        routes.pop(0)
+    return routes
 
 
 def next_hop(msg: SipMessage, local: Local) -> str:

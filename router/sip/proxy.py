@@ -35,9 +35,10 @@ from router.policy.model import Binding, Policy
 from router.records import CallRecord
 from router.sip.branch import Branch, Event, State
 from router.sip.forward import (
-    Local, forward_request, is_loop, new_branch, strip_top_via, via_destination,
+    Local, forward_request, loop_hash, new_branch, our_via, routes_after_me, strip_top_via,
+    via_destination,
 )
-from router.sip.message import SipMessage, build_response, parse, parse_name_addr, parse_uri
+from router.sip.message import SipMessage, build_response, parse_name_addr, parse_uri
 from router.sip.registrar import Source
 
 NO_ANSWER = frozenset({408, 480, 404, 410, 500, 502, 503, 504})   # fall back on these
@@ -106,6 +107,7 @@ class Call:
     rewrite: tuple[str, str] | None = None
     linger_until: float | None = None
     tag: str = field(default_factory=lambda: secrets.token_hex(6))   # our To tag for our own answers
+    loop_hash: str | None = None
 
     def active(self) -> list[Branch]:
         return [b for b in self.branches.values() if not b.superseded and not b.done]
@@ -134,8 +136,9 @@ class Proxy:
         out: Emit = []
         call = Call(msg.call_id, key, msg, source, request, now)
         self.calls[key] = call
-        self._reply(call, 100, "Trying", out)
         decision = decide(self.policy(), request, self._all_bindings(request.user, now), now)
+        if isinstance(decision, (Fork, PstnLeg)):
+            self._reply(call, 100, "Trying", out)   # only when the final answer will take a while (§16.2)
         self._apply(call, decision, now, out)
         return out
 
@@ -283,12 +286,21 @@ class Proxy:
     def _branch(self, call: Call, uri: str, label: str, dest: Source, now: float, out: Emit,
                 add: tuple[tuple[str, str], ...] = (), replace: dict[str, str] | None = None,
                 drop: frozenset[str] = frozenset()) -> None:
-        key = new_branch(call.invite)
+        if call.loop_hash is None:
+            call.loop_hash = loop_hash(call.invite)
+        key = new_branch(call.invite, call.loop_hash)
         data = forward_request(call.invite, uri, self.local, key, dest.transport,
                                (call.source.host, call.source.port),
                                drop=drop | {"proxy-authorization"}, add=add, replace=replace)
+        if replace and "from" in replace:     # the hop-by-hop ACK/CANCEL must match what we sent
+            original = SipMessage(call.invite.method, call.invite.uri, 0, "",
+                                  tuple((n, replace["from"] if n == "from" else v)
+                                        for n, v in call.invite.headers), b"", call.invite.via0)
+        else:
+            original = call.invite
         branch = Branch(key, call.call_id, label, uri, dest.host, dest.port, dest.transport,
-                        dest.conn, data, parse(data), now)
+                        dest.conn, data, our_via(self.local, key, dest.transport), original,
+                        tuple(routes_after_me(call.invite, self.local)), now)
         branch.arm(now)
         call.branches[key] = branch
         self.by_branch[key] = (call, branch)

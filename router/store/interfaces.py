@@ -61,3 +61,11 @@ class CallStore(Protocol):
 
     def recent(self, user_id: str | None = None, limit: int = 50) -> list[CallRecord]:
         """Newest first."""
+
+
+class BindingWriter(Protocol):
+    def replace_many(self, sets: Iterable[DeviceBindings]) -> None: ...
+
+
+class CallWriter(Protocol):
+    def save_many(self, records: Iterable[CallRecord]) -> None: ...

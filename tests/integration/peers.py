@@ -63,13 +63,14 @@ class SippPeer:
 def device(directory: Path, router_port: int, aor: str, device_id: str, password: str,
            behaviour: str = "answer") -> SippPeer:
     """A registered phone: registers as ``device_id``, then answers/rings/is busy."""
+    csv = directory / f"{device_id}.csv"
+    csv.write_text(f"SEQUENTIAL\n{aor};{device_id};[authentication username={device_id} password={password}]\n")
     return SippPeer(device_id, directory, [
         "-sf", str(SCENARIOS / "device_register.xml"), "-oocsf", str(SCENARIOS / f"uas_{behaviour}.xml"),
-        "-m", "1", "-s", device_id, "-au", device_id, "-ap", password, "-key", "aor", aor,
-        f"127.0.0.1:{router_port}"])
+        "-inf", str(csv), "-m", "1", "-d", "200", "-s", device_id, f"127.0.0.1:{router_port}"])
 
 
 def trunk(directory: Path, port: int, behaviour: str = "answer") -> SippPeer:
-    peer = SippPeer("trunk", directory, ["-sf", str(SCENARIOS / f"uas_{behaviour}.xml")])
+    peer = SippPeer("trunk", directory, ["-sf", str(SCENARIOS / f"uas_{behaviour}.xml"), "-d", "200"])
     peer.port = port
     return peer

@@ -1,0 +1,205 @@
+#!/usr/bin/env python3
+"""Calls per second through the router, and the post-dial delay it adds, measured with SIPp.
+
+Starts the router with N generated users on loopback.  Two SIPp "device farms"
+register one device per user each: the *answer* farm (ip_phone devices: 180,
+then 200) and the *ring* farm (app devices: 180, then wait for CANCEL).  A
+SIPp caller, trusted as the upstream ACD, then places calls, one user each:
+
+  fork      users on all_devices: both devices ring, one answers, the other is
+            cancelled; caller ACKs and hangs up (BYE) at once
+  single    users on ip_phone: only the answering device rings
+  redirect  the caller is a redirect-mode peer: the router answers 302
+  pdd       single-target calls at --rate (default 100/s); prints the INVITE->180
+            delay through the router and directly to the device farm, p50/p99,
+            and the difference: the delay the router adds
+
+Every process started here is stopped by its PID.  Loopback only.
+
+    .venv/bin/python benchmarks/call_rate.py fork --rate 500 --count 10000
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.support import DOMAIN, SCENARIOS, RouterProcess, free_port  # noqa: E402
+from tests.integration.sippgen import invite_flow  # noqa: E402
+
+BUF = str(4 * 1024 * 1024)
+
+
+def write_config(tmp: Path, port: int, users: int, method: str, redirect: bool) -> Path:
+    lines = [f"domain: {DOMAIN}", f"state_dir: {tmp}", f"listen: [{{address: 127.0.0.1, port: {port}}}]",
+             "registrar: {max_bindings_per_device: 1, max_expires: 7200, source_failures_per_minute: 1000000}",
+             "routing: {fallback: [], ring_timeout: 30}",
+             f"trusted_peers: [{{name: acd, address: 127.0.0.1{', mode: redirect' if redirect else ''}}}]",
+             "log: {level: warning, format: json}", "users:"]
+    for i in range(users):
+        lines.append(f"  - {{id: u{i}, receive_method: {method}, devices: ["
+                     f"{{id: a{i}, kind: ip_phone, password: p{i}}}, {{id: b{i}, kind: app, password: p{i}}}]}}")
+    path = tmp / "router.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def farm(tmp: Path, router_port: int, users: int, prefix: str, behaviour: str) -> tuple[subprocess.Popen[bytes], int]:
+    rows = ["SEQUENTIAL"] + [f"u{i};{prefix}{i};[authentication username={prefix}{i} password=p{i}]"
+                             for i in range(users)]
+    data = tmp / f"farm-{prefix}.csv"
+    data.write_text("\n".join(rows) + "\n")
+    port = free_port()
+    out = open(tmp / f"farm-{prefix}.out", "wb")
+    proc = subprocess.Popen(
+        ["sipp", "-sf", str(SCENARIOS / "device_register.xml"), "-oocsf", str(SCENARIOS / f"uas_{behaviour}.xml"),
+         "-inf", str(data), "-m", str(users), "-l", str(users), "-r", "500", "-d", "0",
+         "-i", "127.0.0.1", "-p", str(port), "-nostdin", "-buff_size", BUF, "-max_socket", "1000",
+         "-watchdog_minor_threshold", "5000", "-watchdog_major_threshold", "10000",
+         f"127.0.0.1:{router_port}"], stdout=out, stderr=subprocess.STDOUT, cwd=tmp)
+    return proc, port
+
+
+def wait_registered(config: Path, expected: int, timeout: float = 60.0) -> int:
+    import sqlite3
+    db = Path(config).parent / "router.db"
+    deadline = time.monotonic() + timeout
+    count = 0
+    while time.monotonic() < deadline:
+        if db.exists():
+            with sqlite3.connect(db) as conn:
+                count = conn.execute("SELECT COUNT(*) FROM bindings").fetchone()[0]
+            if count >= expected:
+                return count
+        time.sleep(0.5)
+    return count
+
+
+def caller(tmp: Path, target: str, scenario: Path, rate: int, count: int, users: int,
+           rtt: bool = False) -> tuple[subprocess.CompletedProcess[str], float]:
+    rows = ["SEQUENTIAL"] + [f"u{i}" for i in range(users)]
+    data = tmp / "callees.csv"
+    data.write_text("\n".join(rows) + "\n")
+    cmd = ["sipp", "-sf", str(scenario), "-inf", str(data), "-i", "127.0.0.1", "-p", str(free_port()),
+           "-r", str(rate), "-m", str(count), "-l", str(max(rate * 4, 100)), "-nostdin", "-buff_size", BUF,
+           "-timeout", str(max(60, 3 * count // max(rate, 1))), "-timeout_error", "-default_behaviors", "all",
+           "-trace_err", "-error_file", str(tmp / "caller-errors.log"),
+           "-watchdog_minor_threshold", "5000", "-watchdog_major_threshold", "10000"]
+    if rtt:
+        cmd += ["-trace_msg", "-message_file", str(tmp / "caller-messages.log")]
+    started = time.monotonic()
+    result = subprocess.run([*cmd, target], cwd=tmp, capture_output=True, text=True, timeout=1800)
+    return result, time.monotonic() - started
+
+
+def totals(out: str) -> tuple[int, int]:
+    ok = re.search(r"Successful call\s+\|\s+\d+\s+\|\s+(\d+)", out)
+    bad = re.search(r"Failed call\s+\|\s+\d+\s+\|\s+(\d+)", out)
+    return (int(ok.group(1)) if ok else 0, int(bad.group(1)) if bad else 0)
+
+
+def rtt_values(tmp: Path) -> list[float]:
+    """INVITE sent -> first 180 received, per call, in ms, from SIPp's microsecond message log."""
+    from datetime import datetime
+    path = tmp / "caller-messages.log"
+    sent: dict[str, datetime] = {}
+    values: list[float] = []
+    text = path.read_text(errors="replace")
+    path.unlink()
+    for chunk in text.split("----------------------------------------------- ")[1:]:
+        head, _, message = chunk.partition("\n")
+        kind, _, message = message.partition("\n")
+        message = message.lstrip()
+        call_id = re.search(r"^Call-ID: (.+)$", message, re.M)
+        if call_id is None:
+            continue
+        stamp = datetime.strptime(head.strip(), "%Y-%m-%d %H:%M:%S.%f")
+        key = call_id.group(1).strip()
+        if "sent" in kind and message.startswith("INVITE "):
+            sent[key] = stamp
+        elif "received" in kind and message.startswith("SIP/2.0 180") and key in sent:
+            values.append((stamp - sent.pop(key)).total_seconds() * 1000)
+    return values
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))] if ordered else float("nan")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", choices=["fork", "single", "redirect", "pdd"])
+    parser.add_argument("--rate", type=int, default=0, help="calls started per second")
+    parser.add_argument("--count", type=int, default=0, help="calls in total")
+    parser.add_argument("--users", type=int, default=1000)
+    args = parser.parse_args()
+    rate = args.rate or {"fork": 500, "single": 800, "redirect": 3000, "pdd": 100}[args.mode]
+    count = args.count or rate * 10
+    with tempfile.TemporaryDirectory(prefix="sip-router-calls-") as name:
+        tmp = Path(name)
+        port = free_port()
+        method = "all_devices" if args.mode == "fork" else "ip_phone"
+        config = write_config(tmp, port, args.users, method, args.mode == "redirect")
+        procs: list[subprocess.Popen[bytes]] = []
+        with RouterProcess(str(config), port, log_level="warning") as router:
+            try:
+                answer, answer_port = farm(tmp, port, args.users, "a", "answer")
+                procs.append(answer)
+                expected = args.users
+                if args.mode == "fork":
+                    ring, _ = farm(tmp, port, args.users, "b", "ring")
+                    procs.append(ring)
+                    expected *= 2
+                got = wait_registered(config, expected)
+                print(f"devices registered: {got}/{expected}")
+                expect = 302 if args.mode == "redirect" else 200
+                scenario = invite_flow(tmp / "caller.xml", "[field0]", expect, bye_after_ms=0,
+                                       ringing=1)
+                text = scenario.read_text()
+                if args.mode == "fork":   # either phone may ring first; both 180s may come
+                    text = text.replace('<recv response="180" optional="true" rtd="pdd"/>',
+                                        '<recv response="180" optional="true" rtd="pdd"/>\n'
+                                        '  <recv response="180" optional="true"/>')
+                text = text.replace('<pause milliseconds="0"/>\n', "")
+                scenario.write_text(text)
+                result, elapsed = caller(tmp, f"127.0.0.1:{port}", scenario, rate, count, args.users,
+                                         rtt=args.mode == "pdd")
+                ok, failed = totals(result.stdout)
+                print(f"{args.mode}: {ok} calls ok, {failed} failed, offered {rate}/s, "
+                      f"achieved {ok / elapsed:.0f} calls/s over {elapsed:.1f} s")
+                if args.mode == "pdd":
+                    through = rtt_values(tmp)
+                    direct_result, _ = caller(tmp, f"127.0.0.1:{answer_port}", scenario, rate,
+                                              count, args.users, rtt=True)
+                    direct = rtt_values(tmp)
+                    for label, values in (("through the router", through), ("direct to the phone", direct)):
+                        print(f"INVITE->180 {label}: p50 {pct(values, 50):.2f} ms, "
+                              f"p99 {pct(values, 99):.2f} ms ({len(values)} calls)")
+                    print(f"post-dial delay added by the router: p50 {pct(through, 50) - pct(direct, 50):.2f} ms, "
+                          f"p99 {pct(through, 99) - pct(direct, 99):.2f} ms")
+                print(f"router RSS: {router.rss_kib() / 1024:.1f} MiB")
+                if failed or ok < count:
+                    print(result.stdout[-2500:], file=sys.stderr)
+                    errors = tmp / "caller-errors.log"
+                    if errors.exists():
+                        print("".join(errors.read_text(errors="replace").splitlines(True)[:12]), file=sys.stderr)
+                return 0 if failed == 0 and ok == count else 1
+            finally:
+                for proc in procs:
+                    proc.kill()
+                    proc.wait(5)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
