@@ -178,7 +178,7 @@ class SipCore:
         request = CallRequest(user=user, queue_header=msg.header(self.policy.routing.queue_header.lower()),
                               called_number=called_number(msg), mode=verdict.mode,
                               may_use_trunk=verdict.may_use_trunk)
-        log = Log("call.received", (("call_id", msg.call_id), ("from", verdict.who), ("user", user)))
+        log = Log("call.received", (("call_id", msg.call_id), ("from", verdict.who), ("user", user)), "debug")
         return [log, *self._emit(self.proxy.on_invite(msg, source, key, request, now))]
 
     def _ha1(self, username: str, algorithm: str) -> str | None:

@@ -137,9 +137,11 @@ class Proxy:
         call = Call(msg.call_id, key, msg, source, request, now)
         self.calls[key] = call
         decision = decide(self.policy(), request, self._all_bindings(request.user, now), now)
-        if isinstance(decision, (Fork, PstnLeg)):
-            self._reply(call, 100, "Trying", out)   # only when the final answer will take a while (§16.2)
         self._apply(call, decision, now, out)
+        if isinstance(decision, (Fork, PstnLeg)):
+            # Only when the final answer will take a while (§16.2); after the branch
+            # INVITEs, so the phones start ringing first.
+            self._reply(call, 100, "Trying", out)
         return out
 
     def retransmission(self, key: tuple[str, ...]) -> Emit:
@@ -232,8 +234,7 @@ class Proxy:
 
     # ================================================================== decisions
     def _apply(self, call: Call, decision: Decision, now: float, out: Emit) -> None:
-        for line in decision.notes:
-            out.append(Note("call.why", (("call_id", call.call_id), ("note", line)), "debug"))
+        out.append(Note("call.why", (("call_id", call.call_id), ("notes", list(decision.notes))), "debug"))
         if isinstance(decision, Reject):
             self._final(call, decision.status, _phrase(decision.status), now, out,
                         reason_text=decision.reason)
@@ -259,7 +260,7 @@ class Proxy:
             self._pstn(call, decision, now, out)
         out.append(Note("call.routing", (("call_id", call.call_id), ("user", call.user_id),
                                          ("queue", call.queue_id), ("method", decision.method.value),
-                                         ("branches", len(call.active())))))
+                                         ("branches", len(call.active()))), "debug"))
         self._schedule(call)
 
     def _pstn(self, call: Call, leg: PstnLeg, now: float, out: Emit) -> None:
@@ -338,7 +339,7 @@ class Proxy:
         call.linger_until = now + CALL_LINGER
         out.append(SaveCall(record))
         out.append(Note("call.answered", (("call_id", call.call_id), ("by", branch.label),
-                                          ("after_ms", int((now - call.started) * 1000)))))
+                                          ("after_ms", int((now - call.started) * 1000))), "debug"))
 
     def _do_ack(self, call, branch, msg, now, out) -> None:  # type: ignore[no-untyped-def]
         out.append(Out(branch.ack_for(msg), branch.host, branch.port, branch.transport, branch.conn))
