@@ -1,0 +1,231 @@
+"""The forking proxy as a pure state machine: INVITE and responses in, messages out, clock passed in."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from router.config import parse_policy
+from router.policy.model import Binding, DeviceKind, ReceiveMethod
+from router.sip.branch import TABLE, Event, State
+from router.sip.core import Log, Send, SipCore
+from router.sip.forward import Local
+from router.sip.message import parse
+from router.sip.proxy import SaveCall
+from router.sip.registrar import Source
+
+POLICY = """
+domain: pbx.test
+trunk: {address: 10.9.9.9, port: 5080}
+trusted_peers: [{name: acd, address: 10.0.0.1}]
+queues: [{id: q, hotline: "842873001234"}, {id: nohot}]
+users:
+  - id: minh
+    extension: "1002"
+    receive_method: all_devices
+    agent_phone: "84987654321"
+    default_queue: q
+    ring_timeout: 5
+    fallback: [agent_phone]
+    devices:
+      - {id: desk, kind: ip_phone, password: a}
+      - {id: app, kind: app, password: b}
+"""
+ACD = Source("10.0.0.1", 5060)
+LOCAL = Local("10.0.0.2", 5060)
+
+
+def binding(device: str, kind: str, port: int) -> Binding:
+    return Binding("minh", device, DeviceKind(kind), f"sip:{device}@10.1.1.{port % 250}:{port}", 1e9,
+                   source_host="10.1.1.1", source_port=port)
+
+
+@pytest.fixture
+def core(tmp_path):
+    policy = parse_policy(POLICY, str(tmp_path / "r.yaml"))
+    return SipCore(policy, [binding("desk", "ip_phone", 7001), binding("app", "app", 7002)], 1000.0,
+                   local=LOCAL)
+
+
+def invite(branch="z9hG4bKacd1", extra="", user="1002", mf=70):
+    return (f"INVITE sip:{user}@10.0.0.2 SIP/2.0\r\nVia: SIP/2.0/UDP 10.0.0.1:5060;branch={branch}\r\n"
+            f"From: <sip:0909@10.0.0.1>;tag=c1\r\nTo: <sip:{user}@pbx.test>\r\nCall-ID: call-1\r\n"
+            f"CSeq: 1 INVITE\r\nContact: <sip:0909@10.0.0.1>\r\nMax-Forwards: {mf}\r\n{extra}"
+            "Content-Type: application/sdp\r\nContent-Length: 4\r\n\r\nv=0\n").encode()
+
+
+def sent(commands, host=None, port=None):
+    return [parse(c.data) for c in commands if isinstance(c, Send)
+            and (host is None or c.host == host) and (port is None or c.port == port)]
+
+
+def answer(request, status, reason="", tag="dev", extra=""):
+    """A response from a phone to a request the router sent it."""
+    vias = "".join(f"Via: {v}\r\n" for v in request.all("via"))
+    to = request.header("to") + (f";tag={tag}" if status > 100 else "")
+    return (f"SIP/2.0 {status} {reason or 'X'}\r\n{vias}From: {request.header('from')}\r\nTo: {to}\r\n"
+            f"Call-ID: {request.call_id}\r\nCSeq: {request.header('cseq')}\r\n{extra}"
+            "Content-Length: 0\r\n\r\n").encode()
+
+
+def start(core):
+    out = core.on_request(invite(), ACD, 1000.0)
+    branches = {m.uri.split("@")[0][4:]: m for m in sent(out) if m.is_request}
+    return out, branches
+
+
+def test_all_devices_forks_to_each_device_where_it_registered_from_and_sends_100(core):
+    out, branches = start(core)
+    assert set(branches) == {"desk", "app"}
+    to_phones = [c for c in out if isinstance(c, Send) and c.host == "10.1.1.1"]
+    assert sorted(c.port for c in to_phones) == [7001, 7002]
+    assert [m.status for m in sent(out, "10.0.0.1")] == [100]
+    desk = branches["desk"]
+    assert desk.all("record-route") == ["<sip:10.0.0.2:5060;lr>"]
+    assert desk.all("via")[0].startswith("SIP/2.0/UDP 10.0.0.2:5060;branch=z9hG4bKsr")
+    assert desk.header("max-forwards") == "69" and desk.body == b"v=0\n"
+
+
+def test_the_first_2xx_is_forwarded_and_the_other_branch_is_cancelled_with_reason(core):
+    _, branches = start(core)
+    core.on_response(answer(branches["app"], 180, "Ringing", tag="a"), Source("10.1.1.1", 7002), 1000.5)
+    out = core.on_response(answer(branches["desk"], 200, "OK"), Source("10.1.1.1", 7001), 1001.0)
+    (ok,) = sent(out, "10.0.0.1")
+    assert ok.status == 200 and len(ok.all("via")) == 1          # our Via is gone
+    (cancel,) = [m for m in sent(out, "10.1.1.1", 7002) if m.method == "CANCEL"]
+    assert cancel.header("reason") == 'SIP;cause=200;text="Call completed elsewhere"'
+    assert cancel.top_via.branch == branches["app"].top_via.branch
+    record = next(c.record for c in out if isinstance(c, SaveCall))
+    assert record.answered_by == "desk" and record.status == 200
+
+
+def test_a_cancel_before_any_provisional_waits_for_one(core):
+    _, branches = start(core)
+    out = core.on_response(answer(branches["desk"], 200, "OK"), Source("10.1.1.1", 7001), 1001.0)
+    assert [m for m in sent(out, "10.1.1.1", 7002) if m.method == "CANCEL"] == []   # §9.1
+    later = core.on_response(answer(branches["app"], 180, "Ringing"), Source("10.1.1.1", 7002), 1001.1)
+    assert sent(later, "10.0.0.1") == []            # the call is answered: no more ringing upstream
+    assert [m.method for m in sent(later, "10.1.1.1", 7002)] == ["CANCEL"]
+
+
+def test_provisional_responses_are_forwarded_but_100_is_not(core):
+    _, branches = start(core)
+    assert sent(core.on_response(answer(branches["desk"], 100), Source("10.1.1.1", 7001), 1000.1)) == []
+    (ringing,) = sent(core.on_response(answer(branches["desk"], 180, "Ringing"), Source("10.1.1.1", 7001), 1000.2))
+    assert ringing.status == 180
+
+
+def test_a_retransmitted_invite_gets_the_last_response_again_and_is_not_forked_twice(core):
+    _, branches = start(core)
+    core.on_response(answer(branches["desk"], 180, "Ringing"), Source("10.1.1.1", 7001), 1000.2)
+    out = core.on_request(invite(), ACD, 1000.5)
+    assert [m.status for m in sent(out)] == [180]
+
+
+def test_ring_timeout_cancels_every_branch_and_falls_back_to_agent_phone(core):
+    _, branches = start(core)
+    for name, port in (("desk", 7001), ("app", 7002)):
+        core.on_response(answer(branches[name], 180, "Ringing", tag=name), Source("10.1.1.1", port), 1000.2)
+    assert core.next_wakeup() <= 1005.0
+    out = core.on_timer(1005.0)
+    cancels = [m for m in sent(out) if m.method == "CANCEL"]
+    assert len(cancels) == 2 and all("Ring timeout" in m.header("reason") for m in cancels)
+    (pstn,) = [m for m in sent(out, "10.9.9.9", 5080) if m.method == "INVITE"]
+    assert pstn.uri == "sip:84987654321@10.9.9.9:5080"
+    assert pstn.header("p-asserted-identity") == "<sip:842873001234@10.9.9.9>"
+    assert pstn.header("diversion").startswith("<sip:1002@pbx.test>")
+
+
+def test_when_every_branch_fails_the_fallback_is_tried(core):
+    _, branches = start(core)
+    core.on_response(answer(branches["desk"], 480, "Unavailable"), Source("10.1.1.1", 7001), 1000.1)
+    out = core.on_response(answer(branches["app"], 408, "Timeout"), Source("10.1.1.1", 7002), 1000.2)
+    acks = [m for m in sent(out, "10.1.1.1") if m.method == "ACK"]
+    assert len(acks) == 1 and acks[0].top_via.branch == branches["app"].top_via.branch
+    assert [m.uri for m in sent(out, "10.9.9.9")] == ["sip:84987654321@10.9.9.9:5080"]
+
+
+def test_busy_everywhere_is_answered_busy_not_fallen_back(core):
+    _, branches = start(core)
+    core.on_response(answer(branches["desk"], 486, "Busy Here"), Source("10.1.1.1", 7001), 1000.1)
+    out = core.on_response(answer(branches["app"], 486, "Busy Here"), Source("10.1.1.1", 7002), 1000.2)
+    assert [m.status for m in sent(out, "10.0.0.1")] == [486]
+    assert sent(out, "10.9.9.9") == []
+
+
+def test_a_cancel_from_the_caller_cancels_the_branches_and_answers_487(core):
+    _, branches = start(core)
+    for name, port in (("desk", 7001), ("app", 7002)):
+        core.on_response(answer(branches[name], 180, "Ringing", tag=name), Source("10.1.1.1", port), 1000.2)
+    cancel = invite().replace(b"INVITE sip", b"CANCEL sip").replace(b"1 INVITE", b"1 CANCEL")
+    out = core.on_request(cancel, ACD, 1001.0)
+    statuses = [(m.status, m.method) for m in sent(out, "10.0.0.1")]
+    assert statuses == [(200, "CANCEL"), (487, "INVITE")]
+    assert len([m for m in sent(out, "10.1.1.1") if m.method == "CANCEL"]) == 2
+
+
+def test_the_ack_of_our_final_failure_is_absorbed(core):
+    core.policy = dataclasses.replace(core.policy, users=tuple(
+        dataclasses.replace(u, fallback=(), receive_method=ReceiveMethod.AGENT_PHONE, default_queue="nohot")
+        for u in core.policy.users))
+    out = core.on_request(invite(), ACD, 1000.0)
+    (final,) = sent(out, "10.0.0.1")
+    assert final.status == 480 and "no hotline" in final.header("reason")
+    ack = invite().replace(b"INVITE sip", b"ACK sip").replace(b"1 INVITE", b"1 ACK")
+    assert sent(core.on_request(ack, ACD, 1000.1)) == []
+
+
+def test_in_dialog_requests_go_between_the_two_ends_only(core):
+    _, branches = start(core)
+    core.on_response(answer(branches["desk"], 200, "OK", tag="d1"), Source("10.1.1.1", 7001), 1001.0)
+    bye = (b"BYE sip:desk@10.1.1.1:7001 SIP/2.0\r\nVia: SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bKbye\r\n"
+           b"Route: <sip:10.0.0.2:5060;lr>\r\nFrom: <sip:0909@10.0.0.1>;tag=c1\r\n"
+           b"To: <sip:1002@pbx.test>;tag=d1\r\nCall-ID: call-1\r\nCSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n")
+    out = core.on_request(bye, ACD, 1010.0)
+    (forwarded,) = sent(out, "10.1.1.1", 7001)
+    assert forwarded.method == "BYE" and forwarded.all("route") == []
+    record = next(c.record for c in out if isinstance(c, SaveCall))
+    assert record.ended_at == 1010.0
+    stranger = bye.replace(b"call-1", b"call-9")
+    assert [m.status for m in sent(core.on_request(stranger, ACD, 1010.0))] == [481]
+
+
+def test_an_untrusted_caller_is_challenged_and_nothing_is_forwarded(core):
+    out = core.on_request(invite(), Source("192.0.2.66", 5060), 1000.0)
+    (challenge,) = sent(out)
+    assert challenge.status == 407 and challenge.all("proxy-authenticate")
+    assert any(isinstance(c, Log) and c.event == "call.refused" for c in out)
+
+
+def test_max_forwards_zero_is_483_and_an_unknown_user_404(core):
+    assert sent(core.on_request(invite(mf=0), ACD, 1000.0))[0].status == 483
+    assert sent(core.on_request(invite(branch="z9hG4bKx", user="77"), ACD, 1000.0))[0].status == 404
+
+
+def test_a_request_that_comes_back_through_us_is_a_loop(core):
+    _, branches = start(core)
+    looped = branches["desk"]
+    data = (f"INVITE {looped.uri} SIP/2.0\r\n" + "".join(f"Via: {v}\r\n" for v in looped.all("via"))
+            + "".join(f"{n}: {v}\r\n" for n, v in looped.headers if n not in ("via", "content-length"))
+            + "Content-Length: 0\r\n\r\n").encode()
+    # the loop hash covers the Request-URI: make the loop arrive with the URI the proxy first saw
+    data = data.replace(looped.uri.encode(), b"sip:1002@10.0.0.2", 1)
+    assert sent(core.on_request(data, Source("10.1.1.1", 7001), 1000.3))[0].status == 482
+
+
+def test_redirect_mode_answers_302_with_q_values(tmp_path):
+    policy = parse_policy(POLICY.replace("address: 10.0.0.1}", "address: 10.0.0.1, mode: redirect}"),
+                          str(tmp_path / "r.yaml"))
+    core = SipCore(policy, [binding("desk", "ip_phone", 7001)], 1000.0, local=LOCAL)
+    (reply,) = sent(core.on_request(invite(), ACD, 1000.0))
+    assert reply.status == 302
+    assert reply.all("contact") == ["<sip:desk@10.1.1.1:7001>;q=1", "<sip:84987654321@10.9.9.9:5080>;q=0.5"]
+
+
+def test_the_branch_table_answers_every_response_in_every_live_state():
+    for state in (State.CALLING, State.PROCEEDING):
+        for event in (Event.PROVISIONAL, Event.SUCCESS, Event.FAILURE, Event.CANCEL):
+            assert (state, event) in TABLE
+    assert TABLE[(State.CALLING, Event.CANCEL)][1] == ("pend_cancel",)     # §9.1: wait for a 1xx
+    assert "cancel_if_pending" in TABLE[(State.CALLING, Event.PROVISIONAL)][1]
