@@ -119,6 +119,7 @@ class Router:
             self.resolve(policy.trunk.host)
         view = self.policy_state.reload(policy, now)
         self.engine.execute(self.core.set_policy(view.policy))
+        self.engine.set_trunk(policy.trunk)
         self.log.info("policy.reloaded", source=self.config_path, users=len(policy.users))
 
     def run(self) -> int:
@@ -143,6 +144,7 @@ class Router:
         # of the cyclic collector's sight so per-packet garbage collections stay cheap.
         gc.collect()
         gc.freeze()
+        self.engine.set_trunk(self.policy_state.yaml_policy.trunk)
         self.log.info("router.started", pid=os.getpid())
         _notify("READY=1")
         code = EXIT_OK

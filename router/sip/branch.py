@@ -93,6 +93,8 @@ class Branch:
     timers: dict[Event, float] = field(default_factory=dict)
     final_status: int | None = None
     superseded: bool = False          # belongs to an earlier step of the fallback chain
+    cseq_offset: int = 0              # >0 after answering a trunk challenge with the next CSeq
+    spec: tuple[object, ...] = ()     # how the branch was built, to build it again with credentials
 
     def arm(self, now: float) -> None:
         self.timers = {Event.TIMER_B: now + TIMER_B}
@@ -153,7 +155,7 @@ class Branch:
         req = self.original
         headers = [("via", self.via), ("max-forwards", "70"),
                    ("from", req.header("from") or ""), ("to", to),
-                   ("call-id", req.call_id), ("cseq", f"{req.cseq[0]} {method}")]
+                   ("call-id", req.call_id), ("cseq", f"{req.cseq[0] + self.cseq_offset} {method}")]
         headers.extend(("route", r) for r in self.routes)
         return headers
 

@@ -29,7 +29,7 @@ import pjsua2 as pj
 
 from router import log
 from router.errors import RouterError
-from router.policy.model import Listen
+from router.policy.model import Listen, Trunk
 from router.records import CallRecord
 from router.sip.core import Command, Log, Send, SipCore
 from router.sip.pjsip_module import LayoutMismatch, Packet, RouterModule
@@ -96,6 +96,31 @@ class PjLogWriter(pj.LogWriter):  # type: ignore[misc]
         getattr(self.log, level if level != "critical" else "error")("pjsip", line=entry.msg.rstrip())
 
 
+class TrunkAccount(pj.Account):  # type: ignore[misc]
+    """The router's registration to the PSTN trunk (a pjsua2 Account: what it is for)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log = log.get("trunk")
+
+    def onRegState(self, prm: Any) -> None:
+        level = "info" if prm.code // 100 == 2 else "warning"
+        getattr(self.log, level)("trunk.registration", code=prm.code, reason=prm.reason,
+                                 expires=prm.expiration)
+
+
+def trunk_account_config(trunk: Trunk) -> Any:
+    cfg = pj.AccountConfig()
+    suffix = ";transport=tcp" if trunk.transport == "tcp" else ""
+    cfg.idUri = f"sip:{trunk.username}@{trunk.host}"
+    cfg.regConfig.registrarUri = f"sip:{trunk.host}:{trunk.port}{suffix}"
+    cfg.regConfig.timeoutSec = 300
+    cfg.regConfig.retryIntervalSec = 30
+    cfg.sipConfig.authCreds.append(pj.AuthCredInfo("digest", trunk.realm or "*", trunk.username or "",
+                                                   0, trunk.password or ""))
+    return cfg
+
+
 class EngineError(RouterError):
     """PJSIP refused to start (port in use, bad address...)."""
 
@@ -117,6 +142,8 @@ class Engine:
         self.writer = PjLogWriter()
         self.transports: list[int] = []
         self.module: RouterModule | None = None
+        self.account: TrunkAccount | None = None
+        self.trunk: Trunk | None = None
         self.pj_log_level = pj_log_level
         self.stats = {"requests": 0, "responses": 0, "sent": 0, "send_errors": 0}
         self.received: list[tuple[bool, Packet]] = []
@@ -134,7 +161,7 @@ class Engine:
         cfg = pj.EpConfig()
         cfg.uaConfig.threadCnt = 0
         cfg.uaConfig.mainThreadOnly = True
-        cfg.uaConfig.maxCalls = 1
+        cfg.uaConfig.maxCalls = 1                 # calls are proxied, never pjsua calls
         cfg.uaConfig.userAgent = "sip-router"
         cfg.logConfig.writer = self.writer
         cfg.logConfig.level = self.pj_log_level
@@ -165,8 +192,30 @@ class Engine:
         self.module = RouterModule(self._on_packet, self._on_response)
         self.module.register()
 
+    def set_trunk(self, trunk: Trunk | None) -> None:
+        """Register to the trunk when it has credentials (again after a reload changed them)."""
+        wanted = trunk if trunk is not None and trunk.username and trunk.password else None
+        if wanted == self.trunk:
+            return
+        if self.account is not None:
+            self.account.shutdown()
+            self.account = None
+        self.trunk = wanted
+        if wanted is None:
+            return
+        account = TrunkAccount()
+        try:
+            account.create(trunk_account_config(wanted))
+        except pj.Error as exc:
+            self.log.error("trunk.registration.failed", detail=exc.info())
+            return
+        self.account = account
+
     def close(self) -> None:
         self.flush()
+        if self.account is not None:
+            self.account.shutdown()
+            self.account = None
         for sock in self.udp.values():
             sock.close()
         self.udp.clear()

@@ -40,6 +40,7 @@ from router.sip.forward import (
 )
 from router.sip.message import SipMessage, build_response, parse_name_addr, parse_uri
 from router.sip.registrar import Source
+from router.sip.uac_auth import credentials_header
 
 NO_ANSWER = frozenset({408, 480, 404, 410, 500, 502, 503, 504})   # fall back on these
 COMPLETED_ELSEWHERE = 'SIP;cause=200;text="Call completed elsewhere"'
@@ -80,8 +81,9 @@ class Dialog:
     call_id: str
     expires_at: float
     record: CallRecord
-    rewrite: tuple[str, str] | None = None     # (caller's From URI, hotline URI) when From is rewritten
+    rewrite: tuple[str, str] | None = None     # (caller's From, the hotline From) when From is rewritten
     ended: bool = False
+    cseq_offset: int = 0                       # added to the caller's CSeq toward the callee
 
 
 @dataclass
@@ -220,7 +222,10 @@ class Proxy:
             return None
         from_tag = parse_name_addr(msg.header("from") or "").tag
         toward = dialog.callee if from_tag == dialog.caller_tag else dialog.caller
-        rewritten = _rewrite_headers(msg, dialog.rewrite, from_tag == dialog.caller_tag)
+        rewritten = _rewrite_headers(msg, dialog.rewrite, from_tag == dialog.caller_tag) or {}
+        if dialog.cseq_offset and from_tag == dialog.caller_tag:
+            number, method = msg.cseq
+            rewritten["cseq"] = f"{number + dialog.cseq_offset} {method}"
         data = forward_request(msg, msg.uri, self.local, new_branch(msg), toward.transport,
                                (source.host, source.port), record_route=False, replace=rewritten)
         out: Emit = [Out(data, toward.host, toward.port, toward.transport, toward.conn)]
@@ -277,7 +282,7 @@ class Proxy:
             addr = parse_name_addr(original)
             tag = f";tag={addr.tag}" if addr.tag else ""
             headers["from"] = f'"{leg.caller_id}" <sip:{leg.caller_id}@{policy.domain}>{tag}'
-            call.rewrite = (addr.uri, f"sip:{leg.caller_id}@{policy.domain}")
+            call.rewrite = (original, headers["from"])
         dest = Source(self.resolve(trunk.host), trunk.port, trunk.transport, 0)
         self._branch(call, leg.target.uri, f"pstn:{leg.number}", dest, now, out,
                      add=tuple(add), replace=headers,
@@ -286,13 +291,19 @@ class Proxy:
 
     def _branch(self, call: Call, uri: str, label: str, dest: Source, now: float, out: Emit,
                 add: tuple[tuple[str, str], ...] = (), replace: dict[str, str] | None = None,
-                drop: frozenset[str] = frozenset()) -> None:
+                drop: frozenset[str] = frozenset(), cseq_offset: int = 0,
+                credentials: tuple[str, str] | None = None) -> None:
         if call.loop_hash is None:
             call.loop_hash = loop_hash(call.invite)
         key = new_branch(call.invite, call.loop_hash)
+        headers = dict(replace or {})
+        if cseq_offset:
+            headers["cseq"] = f"{call.invite.cseq[0] + cseq_offset} INVITE"
+        extra = add + ((credentials,) if credentials else ())
         data = forward_request(call.invite, uri, self.local, key, dest.transport,
                                (call.source.host, call.source.port),
-                               drop=drop | {"proxy-authorization"}, add=add, replace=replace)
+                               drop=drop | {"proxy-authorization", "authorization"}, add=extra,
+                               replace=headers)
         if replace and "from" in replace:     # the hop-by-hop ACK/CANCEL must match what we sent
             original = SipMessage(call.invite.method, call.invite.uri, 0, "",
                                   tuple((n, replace["from"] if n == "from" else v)
@@ -302,6 +313,8 @@ class Proxy:
         branch = Branch(key, call.call_id, label, uri, dest.host, dest.port, dest.transport,
                         dest.conn, data, our_via(self.local, key, dest.transport), original,
                         tuple(routes_after_me(call.invite, self.local)), now)
+        branch.cseq_offset = cseq_offset
+        branch.spec = (uri, label, dest, add, replace, drop)
         branch.arm(now)
         call.branches[key] = branch
         self.by_branch[key] = (call, branch)
@@ -316,13 +329,14 @@ class Proxy:
     def _do_forward_provisional(self, call, branch, msg, now, out) -> None:  # type: ignore[no-untyped-def]
         if msg.status == 100 or call.final_status is not None or branch.superseded:
             return
-        data = strip_top_via(msg, _restore(msg, call.rewrite))
+        data = strip_top_via(msg, _restore(msg, call.rewrite, call.invite.header("cseq")))
         call.last_response = data
         out.append(self._to_caller(call, data))
 
     def _do_forward_success(self, call, branch, msg, now, out) -> None:  # type: ignore[no-untyped-def]
         branch.final_status = msg.status
-        out.append(self._to_caller(call, strip_top_via(msg, _restore(msg, call.rewrite))))
+        out.append(self._to_caller(call, strip_top_via(msg, _restore(msg, call.rewrite,
+                                                                     call.invite.header("cseq")))))
         if call.answered_by is not None:
             return
         call.answered_by, call.answered_at = branch.label, now
@@ -335,7 +349,8 @@ class Proxy:
         callee = Source(branch.host, branch.port, branch.transport, branch.conn)
         record = self._record(call, None)
         self.dialogs[call.call_id] = Dialog(caller_tag, call.source, callee, call.call_id,
-                                            now + DIALOG_TTL, record, call.rewrite)
+                                            now + DIALOG_TTL, record, call.rewrite,
+                                            cseq_offset=branch.cseq_offset)
         call.linger_until = now + CALL_LINGER
         out.append(SaveCall(record))
         out.append(Note("call.answered", (("call_id", call.call_id), ("by", branch.label),
@@ -346,9 +361,27 @@ class Proxy:
 
     def _do_failed(self, call, branch, msg, now, out) -> None:  # type: ignore[no-untyped-def]
         branch.final_status = msg.status
+        if msg.status in (401, 407) and not branch.superseded and self._answer_challenge(call, branch, msg, now, out):
+            return
         if not branch.superseded:
             call.failures.append((msg.status, msg))
         self._settle(call, now, out)
+
+    def _answer_challenge(self, call: Call, branch: Branch, msg: SipMessage, now: float, out: Emit) -> bool:
+        """The trunk challenged the PSTN leg: send it again once, with the trunk's credentials."""
+        trunk = self.policy().trunk
+        if trunk is None or trunk.username is None or not branch.label.startswith("pstn:") \
+                or branch.cseq_offset or trunk.password is None:
+            return False
+        header = credentials_header(msg, "INVITE", branch.uri, trunk.username, trunk.password, trunk.realm)
+        if header is None:
+            return False
+        uri, label, dest, add, replace, drop = branch.spec
+        branch.superseded = True
+        self._branch(call, uri, label, dest, now, out, add, replace, drop,  # type: ignore[arg-type]
+                     cseq_offset=1, credentials=header)
+        out.append(Note("call.trunk_auth", (("call_id", call.call_id), ("status", msg.status)), "debug"))
+        return True
 
     def _do_timed_out(self, call, branch, msg, now, out) -> None:  # type: ignore[no-untyped-def]
         branch.final_status = 408
@@ -403,7 +436,7 @@ class Proxy:
             self._next_step(call, now, out, f"{status} from every branch")
             return
         if msg is not None:
-            data = strip_top_via(msg, _restore(msg, call.rewrite))
+            data = strip_top_via(msg, _restore(msg, call.rewrite, call.invite.header("cseq")))
             self._final(call, status, msg.reason, now, out, data=data)
         else:
             self._final(call, 408, "Request Timeout", now, out, reason_text="no branch answered in time")
@@ -482,7 +515,10 @@ class Proxy:
             return []
         host, port = via_destination(vias[1])
         dialog = self.dialogs.get(msg.call_id)
-        restore = _restore(msg, dialog.rewrite) if dialog else None
+        restore = None
+        if dialog is not None:
+            toward_caller = parse_name_addr(msg.header("from") or "").tag == dialog.caller_tag
+            restore = _restore(msg, dialog.rewrite, None, dialog.cseq_offset if toward_caller else 0)
         transport = vias[1].split()[0].rsplit("/", 1)[-1].lower()
         return [Out(strip_top_via(msg, restore), host, port, "tcp" if transport == "tcp" else "udp")]
 
@@ -527,24 +563,37 @@ def _summary(record: CallRecord) -> tuple[tuple[str, object], ...]:
             ("duration_s", round((record.ended_at or record.started_at) - (record.answered_at or record.started_at), 3)))
 
 
-def _restore(msg: SipMessage, rewrite: tuple[str, str] | None) -> dict[str, str] | None:
-    """Responses travelling back carry the caller's own From again."""
-    if rewrite is None:
-        return None
-    value = msg.header("from") or ""
-    return {"from": value.replace(rewrite[1], rewrite[0])} if rewrite[1] in value else None
+def _restore(msg: SipMessage, rewrite: tuple[str, str] | None, cseq: str | None = None,
+             cseq_offset: int = 0) -> dict[str, str] | None:
+    """Responses travelling back carry the caller's own From and CSeq again
+    (the trunk saw a rewritten From, and the next CSeq after a challenge)."""
+    out: dict[str, str] = {}
+    if rewrite is not None and _same_uri(msg.header("from") or "", rewrite[1]):
+        out["from"] = rewrite[0]
+    if cseq is not None and cseq != msg.header("cseq"):
+        out["cseq"] = cseq
+    elif cseq_offset:
+        number, method = msg.cseq
+        out["cseq"] = f"{number - cseq_offset} {method}"
+    return out or None
+
+
+def _same_uri(a: str, b: str) -> bool:
+    try:
+        return parse_name_addr(a).uri == parse_name_addr(b).uri
+    except ValueError:
+        return False
 
 
 def _rewrite_headers(msg: SipMessage, rewrite: tuple[str, str] | None,
                      from_caller: bool) -> dict[str, str] | None:
+    """In-dialog requests: the trunk side only ever sees the hotline From."""
     if rewrite is None:
         return None
     original, hotline = rewrite
     if from_caller:
-        value = msg.header("from") or ""
-        return {"from": value.replace(original, hotline)}
-    value = msg.header("to") or ""
-    return {"to": value.replace(hotline, original)}
+        return {"from": hotline}
+    return {"to": original} if _same_uri(msg.header("to") or "", hotline) else None
 
 
 def called_number(msg: SipMessage) -> str | None:

@@ -119,12 +119,13 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
 def make_lab(tmp_path: Path) -> Iterator[object]:
     labs: list[Lab] = []
 
-    def make(**kwargs: object) -> Lab:
+    def make(start: bool = True, **kwargs: object) -> Lab:
         sub = tmp_path / f"lab{len(labs)}"
         sub.mkdir()
         lab = Lab(sub, **kwargs)  # type: ignore[arg-type]
         labs.append(lab)
-        lab.router.start()
+        if start:
+            lab.router.start()
         return lab
     try:
         yield make

@@ -10,6 +10,7 @@ import pytest
 from tests.integration.conftest import Lab
 from tests.integration.peers import SippPeer, device, trunk
 from tests.integration.sippgen import invite_flow
+from tests.support import SCENARIOS
 
 pytestmark = pytest.mark.integration
 
@@ -247,3 +248,23 @@ def test_an_unknown_user_is_404_and_max_forwards_zero_is_483(calls):
     assert result.returncode == 0, log
     result, log = calls.call("1002", 483, name="hops", max_forwards=0)
     assert result.returncode == 0, log
+
+
+def test_the_router_registers_to_a_trunk_that_has_credentials(make_lab, tmp_path):
+    def edit(text: str) -> str:
+        return text.replace("trunk: {address: 127.0.0.1, port: ",
+                            "trunk: {username: acme, password: s3cret, realm: carrier, address: 127.0.0.1, port: ")
+    lab = make_lab(edit=edit, start=False)
+    carrier = SippPeer("carrier", tmp_path, ["-sf", str(SCENARIOS / "trunk_registrar.xml")])
+    carrier.port = lab.trunk_port
+    try:
+        carrier.start()
+        time.sleep(0.3)
+        lab.router.start()
+        events = lab.router.wait_for("trunk.registration", timeout=10)
+        assert any(e["code"] == 200 for e in events), lab.router.log_text()[-2000:]
+        challenged, answered = carrier.wait_received("REGISTER", 2)[:2]
+        assert "Authorization" not in challenged
+        assert 'username="acme"' in answered and 'realm="carrier"' in answered
+    finally:
+        carrier.stop()

@@ -229,3 +229,44 @@ def test_the_branch_table_answers_every_response_in_every_live_state():
             assert (state, event) in TABLE
     assert TABLE[(State.CALLING, Event.CANCEL)][1] == ("pend_cancel",)     # §9.1: wait for a 1xx
     assert "cancel_if_pending" in TABLE[(State.CALLING, Event.PROVISIONAL)][1]
+
+
+def test_a_trunk_challenge_is_answered_once_with_the_trunk_credentials_and_the_next_cseq(tmp_path):
+    policy = parse_policy(POLICY.replace("trunk: {address: 10.9.9.9, port: 5080}",
+                                         "trunk: {address: 10.9.9.9, port: 5080, username: acme, password: s3cret}")
+                          .replace("receive_method: all_devices", "receive_method: agent_phone"),
+                          str(tmp_path / "r.yaml"))
+    core = SipCore(policy, [], 1000.0, local=LOCAL)
+    (leg,) = [m for m in sent(core.on_request(invite(), ACD, 1000.0), "10.9.9.9") if m.method == "INVITE"]
+    challenge = answer(leg, 407, "Proxy Authentication Required", tag="t",
+                       extra='Proxy-Authenticate: Digest realm="carrier", nonce="n1", qop="auth", algorithm=MD5\r\n')
+    out = core.on_response(challenge, Source("10.9.9.9", 5080), 1000.1)
+    ack, again = [m for m in sent(out, "10.9.9.9")]
+    assert ack.method == "ACK" and ack.cseq == (1, "ACK")
+    assert again.method == "INVITE" and again.cseq == (2, "INVITE")
+    assert again.header("proxy-authorization").startswith('Digest username="acme", realm="carrier"')
+    ok = core.on_response(answer(again, 200, "OK", tag="t2"), Source("10.9.9.9", 5080), 1000.2)
+    (to_caller,) = sent(ok, "10.0.0.1")
+    assert to_caller.status == 200 and to_caller.cseq == (1, "INVITE")     # the caller's own CSeq
+    bye = (b"BYE sip:84987654321@10.9.9.9:5080 SIP/2.0\r\nVia: SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bKb\r\n"
+           b"From: <sip:0909@10.0.0.1>;tag=c1\r\nTo: <sip:1002@pbx.test>;tag=t2\r\nCall-ID: call-1\r\n"
+           b"CSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n")
+    (forwarded,) = sent(core.on_request(bye, ACD, 1001.0), "10.9.9.9")
+    assert forwarded.cseq == (3, "BYE")
+    second = core.on_response(answer(again, 407, "Again", tag="t3",
+                                     extra='Proxy-Authenticate: Digest realm="carrier", nonce="n2"\r\n'),
+                              Source("10.9.9.9", 5080), 1000.3)
+    assert [m.method for m in sent(second, "10.9.9.9")] in ([], ["ACK"])   # never a second retry
+
+
+def test_caller_id_by_from_rewrite_shows_the_hotline_and_restores_the_callers_from(tmp_path):
+    policy = parse_policy(POLICY.replace("trunk: {address: 10.9.9.9, port: 5080}",
+                                         "trunk: {address: 10.9.9.9, port: 5080, caller_id: from}")
+                          .replace("receive_method: all_devices", "receive_method: agent_phone"),
+                          str(tmp_path / "r.yaml"))
+    core = SipCore(policy, [], 1000.0, local=LOCAL)
+    (leg,) = [m for m in sent(core.on_request(invite(), ACD, 1000.0), "10.9.9.9") if m.method == "INVITE"]
+    assert leg.header("from") == '"842873001234" <sip:842873001234@pbx.test>;tag=c1'
+    (to_caller,) = sent(core.on_response(answer(leg, 200, "OK", tag="t"), Source("10.9.9.9", 5080), 1000.1),
+                        "10.0.0.1")
+    assert to_caller.header("from") == "<sip:0909@10.0.0.1>;tag=c1"
