@@ -22,8 +22,6 @@ Every process started here is stopped by its PID.  Loopback only.
 from __future__ import annotations
 
 import argparse
-import csv
-import os
 import re
 import subprocess
 import sys

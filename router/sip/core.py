@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from router.errors import MalformedMessage, sip_status
 from router.policy.decide import CallRequest
@@ -27,7 +26,9 @@ from router.sip.forward import Local, is_loop
 from router.sip.message import (
     COMPACT, SipMessage, build_response, parse, parse_name_addr, parse_uri, response_destination,
 )
-from router.sip.proxy import Note, Out, Proxy, SaveCall, called_number
+from router.sip.commands import Log, SaveCall, Send
+from router.sip.callrules import called_number
+from router.sip.proxy import Proxy
 from router.sip.registrar import Outcome, Registrar, Reply, SaveBindings, Source
 from router.sip.transaction import ResponseCache, transaction_key
 
@@ -35,22 +36,6 @@ SERVER = "sip-router/0.1"
 ALLOW = "REGISTER, OPTIONS, INVITE, ACK, CANCEL, BYE"
 KNOWN_NOT_SERVED = frozenset({"SUBSCRIBE", "NOTIFY", "MESSAGE", "INFO", "PUBLISH", "REFER",
                               "UPDATE", "PRACK"})
-
-
-@dataclass(frozen=True)
-class Send:
-    data: bytes
-    host: str
-    port: int
-    transport: str = "udp"
-    conn: int = 0
-
-
-@dataclass(frozen=True)
-class Log:
-    event: str
-    fields: tuple[tuple[str, object], ...] = ()
-    level: str = "info"
 
 
 Command = Send | SaveBindings | SaveCall | Log
@@ -104,7 +89,7 @@ class SipCore:
                                           ("reason", str(exc))), "warning")]
         if msg.is_request:
             return self.on_request(data, source, now)
-        return self._emit(self.proxy.on_response(msg, now))
+        return list(self.proxy.on_response(msg, now))
 
     def tick(self, now: float) -> list[Command]:
         """Housekeeping the engine runs about once a second."""
@@ -112,24 +97,13 @@ class SipCore:
         return list(self.registrar.expire(now))
 
     def on_timer(self, now: float) -> list[Command]:
-        return self._emit(self.proxy.on_timer(now))
+        return list(self.proxy.on_timer(now))
 
     def next_wakeup(self) -> float | None:
         return self.proxy.next_wakeup()
 
     def _live_bindings(self, user_id: str, now: float) -> list[Binding]:
         return self.registrar.bindings(now, user_id)
-
-    def _emit(self, items: list[Out | SaveCall | Note]) -> list[Command]:
-        out: list[Command] = []
-        for item in items:
-            if isinstance(item, Out):
-                out.append(Send(item.data, item.host, item.port, item.transport, item.conn))
-            elif isinstance(item, Note):
-                out.append(Log(item.event, item.fields, item.level))
-            else:
-                out.append(item)
-        return out
 
     # --------------------------------------------------------------- handlers
     def _register(self, msg: SipMessage, source: Source, now: float) -> list[Command]:
@@ -151,7 +125,7 @@ class SipCore:
             return self._in_dialog(msg, source, now)
         key = transaction_key(msg)
         if self.proxy.has_call(key):
-            return self._emit(self.proxy.retransmission(key))
+            return list(self.proxy.retransmission(key))
         if (msg.header("max-forwards") or "70") == "0":
             return self._reply(msg, source, now, Reply(483, "Too Many Hops"))
         if is_loop(msg, self.local):
@@ -179,7 +153,7 @@ class SipCore:
                               called_number=called_number(msg), mode=verdict.mode,
                               may_use_trunk=verdict.may_use_trunk)
         log = Log("call.received", (("call_id", msg.call_id), ("from", verdict.who), ("user", user)), "debug")
-        return [log, *self._emit(self.proxy.on_invite(msg, source, key, request, now))]
+        return [log, *list(self.proxy.on_invite(msg, source, key, request, now))]
 
     def _ha1(self, username: str, algorithm: str) -> str | None:
         owner = self.policy.device_by_auth(username)
@@ -190,13 +164,13 @@ class SipCore:
         emitted = self.proxy.on_cancel(msg, source, invite_key, now)
         if emitted is None:
             return self._reply(msg, source, now, Reply(481, "Call/Transaction Does Not Exist"))
-        return [*self._reply(msg, source, now, Reply(200, "OK")), *self._emit(emitted)]
+        return [*self._reply(msg, source, now, Reply(200, "OK")), *list(emitted)]
 
     def _ack(self, msg: SipMessage, source: Source, now: float) -> list[Command]:
         if self.proxy.has_call(transaction_key(msg)):
             return []          # the ACK of a final failure we sent: absorbed (§17.2.1)
         emitted = self.proxy.on_in_dialog(msg, source, now)
-        return self._emit(emitted) if emitted else []
+        return list(emitted) if emitted else []
 
     def _in_dialog(self, msg: SipMessage, source: Source, now: float) -> list[Command]:
         if not parse_name_addr(msg.header("to") or "").tag:
@@ -208,7 +182,7 @@ class SipCore:
         emitted = self.proxy.on_in_dialog(msg, source, now)
         if emitted is None:
             return self._reply(msg, source, now, Reply(481, "Call/Transaction Does Not Exist"))
-        return self._emit(emitted)
+        return list(emitted)
 
     # --------------------------------------------------------------- helpers
     def _send(self, msg: SipMessage, source: Source, data: bytes) -> Send:

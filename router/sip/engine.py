@@ -31,9 +31,9 @@ from router import log
 from router.errors import RouterError
 from router.policy.model import Listen, Trunk
 from router.records import CallRecord
-from router.sip.core import Command, Log, Send, SipCore
+from router.sip.commands import Log, SaveCall, Send
+from router.sip.core import Command, SipCore
 from router.sip.pjsip_module import LayoutMismatch, Packet, RouterModule
-from router.sip.proxy import SaveCall
 from router.sip.registrar import SaveBindings, Source
 from router.store.interfaces import BindingWriter, CallWriter
 

@@ -33,44 +33,23 @@ from dataclasses import dataclass, field, replace
 from router.policy.decide import CallRequest, Decision, Fork, PstnLeg, Redirect, Reject, decide
 from router.policy.model import Binding, Policy
 from router.records import CallRecord
-from router.sip.branch import Branch, Event, State
+from router.sip.branch import Branch, Event
+from router.sip.commands import Log, SaveCall, Send
 from router.sip.forward import (
     Local, forward_request, loop_hash, new_branch, our_via, routes_after_me, strip_top_via,
     via_destination,
 )
-from router.sip.message import SipMessage, build_response, parse_name_addr, parse_uri
+from router.sip.message import SipMessage, build_response, parse_name_addr
 from router.sip.registrar import Source
+from router.sip.callrules import (
+    best_response, phrase, quote, restore, rewrite_headers, summary,
+)
 from router.sip.uac_auth import credentials_header
 
 NO_ANSWER = frozenset({408, 480, 404, 410, 500, 502, 503, 504})   # fall back on these
 COMPLETED_ELSEWHERE = 'SIP;cause=200;text="Call completed elsewhere"'
 DIALOG_TTL = 12 * 3600.0
 CALL_LINGER = 32.0
-
-
-@dataclass(frozen=True)
-class Out:
-    """Bytes to send somewhere (the core turns it into a ``Send``)."""
-
-    data: bytes
-    host: str
-    port: int
-    transport: str = "udp"
-    conn: int = 0
-
-
-@dataclass(frozen=True)
-class SaveCall:
-    record: CallRecord
-
-
-@dataclass(frozen=True)
-class Note:
-    """A log line for the engine, bound to the call."""
-
-    event: str
-    fields: tuple[tuple[str, object], ...] = ()
-    level: str = "info"
 
 
 @dataclass
@@ -115,7 +94,7 @@ class Call:
         return [b for b in self.branches.values() if not b.superseded and not b.done]
 
 
-Emit = list[Out | SaveCall | Note]
+Emit = list[Send | SaveCall | Log]
 
 
 class Proxy:
@@ -170,7 +149,7 @@ class Proxy:
     def on_response(self, msg: SipMessage, now: float) -> Emit:
         via = msg.top_via
         if via.host.strip("[]") != self.local.host or (via.port or 5060) != self.local.port:
-            return [Note("sip.response.not_ours", (("call_id", msg.call_id),), "debug")]
+            return [Log("sip.response.not_ours", (("call_id", msg.call_id),), "debug")]
         found = self.by_branch.get(via.branch)
         if found is None:
             return self._stateless_response(msg)
@@ -222,26 +201,26 @@ class Proxy:
             return None
         from_tag = parse_name_addr(msg.header("from") or "").tag
         toward = dialog.callee if from_tag == dialog.caller_tag else dialog.caller
-        rewritten = _rewrite_headers(msg, dialog.rewrite, from_tag == dialog.caller_tag) or {}
+        rewritten = rewrite_headers(msg, dialog.rewrite, from_tag == dialog.caller_tag) or {}
         if dialog.cseq_offset and from_tag == dialog.caller_tag:
             number, method = msg.cseq
             rewritten["cseq"] = f"{number + dialog.cseq_offset} {method}"
         data = forward_request(msg, msg.uri, self.local, new_branch(msg), toward.transport,
                                (source.host, source.port), record_route=False, replace=rewritten)
-        out: Emit = [Out(data, toward.host, toward.port, toward.transport, toward.conn)]
+        out: Emit = [Send(data, toward.host, toward.port, toward.transport, toward.conn)]
         if msg.method == "BYE" and not dialog.ended:
             dialog.ended = True
             dialog.expires_at = now + CALL_LINGER
             record = replace(dialog.record, ended_at=now)
             who = "caller" if toward is dialog.callee else "callee"
-            out += [SaveCall(record), Note("call.completed", _summary(record) + (("ended_by", who),))]
+            out += [SaveCall(record), Log("call.completed", summary(record) + (("ended_by", who),))]
         return out
 
     # ================================================================== decisions
     def _apply(self, call: Call, decision: Decision, now: float, out: Emit) -> None:
-        out.append(Note("call.why", (("call_id", call.call_id), ("notes", list(decision.notes))), "debug"))
+        out.append(Log("call.why", (("call_id", call.call_id), ("notes", list(decision.notes))), "debug"))
         if isinstance(decision, Reject):
-            self._final(call, decision.status, _phrase(decision.status), now, out,
+            self._final(call, decision.status, phrase(decision.status), now, out,
                         reason_text=decision.reason)
             return
         if isinstance(decision, Redirect):
@@ -263,7 +242,7 @@ class Proxy:
                 self._branch(call, target.uri, target.device_id or target.uri, dest, now, out)
         else:
             self._pstn(call, decision, now, out)
-        out.append(Note("call.routing", (("call_id", call.call_id), ("user", call.user_id),
+        out.append(Log("call.routing", (("call_id", call.call_id), ("user", call.user_id),
                                          ("queue", call.queue_id), ("method", decision.method.value),
                                          ("branches", len(call.active()))), "debug"))
         self._schedule(call)
@@ -318,7 +297,7 @@ class Proxy:
         branch.arm(now)
         call.branches[key] = branch
         self.by_branch[key] = (call, branch)
-        out.append(Out(data, dest.host, dest.port, dest.transport, dest.conn))
+        out.append(Send(data, dest.host, dest.port, dest.transport, dest.conn))
 
     # ================================================================== branch events
     def _run(self, call: Call, branch: Branch, event: Event, now: float, out: Emit,
@@ -329,13 +308,13 @@ class Proxy:
     def _do_forward_provisional(self, call, branch, msg, now, out) -> None:  # type: ignore[no-untyped-def]
         if msg.status == 100 or call.final_status is not None or branch.superseded:
             return
-        data = strip_top_via(msg, _restore(msg, call.rewrite, call.invite.header("cseq")))
+        data = strip_top_via(msg, restore(msg, call.rewrite, call.invite.header("cseq")))
         call.last_response = data
         out.append(self._to_caller(call, data))
 
     def _do_forward_success(self, call, branch, msg, now, out) -> None:  # type: ignore[no-untyped-def]
         branch.final_status = msg.status
-        out.append(self._to_caller(call, strip_top_via(msg, _restore(msg, call.rewrite,
+        out.append(self._to_caller(call, strip_top_via(msg, restore(msg, call.rewrite,
                                                                      call.invite.header("cseq")))))
         if call.answered_by is not None:
             return
@@ -353,11 +332,11 @@ class Proxy:
                                             cseq_offset=branch.cseq_offset)
         call.linger_until = now + CALL_LINGER
         out.append(SaveCall(record))
-        out.append(Note("call.answered", (("call_id", call.call_id), ("by", branch.label),
+        out.append(Log("call.answered", (("call_id", call.call_id), ("by", branch.label),
                                           ("after_ms", int((now - call.started) * 1000))), "debug"))
 
     def _do_ack(self, call, branch, msg, now, out) -> None:  # type: ignore[no-untyped-def]
-        out.append(Out(branch.ack_for(msg), branch.host, branch.port, branch.transport, branch.conn))
+        out.append(Send(branch.ack_for(msg), branch.host, branch.port, branch.transport, branch.conn))
 
     def _do_failed(self, call, branch, msg, now, out) -> None:  # type: ignore[no-untyped-def]
         branch.final_status = msg.status
@@ -380,7 +359,7 @@ class Proxy:
         branch.superseded = True
         self._branch(call, uri, label, dest, now, out, add, replace, drop,  # type: ignore[arg-type]
                      cseq_offset=1, credentials=header)
-        out.append(Note("call.trunk_auth", (("call_id", call.call_id), ("status", msg.status)), "debug"))
+        out.append(Log("call.trunk_auth", (("call_id", call.call_id), ("status", msg.status)), "debug"))
         return True
 
     def _do_timed_out(self, call, branch, msg, now, out) -> None:  # type: ignore[no-untyped-def]
@@ -390,7 +369,7 @@ class Proxy:
         self._settle(call, now, out)
 
     def _do_retransmit(self, call, branch, msg, now, out) -> None:  # type: ignore[no-untyped-def]
-        out.append(Out(branch.invite, branch.host, branch.port, branch.transport, branch.conn))
+        out.append(Send(branch.invite, branch.host, branch.port, branch.transport, branch.conn))
         branch.retransmitted(now)
 
     def _do_pend_cancel(self, call, branch, msg, now, out) -> None:  # type: ignore[no-untyped-def]
@@ -402,11 +381,11 @@ class Proxy:
 
     def _do_send_cancel(self, call, branch, msg, now, out) -> None:  # type: ignore[no-untyped-def]
         if branch.cancel_sent_at is None:
-            out.append(Out(branch.cancel(), branch.host, branch.port, branch.transport, branch.conn))
+            out.append(Send(branch.cancel(), branch.host, branch.port, branch.transport, branch.conn))
             branch.cancel_sent(now)
 
     def _do_resend_cancel(self, call, branch, msg, now, out) -> None:  # type: ignore[no-untyped-def]
-        out.append(Out(branch.cancel(), branch.host, branch.port, branch.transport, branch.conn))
+        out.append(Send(branch.cancel(), branch.host, branch.port, branch.transport, branch.conn))
         branch.cancel_resent(now)
 
     def _do_start_c(self, call, branch, msg, now, out) -> None:  # type: ignore[no-untyped-def]
@@ -431,12 +410,12 @@ class Proxy:
         """Every branch of this step has failed: fall back, or answer the best failure."""
         if call.final_status is not None or call.active():
             return
-        status, msg = _best(call.failures)
+        status, msg = best_response(call.failures)
         if status in NO_ANSWER and call.next_step is not None:
             self._next_step(call, now, out, f"{status} from every branch")
             return
         if msg is not None:
-            data = strip_top_via(msg, _restore(msg, call.rewrite, call.invite.header("cseq")))
+            data = strip_top_via(msg, restore(msg, call.rewrite, call.invite.header("cseq")))
             self._final(call, status, msg.reason, now, out, data=data)
         else:
             self._final(call, 408, "Request Timeout", now, out, reason_text="no branch answered in time")
@@ -446,7 +425,7 @@ class Proxy:
             return
         seconds = now - call.started
         self._cancel_all(call, 'SIP;cause=480;text="Ring timeout"', now, out)
-        out.append(Note("call.ring_timeout", (("call_id", call.call_id), ("after_s", round(seconds, 1)))))
+        out.append(Log("call.ring_timeout", (("call_id", call.call_id), ("after_s", round(seconds, 1)))))
         if call.next_step is not None:
             self._next_step(call, now, out, "ring timeout")
         else:
@@ -456,7 +435,7 @@ class Proxy:
         step = call.next_step
         call.next_step = None
         call.failures.clear()
-        out.append(Note("call.fallback", (("call_id", call.call_id), ("why", why), ("step", step))))
+        out.append(Log("call.fallback", (("call_id", call.call_id), ("why", why), ("step", step))))
         request = CallRequest(call.request.user, call.request.queue_header, call.request.called_number,
                               call.request.mode, call.request.may_use_trunk, step or 0)
         decision = decide(self.policy(), request, self._all_bindings(request.user, now), now)
@@ -468,8 +447,8 @@ class Proxy:
         if data is None:
             extra = list(headers)
             if reason_text:
-                extra.append(("Reason", f'SIP;cause={status};text="{_quote(reason_text)}"'))
-                extra.append(("Warning", f'399 sip-router "{_quote(reason_text)}"'))
+                extra.append(("Reason", f'SIP;cause={status};text="{quote(reason_text)}"'))
+                extra.append(("Warning", f'399 sip-router "{quote(reason_text)}"'))
             data = self._response(call, status, phrase, tuple(extra))
         call.final_status, call.final_reason = status, reason_text or phrase
         call.ring_deadline = None
@@ -478,7 +457,7 @@ class Proxy:
         out.append(self._to_caller(call, data))
         record = self._record(call, now)
         out.append(SaveCall(record))
-        out.append(Note("call.completed", _summary(record), "info"))
+        out.append(Log("call.completed", summary(record), "info"))
         self._schedule(call)
 
     def _record(self, call: Call, ended: float | None) -> CallRecord:
@@ -503,11 +482,11 @@ class Proxy:
         call.last_response = data
         out.append(self._to_caller(call, data))
 
-    def _to_caller(self, call: Call, data: bytes) -> Out:
+    def _to_caller(self, call: Call, data: bytes) -> Send:
         via = call.invite.top_via
         src = call.source
         port = src.port if "rport" in via.params or src.transport != "udp" else (via.port or 5060)
-        return Out(data, src.host, port, src.transport, src.conn)
+        return Send(data, src.host, port, src.transport, src.conn)
 
     def _stateless_response(self, msg: SipMessage) -> Emit:
         vias = msg.all("via")
@@ -518,9 +497,9 @@ class Proxy:
         restore = None
         if dialog is not None:
             toward_caller = parse_name_addr(msg.header("from") or "").tag == dialog.caller_tag
-            restore = _restore(msg, dialog.rewrite, None, dialog.cseq_offset if toward_caller else 0)
+            restore = restore(msg, dialog.rewrite, None, dialog.cseq_offset if toward_caller else 0)
         transport = vias[1].split()[0].rsplit("/", 1)[-1].lower()
-        return [Out(strip_top_via(msg, restore), host, port, "tcp" if transport == "tcp" else "udp")]
+        return [Send(strip_top_via(msg, restore), host, port, "tcp" if transport == "tcp" else "udp")]
 
     def _schedule(self, call: Call) -> None:
         times = [t for t in (b.next_timer() for b in call.branches.values()) if t is not None]
@@ -535,71 +514,3 @@ class Proxy:
     def _all_bindings(self, user_key: str, now: float) -> list[Binding]:
         user = self.policy().user(user_key)
         return self.bindings(user.id, now) if user is not None else []
-
-
-def _best(failures: list[tuple[int, SipMessage | None]]) -> tuple[int, SipMessage | None]:
-    """§16.7.6: a 6xx wins; else the lowest class; 503 is passed on as 500 by the caller's view."""
-    if not failures:
-        return 408, None
-    six = [f for f in failures if 600 <= f[0] < 700]
-    if six:
-        return six[0]
-    return min(failures, key=lambda f: (f[0] // 100, f[0] == 408, f[0] == 503))
-
-
-def _phrase(status: int) -> str:
-    return {404: "Not Found", 480: "Temporarily Unavailable", 403: "Forbidden",
-            483: "Too Many Hops", 482: "Loop Detected"}.get(status, "Temporarily Unavailable")
-
-
-def _quote(text: str) -> str:
-    return text.replace("\\", "\\\\").replace('"', '\\"')[:200]
-
-
-def _summary(record: CallRecord) -> tuple[tuple[str, object], ...]:
-    return (("call_id", record.call_id), ("caller", record.caller), ("user", record.user_id),
-            ("queue", record.queue_id), ("method", record.method), ("branches", list(record.branches)),
-            ("answered_by", record.answered_by), ("status", record.status), ("reason", record.reason),
-            ("duration_s", round((record.ended_at or record.started_at) - (record.answered_at or record.started_at), 3)))
-
-
-def _restore(msg: SipMessage, rewrite: tuple[str, str] | None, cseq: str | None = None,
-             cseq_offset: int = 0) -> dict[str, str] | None:
-    """Responses travelling back carry the caller's own From and CSeq again
-    (the trunk saw a rewritten From, and the next CSeq after a challenge)."""
-    out: dict[str, str] = {}
-    if rewrite is not None and _same_uri(msg.header("from") or "", rewrite[1]):
-        out["from"] = rewrite[0]
-    if cseq is not None and cseq != msg.header("cseq"):
-        out["cseq"] = cseq
-    elif cseq_offset:
-        number, method = msg.cseq
-        out["cseq"] = f"{number - cseq_offset} {method}"
-    return out or None
-
-
-def _same_uri(a: str, b: str) -> bool:
-    try:
-        return parse_name_addr(a).uri == parse_name_addr(b).uri
-    except ValueError:
-        return False
-
-
-def _rewrite_headers(msg: SipMessage, rewrite: tuple[str, str] | None,
-                     from_caller: bool) -> dict[str, str] | None:
-    """In-dialog requests: the trunk side only ever sees the hotline From."""
-    if rewrite is None:
-        return None
-    original, hotline = rewrite
-    if from_caller:
-        return {"from": hotline}
-    return {"to": original} if _same_uri(msg.header("to") or "", hotline) else None
-
-
-def called_number(msg: SipMessage) -> str | None:
-    """The dialled number, when the upstream PBX kept it in To."""
-    try:
-        user = parse_uri(parse_name_addr(msg.header("to") or "").uri).user
-    except ValueError:
-        return None
-    return user if user.isdigit() else None

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from tests.integration.rawsip import UdpPeer
-from tests.integration.sippgen import raw_request, register_flow
+from tests.integration.sippgen import register_flow
 
 pytestmark = pytest.mark.integration
 

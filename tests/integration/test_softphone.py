@@ -52,7 +52,7 @@ def test_baresip_registers_over_tcp_when_tcp_is_enabled(make_lab, tmp_path):
 
 
 def test_baresip_with_a_wrong_password_is_not_registered(lab, tmp_path):
-    with Baresip(tmp_path / "phone", "1002", "minh-desk", "not-it", lab.port) as phone:
+    with Baresip(tmp_path / "phone", "1002", "minh-desk", "not-it", lab.port):
         refused = lab.router.wait_for("register.auth", timeout=10)[0]
         assert refused["result"] == "bad" and "minh-desk" in refused["detail"]
         assert lab.registrations("minh") == []

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 
-from router.config import parse_policy
 from router.errors import Forbidden, InvalidChange, InvalidNumber, NotFound
 from router.policy.model import ReceiveMethod
 from router.runtime import PolicyState

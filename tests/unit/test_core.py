@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from router.config import parse_policy
-from router.sip.core import Log, SaveBindings, Send, SipCore
+from router.sip.commands import Log, Send
+from router.sip.core import SaveBindings, SipCore
 from router.sip.message import parse
 from router.sip.registrar import Source
 from router.sip.transaction import ResponseCache

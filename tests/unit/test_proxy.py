@@ -9,10 +9,11 @@ import pytest
 from router.config import parse_policy
 from router.policy.model import Binding, DeviceKind, ReceiveMethod
 from router.sip.branch import TABLE, Event, State
-from router.sip.core import Log, Send, SipCore
+from router.sip.commands import Log, Send
+from router.sip.core import SipCore
 from router.sip.forward import Local
 from router.sip.message import parse
-from router.sip.proxy import SaveCall
+from router.sip.commands import SaveCall
 from router.sip.registrar import Source
 
 POLICY = """

@@ -37,7 +37,7 @@ def reg(tmp_path):
 
 def request(aor="1002", contacts=("<sip:minh@10.0.0.5:5062>",), expires="300", auth="",
             call_id="call-1", cseq=1, user_agent=""):
-    lines = [f"REGISTER sip:pbx.test SIP/2.0", f"Via: SIP/2.0/UDP 10.0.0.5:5062;branch=z9hG4bK{next(_n)}",
+    lines = ["REGISTER sip:pbx.test SIP/2.0", f"Via: SIP/2.0/UDP 10.0.0.5:5062;branch=z9hG4bK{next(_n)}",
              f"From: <sip:{aor}@pbx.test>;tag=f", f"To: <sip:{aor}@pbx.test>", f"Call-ID: {call_id}",
              f"CSeq: {cseq} REGISTER"]
     lines += [f"Contact: {c}" for c in contacts]
