@@ -242,7 +242,7 @@ class Engine:
                 self._handle(packet, is_response)
             wake = self.core.next_wakeup()
             if wake is not None and wake <= time.time():
-                self.execute(self.core.on_timer(time.time()))
+                self._guarded(self.core.on_timer, time.time())
             while True:
                 try:
                     job = self.inbox.get_nowait()
@@ -262,6 +262,15 @@ class Engine:
         if self.failure is not None:
             raise LayoutMismatch(self.failure)
 
+    def _guarded(self, step: Callable[[float], list[Command]], now: float) -> None:
+        try:
+            commands = step(now)
+        except Exception:   # noqa: BLE001 -- a bug in one timer must not stop the router
+            self.stats["core_errors"] = self.stats.get("core_errors", 0) + 1
+            self.log.exception("sip.core.error", during="timers")
+            return
+        self.execute(commands)
+
     def _on_packet(self, packet: Packet) -> None:
         self.received.append((False, packet))
 
@@ -270,12 +279,16 @@ class Engine:
 
     def _handle(self, packet: Packet, is_response: bool) -> None:
         source = Source(packet.host, packet.port, packet.transport, packet.conn)
-        if is_response:
-            self.stats["responses"] += 1
-            self.execute(self.core.on_response(packet.data, source, time.time()))
-        else:
-            self.stats["requests"] += 1
-            self.execute(self.core.on_request(packet.data, source, time.time()))
+        handler = self.core.on_response if is_response else self.core.on_request
+        self.stats["responses" if is_response else "requests"] += 1
+        try:
+            commands = handler(packet.data, source, time.time())
+        except Exception:   # noqa: BLE001 -- one bad message must not stop the router
+            self.stats["core_errors"] = self.stats.get("core_errors", 0) + 1
+            self.log.exception("sip.core.error", source=f"{packet.host}:{packet.port}",
+                               first_line=packet.data.split(b"\r\n", 1)[0][:120].decode(errors="replace"))
+            return
+        self.execute(commands)
 
     def execute(self, commands: list[Command]) -> None:
         for command in commands:

@@ -494,12 +494,12 @@ class Proxy:
             return []
         host, port = via_destination(vias[1])
         dialog = self.dialogs.get(msg.call_id)
-        restore = None
+        undo = None
         if dialog is not None:
             toward_caller = parse_name_addr(msg.header("from") or "").tag == dialog.caller_tag
-            restore = restore(msg, dialog.rewrite, None, dialog.cseq_offset if toward_caller else 0)
+            undo = restore(msg, dialog.rewrite, None, dialog.cseq_offset if toward_caller else 0)
         transport = vias[1].split()[0].rsplit("/", 1)[-1].lower()
-        return [Send(strip_top_via(msg, restore), host, port, "tcp" if transport == "tcp" else "udp")]
+        return [Send(strip_top_via(msg, undo), host, port, "tcp" if transport == "tcp" else "udp")]
 
     def _schedule(self, call: Call) -> None:
         times = [t for t in (b.next_timer() for b in call.branches.values()) if t is not None]

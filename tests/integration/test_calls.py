@@ -185,14 +185,24 @@ def test_a_cancel_from_the_caller_cancels_every_branch_and_answers_487(calls):
     assert record["status"] == 487
 
 
-def test_a_bye_from_the_callee_passes_through_to_the_caller(calls):
-    # the device's answer scenario waits for a BYE; here the caller waits for the callee's BYE
+def test_a_bye_from_the_caller_passes_through_to_the_phone(calls):
     desk = calls.phone("minh-desk", "answer")
     result, log = calls.call("1002", 200, bye_after_ms=100)
     assert result.returncode == 0, log
-    assert desk.received("BYE")
+    (bye,) = desk.wait_received("BYE")
+    assert "Route:" not in bye                 # the router consumed its own Route entry
     (record,) = calls.lab.calls("minh")
     assert record["duration_s"] is not None
+
+
+def test_a_bye_from_the_phone_passes_through_to_the_caller(calls):
+    desk = calls.phone("minh-desk", "answer_hangup")
+    result, log = calls.call("1002", 200, bye_from_callee=True)
+    assert result.returncode == 0, log + desk.messages()[-3000:]
+    assert "BYE sip:0909000111@127.0.0.1" in log
+    assert desk.wait_received("ACK")
+    (record,) = calls.lab.calls("minh")
+    assert record["duration_s"] is not None and record["answered_by"] == "minh-desk"
 
 
 def test_a_busy_device_is_reported_busy_to_the_caller(calls):
