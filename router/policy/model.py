@@ -239,3 +239,4 @@ class Binding:
     user_agent: str = ""
     registered_at: float = 0.0
     instance: str = ""  # +sip.instance, when the phone sends one
+    conn: int = 0       # the TCP connection it registered over, while it lives (never stored)

@@ -135,6 +135,7 @@ class Engine:
         self.inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self.pending: dict[str, SaveBindings] = {}
         self.pending_calls: dict[str, CallRecord] = {}
+        self.held_by_device: dict[str, set[int]] = {}
         self.calls = calls
         self.stop_requested = False
         self.failure: str | None = None
@@ -302,6 +303,7 @@ class Engine:
                                      transport=command.transport, detail=self.module.strerror(status))
             elif isinstance(command, SaveBindings):
                 self.pending[command.device_id] = command
+                self._hold_connections(command)
             elif isinstance(command, SaveCall):
                 self.pending_calls[command.record.call_id] = command.record
             elif isinstance(command, Log):
@@ -322,6 +324,22 @@ class Engine:
         assert self.module is not None
         return self.module.send(command.data, command.host, command.port,
                                 command.transport, command.conn)
+
+    def _hold_connections(self, save: SaveBindings) -> None:
+        """Keep each TCP connection a binding uses alive until the binding goes
+        (PJSIP-NOTES §3): calls to that phone must reuse the phone's connection."""
+        if self.module is None:
+            return
+        new = {b.conn for b in save.bindings if b.conn}
+        old = self.held_by_device.get(save.device_id, set())
+        for conn in new - old:
+            self.module.hold(conn)
+        for conn in old - new:
+            self.module.release(conn)
+        if new:
+            self.held_by_device[save.device_id] = new
+        else:
+            self.held_by_device.pop(save.device_id, None)
 
     def flush(self) -> None:
         """Write batched binding changes and call records, a transaction each."""

@@ -238,7 +238,7 @@ class Proxy:
             for target in decision.targets:
                 binding = target.binding
                 assert binding is not None
-                dest = Source(binding.source_host, binding.source_port, binding.transport, 0)
+                dest = Source(binding.source_host, binding.source_port, binding.transport, binding.conn)
                 self._branch(call, target.uri, target.device_id or target.uri, dest, now, out)
         else:
             self._pstn(call, decision, now, out)

@@ -313,7 +313,8 @@ class Registrar:
                 expires_at=now + expires, q=q, call_id=call_id, cseq=cseq,
                 source_host=source.host, source_port=source.port, transport=source.transport,
                 user_agent=(msg.header("user-agent") or "")[:120],
-                registered_at=old.registered_at if old else now, instance=instance)
+                registered_at=old.registered_at if old else now, instance=instance,
+                conn=source.conn if source.transport == "tcp" else 0)
         kept = sorted(updated.values(), key=lambda b: b.registered_at)[-settings.max_bindings_per_device:]
         others = [b for b in self.bindings(now, user.id) if b.device_id != device.id]
         if len(others) + len(kept) > settings.max_bindings_per_aor:

@@ -27,7 +27,7 @@ class Baresip:
         params = ";transport=tcp" if transport == "tcp" else ""
         (home / "accounts").write_text(
             f"<sip:{user}@127.0.0.1:{router_port}{params}>;auth_user={username};"
-            f"auth_pass={password};regint={regint}\n")
+            f"auth_pass={password};regint={regint};answermode=auto\n")
         self.log_path = home / "baresip.log"
         self.proc: subprocess.Popen[bytes] | None = None
 

@@ -56,3 +56,18 @@ def test_baresip_with_a_wrong_password_is_not_registered(lab, tmp_path):
         refused = lab.router.wait_for("register.auth", timeout=10)[0]
         assert refused["result"] == "bad" and "minh-desk" in refused["detail"]
         assert lab.registrations("minh") == []
+
+
+def test_a_call_reaches_baresip_over_its_own_tcp_connection(make_lab, tmp_path):
+    from tests.integration.sippgen import invite_flow
+    lab = make_lab(tcp=True)
+    with Baresip(tmp_path / "phone", "1002", "minh-desk", "minh-secret", lab.port,
+                 transport="tcp") as phone:
+        assert wait_for_binding(lab, "minh", "tcp"), phone.output()
+        scenario = invite_flow(lab.tmp / "call.xml", "1002", 200, bye_after_ms=200)
+        result = lab.sipp(scenario, timeout=15)
+        assert result.returncode == 0, lab.sipp_log(scenario)[-3000:] + phone.output()
+        assert phone.wait_output("Call established", timeout=5), phone.output()
+        assert phone.wait_output("session closed", timeout=5), phone.output()   # the caller's BYE arrived
+    (record,) = lab.calls("minh")
+    assert record["answered_by"] == "minh-desk" and record["duration_s"] is not None
