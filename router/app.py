@@ -157,7 +157,7 @@ class Router:
         _notify("STOPPING=1")
         self.engine.close()
         self.conn.close()
-        self.log.warning("router.stopped", **self.engine.stats)
+        self.log.info("router.stopped", **self.engine.stats)
         return code
 
 

@@ -33,7 +33,7 @@ from router.policy.model import Listen, Trunk
 from router.records import CallRecord
 from router.sip.commands import Log, SaveCall, Send
 from router.sip.core import Command, SipCore
-from router.sip.pjsip_module import LayoutMismatch, Packet, RouterModule
+from router.sip.pjsip_module import LayoutMismatch, Packet, RouterModule, quiet_until_configured
 from router.sip.registrar import SaveBindings, Source
 from router.store.interfaces import BindingWriter, CallWriter
 
@@ -158,6 +158,7 @@ class Engine:
             raise EngineError(exc.info()) from None
 
     def _start(self) -> None:
+        quiet_until_configured()
         self.ep.libCreate()
         cfg = pj.EpConfig()
         cfg.uaConfig.threadCnt = 0

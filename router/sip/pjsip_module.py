@@ -119,6 +119,15 @@ def _lib() -> ctypes.PyDLL:
     return lib
 
 
+def quiet_until_configured() -> None:
+    """PJSIP logs to stdout while the library is created, before the LogWriter
+    exists; keep it to errors until ``libInit`` installs the real settings."""
+    lib = ctypes.PyDLL(pjsua2._pjsua2.__file__)
+    lib.pj_log_set_level.argtypes = [ctypes.c_int]
+    lib.pj_log_set_level.restype = None
+    lib.pj_log_set_level(1)
+
+
 def _sockaddr(host: str, port: int) -> tuple[ctypes.Array[ctypes.c_char], int]:
     ip = ipaddress.ip_address(host)
     if ip.version == 4:
