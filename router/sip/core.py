@@ -132,8 +132,7 @@ class SipCore:
             return self._reply(msg, source, now, Reply(482, "Loop Detected"))
         verdict = admit(self.policy, msg, source.host, self.registrar.nonces,
                         lambda user, alg: self._ha1(user, alg),
-                        lambda device, t: any(b.device_id == device for b in
-                                              self.registrar.by_device.get(device, ()) if b.expires_at > t),
+                        lambda device, t: any(b.expires_at > t for b in self.registrar.by_device.get(device, ())),
                         now)
         if isinstance(verdict, Refused):
             headers: tuple[tuple[str, str], ...] = ()

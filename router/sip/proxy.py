@@ -110,6 +110,7 @@ class Proxy:
         self.dialogs: dict[str, Dialog] = {}
         self.wakeups: list[tuple[float, int, tuple[str, ...]]] = []
         self._seq = 0
+        self._next_sweep = 0.0
 
     # ================================================================== entry points
     def on_invite(self, msg: SipMessage, source: Source, key: tuple[str, ...],
@@ -186,9 +187,11 @@ class Proxy:
                     branch.timers.pop(event, None)
                     self._run(call, branch, event, now, out, None)
             self._schedule(call)
-        for call_id, dialog in list(self.dialogs.items()):
-            if dialog.expires_at <= now:
-                del self.dialogs[call_id]
+        if now >= self._next_sweep:          # dialogs age out in minutes: once a second is enough
+            self._next_sweep = now + 1.0
+            for call_id, dialog in list(self.dialogs.items()):
+                if dialog.expires_at <= now:
+                    del self.dialogs[call_id]
         return out
 
     def next_wakeup(self) -> float | None:
