@@ -19,8 +19,9 @@ from types import FrameType
 
 from router import log
 from router.config import load_policy
+from router.dns import ResolveError, resolve_trunk
 from router.errors import ConfigError
-from router.policy.model import Policy
+from router.policy.model import Policy, Trunk
 from router.runtime import PolicyState
 from router.sip.core import SipCore
 from router.sip.engine import Engine, EngineError
@@ -63,7 +64,7 @@ class Router:
         purged = self.bindings.purge_expired(now)
         loaded = self.bindings.load(now)
         first = policy.listen[0]
-        self.resolved: dict[str, str] = {}
+        self.resolved: dict[Trunk, tuple[str, int]] = {}
         self.core = SipCore(self.policy_state.view.policy, loaded, now,
                             local=Local(first.advertise or first.address, first.port),
                             resolve=self.resolve)
@@ -72,29 +73,25 @@ class Router:
         self.engine = Engine(policy.listen, self.core, self.bindings, SqliteCallStore(self.conn),
                              pj_log_level=policy.log.pjsip_level)
         if policy.trunk is not None:
-            self.resolve(policy.trunk.host)      # look names up before the first call, not during it
+            self.resolve(policy.trunk)           # look names up before the first call, not during it
         self.flags = Flags()
         self.log.info("router.state", database=policy.database, bindings=len(loaded),
                       expired_purged=purged)
 
-    def resolve(self, host: str) -> str:
-        """The trunk's address: names are looked up once per reload (A/AAAA)."""
-        if host in self.resolved:
-            return self.resolved[host]
+    def resolve(self, trunk: Trunk) -> tuple[str, int]:
+        """The trunk's address: looked up at start and on reload, never during a call."""
+        found = self.resolved.get(trunk)
+        if found is not None:
+            return found
         try:
-            socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
-            return host
-        except OSError:
-            pass
-        try:
-            info = socket.getaddrinfo(host, None, type=socket.SOCK_DGRAM)
-            address = str(info[0][4][0])
-        except OSError as exc:
-            self.log.error("trunk.resolve.failed", host=host, detail=str(exc))
-            return host
-        self.resolved[host] = address
-        self.log.info("trunk.resolved", host=host, address=address)
-        return address
+            found = resolve_trunk(trunk)
+        except ResolveError as exc:
+            self.log.error("trunk.resolve.failed", host=trunk.host, srv=trunk.srv, detail=str(exc))
+            found = (trunk.host, trunk.port)
+        else:
+            self.log.info("trunk.resolved", host=trunk.host, srv=trunk.srv, address=found[0], port=found[1])
+        self.resolved[trunk] = found
+        return found
 
     def on_idle(self, now: float) -> None:
         if self.flags.reload:
@@ -116,10 +113,10 @@ class Router:
                              detail="listen addresses change only on restart")
         self.resolved.clear()
         if policy.trunk is not None:
-            self.resolve(policy.trunk.host)
+            self.resolve(policy.trunk)
         view = self.policy_state.reload(policy, now)
         self.engine.execute(self.core.set_policy(view.policy))
-        self.engine.set_trunk(policy.trunk)
+        self.engine.set_trunk(policy.trunk, self.resolve(policy.trunk) if policy.trunk else None)
         self.log.info("policy.reloaded", source=self.config_path, users=len(policy.users))
 
     def run(self) -> int:
@@ -144,7 +141,8 @@ class Router:
         # of the cyclic collector's sight so per-packet garbage collections stay cheap.
         gc.collect()
         gc.freeze()
-        self.engine.set_trunk(self.policy_state.yaml_policy.trunk)
+        trunk = self.policy_state.yaml_policy.trunk
+        self.engine.set_trunk(trunk, self.resolve(trunk) if trunk else None)
         self.log.info("router.started", pid=os.getpid())
         _notify("READY=1")
         code = EXIT_OK

@@ -198,7 +198,19 @@ def _trunk(m: MapReader | None) -> Trunk | None:
                    port=m.number("port", 5060, integer=True, minimum=1, maximum=65535),
                    transport=m.choice("transport", ["udp", "tcp"], "udp"),
                    caller_id=CallerIdMode(m.choice("caller_id", ["pai", "from"], "pai")),
-                   username=m.str("username"), password=m.str("password"), realm=m.str("realm"))
+                   username=m.str("username"), password=m.str("password"), realm=m.str("realm"),
+                   srv=m.choice("srv", ["true", "false", "yes", "no"], "false") in ("true", "yes"),
+                   nameserver=m.str("nameserver"))
+    if result.nameserver is not None:
+        host, _, port = result.nameserver.rpartition(":") if result.nameserver.count(":") == 1 \
+            else (result.nameserver, "", "53")
+        try:
+            ipaddress.ip_address(host or result.nameserver)
+            if port and not (port.isdigit() and 0 < int(port) < 65536):
+                raise ValueError
+        except ValueError:
+            m.problems.add(m.node_of("nameserver"), f"{m.path}.nameserver",
+                           f"{result.nameserver!r} is not an IP address with an optional :port")
     if (result.username is None) != (result.password is None):
         m.problems.add(m.node, m.path, "username and password go together")
     m.done()

@@ -100,10 +100,12 @@ class Trunk:
     username: str | None = None
     password: str | None = None
     realm: str | None = None
+    srv: bool = False                  # look up _sip._udp.<address> (or _tcp) SRV records
+    nameserver: str | None = None      # "ip[:port]" of the DNS server to ask; None: the system's
 
     def uri_for(self, number: str) -> str:
         """The Request-URI that reaches ``number`` through this trunk."""
-        port = "" if self.port == 5060 else f":{self.port}"
+        port = "" if self.port == 5060 or self.srv else f":{self.port}"   # SRV: no port (RFC 3263)
         params = "" if self.transport == "udp" else f";transport={self.transport}"
         return f"sip:{number}@{self.host}{port}{params}"
 

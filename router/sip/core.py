@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from router.errors import MalformedMessage, sip_status
 from router.policy.decide import CallRequest
-from router.policy.model import Binding, Policy
+from router.policy.model import Binding, Policy, Trunk
 from router.sip import digest
 from router.sip.admission import Refused, admit
 from router.sip.forward import Local, is_loop
@@ -45,7 +45,7 @@ IN_DIALOG = frozenset({"BYE", "UPDATE", "INFO", "PRACK", "REFER", "NOTIFY", "MES
 class SipCore:
     def __init__(self, policy: Policy, bindings: list[Binding], now: float,
                  secret: bytes | None = None, local: Local = Local("127.0.0.1", 5060),
-                 resolve: Callable[[str], str] = lambda host: host) -> None:
+                 resolve: Callable[[Trunk], tuple[str, int]] = lambda t: (t.host, t.port)) -> None:
         self.policy = policy
         self.registrar = Registrar(policy, bindings, now, secret)
         self.cache = ResponseCache()

@@ -109,11 +109,11 @@ class TrunkAccount(pj.Account):  # type: ignore[misc]
                                  expires=prm.expiration)
 
 
-def trunk_account_config(trunk: Trunk) -> Any:
+def trunk_account_config(trunk: Trunk, address: tuple[str, int]) -> Any:
     cfg = pj.AccountConfig()
     suffix = ";transport=tcp" if trunk.transport == "tcp" else ""
     cfg.idUri = f"sip:{trunk.username}@{trunk.host}"
-    cfg.regConfig.registrarUri = f"sip:{trunk.host}:{trunk.port}{suffix}"
+    cfg.regConfig.registrarUri = f"sip:{address[0]}:{address[1]}{suffix}"
     cfg.regConfig.timeoutSec = 300
     cfg.regConfig.retryIntervalSec = 30
     cfg.sipConfig.authCreds.append(pj.AuthCredInfo("digest", trunk.realm or "*", trunk.username or "",
@@ -194,7 +194,7 @@ class Engine:
         self.module = RouterModule(self._on_packet, self._on_response)
         self.module.register()
 
-    def set_trunk(self, trunk: Trunk | None) -> None:
+    def set_trunk(self, trunk: Trunk | None, address: tuple[str, int] | None = None) -> None:
         """Register to the trunk when it has credentials (again after a reload changed them)."""
         wanted = trunk if trunk is not None and trunk.username and trunk.password else None
         if wanted == self.trunk:
@@ -207,7 +207,7 @@ class Engine:
             return
         account = TrunkAccount()
         try:
-            account.create(trunk_account_config(wanted))
+            account.create(trunk_account_config(wanted, address or (wanted.host, wanted.port)))
         except pj.Error as exc:
             self.log.error("trunk.registration.failed", detail=exc.info())
             return
@@ -300,8 +300,9 @@ class Engine:
                     self.stats["sent"] += 1
                 else:
                     self.stats["send_errors"] += 1
-                    self.log.warning("sip.send.failed", host=command.host, port=command.port,
-                                     transport=command.transport, detail=self.module.strerror(status))
+                    if status > 0 and self.module is not None:
+                        self.log.warning("sip.send.failed", host=command.host, port=command.port,
+                                         transport=command.transport, detail=self.module.strerror(status))
             elif isinstance(command, SaveBindings):
                 self.pending[command.device_id] = command
                 self._hold_connections(command)
@@ -313,6 +314,11 @@ class Engine:
     def _send(self, command: Send) -> int:
         """UDP goes straight out of PJSIP's own UDP socket (same source address and
         port, no tdata allocation); TCP and anything unusual go through PJSIP."""
+        try:
+            socket.inet_pton(socket.AF_INET6 if ":" in command.host else socket.AF_INET, command.host)
+        except OSError:      # a name that did not resolve: never look names up on this thread
+            self.log.warning("sip.send.unresolved", host=command.host, port=command.port)
+            return -1
         if command.transport == "udp":
             family = socket.AF_INET6 if ":" in command.host else socket.AF_INET
             sock = self.udp.get(family)

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from router.policy.decide import CallRequest, Decision, Fork, PstnLeg, Redirect, Reject, decide
-from router.policy.model import Binding, Policy
+from router.policy.model import Binding, Policy, Trunk
 from router.records import CallRecord
 from router.sip.branch import Branch, Event
 from router.sip.commands import Log, SaveCall, Send
@@ -100,7 +100,7 @@ Emit = list[Send | SaveCall | Log]
 class Proxy:
     def __init__(self, local: Local, policy: Callable[[], Policy],
                  bindings: Callable[[str, float], list[Binding]],
-                 resolve: Callable[[str], str] = lambda host: host) -> None:
+                 resolve: Callable[[Trunk], tuple[str, int]] = lambda t: (t.host, t.port)) -> None:
         self.local = local
         self.policy = policy
         self.bindings = bindings
@@ -265,7 +265,8 @@ class Proxy:
             tag = f";tag={addr.tag}" if addr.tag else ""
             headers["from"] = f'"{leg.caller_id}" <sip:{leg.caller_id}@{policy.domain}>{tag}'
             call.rewrite = (original, headers["from"])
-        dest = Source(self.resolve(trunk.host), trunk.port, trunk.transport, 0)
+        host, port = self.resolve(trunk)
+        dest = Source(host, port, trunk.transport, 0)
         self._branch(call, leg.target.uri, f"pstn:{leg.number}", dest, now, out,
                      add=tuple(add), replace=headers,
                      drop=frozenset({policy.routing.queue_header.lower(), "p-asserted-identity",

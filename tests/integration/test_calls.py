@@ -64,7 +64,7 @@ def make_calls(make_lab) -> Iterator[object]:
     worlds: list[CallLab] = []
 
     def make(**kwargs: object) -> CallLab:
-        world = CallLab(make_lab(**kwargs))
+        world = CallLab(make_lab(**kwargs))  # start=False is passed through
         worlds.append(world)
         return world
     try:
@@ -278,3 +278,30 @@ def test_the_router_registers_to_a_trunk_that_has_credentials(make_lab, tmp_path
         assert 'username="acme"' in answered and 'realm="carrier"' in answered
     finally:
         carrier.stop()
+
+
+def test_a_trunk_named_by_srv_is_found_through_dns(make_calls):
+    from tests.integration.dnsserver import DnsServer
+    holder: dict[str, int] = {}
+
+    def edit(text: str) -> str:
+        return text.replace("trunk: {address: 127.0.0.1, port: ",
+                            f"trunk: {{address: carrier.test, srv: true, nameserver: '127.0.0.1:{holder['dns']}', port: ")
+    records = {}
+    with DnsServer(records) as dns_server:
+        holder["dns"] = dns_server.port
+        world = make_calls(edit=edit, start=False)
+        records[("_sip._udp.carrier.test.", "SRV")] = ["20 1 9 backup.carrier.test.",
+                                                         f"10 5 {world.lab.trunk_port} pstn.carrier.test."]
+        records[("pstn.carrier.test.", "A")] = ["127.0.0.1"]
+        world.lab.router.start()
+        resolved = world.lab.router.wait_for("trunk.resolved")[0]
+        assert (resolved["address"], resolved["port"]) == ("127.0.0.1", world.lab.trunk_port)
+        pstn = world.trunk("answer")
+        world.lab.cli("set-method", "minh", "agent_phone", "--as", "minh")
+        time.sleep(1.2)
+        result, log = world.call("1002", 200)
+        assert result.returncode == 0, log
+        (invite,) = pstn.received("INVITE")
+        assert invite.startswith("INVITE sip:84987654321@carrier.test SIP/2.0")
+        assert ("_sip._udp.carrier.test.", "SRV") in dns_server.queries

@@ -136,3 +136,17 @@ def test_a_trusted_peer_must_be_an_address_or_network():
 def test_an_unreadable_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="cannot read the file"):
         load_policy(str(tmp_path / "missing.yaml"))
+
+
+def test_a_trunk_found_by_srv_takes_its_nameserver_and_names_no_port_in_uris():
+    policy = parse_policy(GOOD.replace("trunk: {address: 127.0.0.1}",
+                                       "trunk: {address: carrier.test, srv: true, nameserver: '10.0.0.53:5353'}"),
+                          "router.yaml")
+    assert policy.trunk.srv and policy.trunk.nameserver == "10.0.0.53:5353"
+    assert policy.trunk.uri_for("84912345678") == "sip:84912345678@carrier.test"
+
+
+def test_a_bad_nameserver_is_an_error():
+    (line,) = problems(GOOD.replace("trunk: {address: 127.0.0.1}",
+                                    "trunk: {address: carrier.test, nameserver: dns.example}"))
+    assert line == "router.yaml:2: trunk.nameserver: 'dns.example' is not an IP address with an optional :port"
