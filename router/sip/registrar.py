@@ -131,26 +131,22 @@ class Registrar:
         self.realm = policy.domain
         self._ha1.clear()
         changed: list[SaveBindings] = []
+        owners = {d.id: (u, d) for u in policy.users for d in u.devices}   # one pass, not one per device
         for device_id in list(self.by_device):
-            owner = self._device(device_id)
+            owner = owners.get(device_id)
             old = self.by_device[device_id]
             if owner is None:
                 self._set(old[0].user_id, device_id, [])
                 changed.append(SaveBindings(old[0].user_id, device_id, ()))
                 continue
             user, device = owner
+            if all(b.user_id == user.id and b.kind is device.kind for b in old):
+                continue
             new = [replace(b, user_id=user.id, kind=device.kind) for b in old]
             if new != old:
                 self._set(user.id, device_id, new)
                 changed.append(SaveBindings(user.id, device_id, tuple(new)))
         return changed
-
-    def _device(self, device_id: str) -> tuple[User, Device] | None:
-        for user in self.policy.users:
-            for device in user.devices:
-                if device.id == device_id:
-                    return user, device
-        return None
 
     def ha1_for(self, device: Device, algorithm: str) -> str | None:
         key = (device.auth_username, algorithm)
