@@ -19,7 +19,7 @@ import enum
 from dataclasses import dataclass, field
 
 from router.sip.forward import render
-from router.sip.message import SipMessage, parse_name_addr
+from router.sip.message import SipMessage
 
 T1, T2 = 0.5, 4.0
 TIMER_B = 64 * T1
@@ -169,7 +169,3 @@ class Branch:
         if self.cancel_reason:
             headers.append(("reason", self.cancel_reason))
         return render(f"CANCEL {self.uri} SIP/2.0", headers, b"")
-
-
-def to_tag(msg: SipMessage) -> str | None:
-    return parse_name_addr(msg.header("to") or "").tag

@@ -27,7 +27,7 @@ from router.sip.message import (
     COMPACT, SipMessage, build_response, parse, parse_name_addr, parse_uri, response_destination,
 )
 from router.sip.commands import Log, SaveCall, Send
-from router.sip.callrules import called_number
+from router.sip.callrules import called_number, quote
 from router.sip.proxy import Proxy
 from router.sip.registrar import Outcome, Registrar, Reply, SaveBindings, Source
 from router.sip.transaction import ResponseCache, transaction_key
@@ -206,16 +206,12 @@ class SipCore:
         try:
             reply = build_response(stub, status, phrase, (source.host, source.port),
                                    to_tag=secrets.token_hex(6),
-                                   headers=(("Warning", f'399 - "{_quote(str(exc))}"'),),
+                                   headers=(("Warning", f'399 - "{quote(str(exc))}"'),),
                                    server=SERVER)
             send = self._send(stub, source, reply)
         except (MalformedMessage, ValueError, IndexError):
             return [log]
         return [send, log]
-
-
-def _quote(text: str) -> str:
-    return text.replace("\\", "\\\\").replace('"', '\\"')[:200]
 
 
 def _lenient(data: bytes) -> SipMessage | None:

@@ -13,7 +13,9 @@ import hashlib
 import secrets
 from dataclasses import dataclass
 
-from router.sip.message import SipMessage, parse_name_addr, parse_uri, parse_via, pretty_name
+from router.sip.message import (
+    SipMessage, parse_name_addr, parse_uri, parse_via, pretty_name, stamp_received,
+)
 
 BRANCH_PREFIX = "z9hG4bKsr"
 
@@ -70,19 +72,6 @@ def is_loop(msg: SipMessage, local: Local, hashed: str | None = None) -> bool:
     return False
 
 
-def stamp_received(via_value: str, host: str, port: int) -> str:
-    """§18.2.1 and RFC 3581 on a received request's top Via."""
-    via = parse_via(via_value)
-    out = via_value
-    if "rport" in via.params and not via.params["rport"]:
-        out = out.replace(";rport", f";rport={port}", 1)
-        if "received" not in via.params:
-            out += f";received={host}"
-    elif via.host != host and "received" not in via.params:
-        out += f";received={host}"
-    return out
-
-
 def render(start: str, headers: list[tuple[str, str]], body: bytes) -> bytes:
     lines = [start]
     lines.extend(f"{pretty_name(n)}: {v}" for n, v in headers if n != "content-length")
@@ -133,15 +122,6 @@ def routes_after_me(msg: SipMessage, local: Local) -> list[str]:
     while routes and local.is_me(parse_name_addr(routes[0]).uri):
         routes.pop(0)
     return routes
-
-
-def next_hop(msg: SipMessage, local: Local) -> str:
-    """The URI a request goes to next: the first Route not naming us, else the R-URI."""
-    for route in msg.all("route"):
-        uri = parse_name_addr(route).uri
-        if not local.is_me(uri):
-            return uri
-    return msg.uri
 
 
 def strip_top_via(response: SipMessage, replace: dict[str, str] | None = None) -> bytes:

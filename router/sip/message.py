@@ -329,17 +329,21 @@ def with_tag(to_value: str, tag: str) -> str:
     return f"{to_value};tag={tag}"
 
 
-def response_via(request: SipMessage, source_host: str, source_port: int) -> list[str]:
-    """The request's Vias, the top one stamped with received/rport (§18.2.1, RFC 3581)."""
-    vias = request.all("via")
-    top = vias[0]
-    via = parse_via(top)
+def stamp_received(via_value: str, host: str, port: int) -> str:
+    """A received request's top Via stamped with received/rport (§18.2.1, RFC 3581)."""
+    via = parse_via(via_value)
     wants_rport = "rport" in via.params and not via.params["rport"]
     if wants_rport:
-        top = re.sub(r";\s*rport\s*=?\s*(?=;|$)", f";rport={source_port}", top, count=1)
-    if (via.host != source_host or wants_rport) and "received" not in via.params:
-        top += f";received={source_host}"
-    return [top, *vias[1:]]
+        via_value = re.sub(r";\s*rport\s*=?\s*(?=;|$)", f";rport={port}", via_value, count=1)
+    if (via.host != host or wants_rport) and "received" not in via.params:
+        via_value += f";received={host}"
+    return via_value
+
+
+def response_via(request: SipMessage, source_host: str, source_port: int) -> list[str]:
+    """The request's Vias, the top one stamped with received/rport."""
+    vias = request.all("via")
+    return [stamp_received(vias[0], source_host, source_port), *vias[1:]]
 
 
 def response_destination(request: SipMessage, source_host: str, source_port: int) -> tuple[str, int]:

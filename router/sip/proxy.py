@@ -39,7 +39,7 @@ from router.sip.forward import (
     Local, forward_request, loop_hash, new_branch, our_via, routes_after_me, strip_top_via,
     via_destination,
 )
-from router.sip.message import SipMessage, build_response, parse_name_addr
+from router.sip.message import SipMessage, build_response, parse_name_addr, response_destination
 from router.sip.registrar import Source
 from router.sip.callrules import (
     best_response, phrase, quote, restore, rewrite_headers, summary,
@@ -487,10 +487,10 @@ class Proxy:
         out.append(self._to_caller(call, data))
 
     def _to_caller(self, call: Call, data: bytes) -> Send:
-        via = call.invite.top_via
         src = call.source
-        port = src.port if "rport" in via.params or src.transport != "udp" else (via.port or 5060)
-        return Send(data, src.host, port, src.transport, src.conn)
+        host, port = (response_destination(call.invite, src.host, src.port)
+                      if src.transport == "udp" else (src.host, src.port))
+        return Send(data, host, port, src.transport, src.conn)
 
     def _stateless_response(self, msg: SipMessage) -> Emit:
         vias = msg.all("via")

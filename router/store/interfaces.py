@@ -45,9 +45,6 @@ class BindingStore(Protocol):
     def load(self, now: float) -> list[Binding]:
         """Every binding not yet expired at ``now``."""
 
-    def replace_device(self, user_id: str, device_id: str, bindings: Iterable[Binding]) -> None:
-        """Make ``bindings`` the whole set of the device's bindings."""
-
     def replace_many(self, sets: Iterable[DeviceBindings]) -> None:
         """Several devices' binding sets, in one transaction."""
 

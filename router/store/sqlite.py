@@ -12,18 +12,10 @@ import os
 import sqlite3
 from collections.abc import Iterable
 
-from dataclasses import dataclass
-
 from router.policy.effective import Change, Key, yaml_value
 from router.policy.model import Binding, DeviceKind, Policy
 from router.records import CallRecord
 from router.store.interfaces import DeviceBindings
-
-
-@dataclass(frozen=True)
-class _DeviceSet:
-    device_id: str
-    bindings: tuple[Binding, ...]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS yaml_values (
@@ -136,9 +128,6 @@ class SqliteBindingStore:
             f"SELECT {_BINDING_COLUMNS} FROM bindings WHERE expires_at > ?", (now,))
         return [Binding(r[0], r[1], DeviceKind(r[2]), r[3], r[4], r[5], r[6], r[7], r[8], r[9],
                         r[10], r[11], r[12], r[13]) for r in rows]
-
-    def replace_device(self, user_id: str, device_id: str, bindings: Iterable[Binding]) -> None:
-        self.replace_many([_DeviceSet(device_id, tuple(bindings))])
 
     def replace_many(self, sets: Iterable[DeviceBindings]) -> None:
         """Several devices' binding sets in one transaction."""
