@@ -36,8 +36,12 @@ class InvalidChange(RouterError):
     """A requested change is well-formed but cannot be applied."""
 
 
-class MalformedMessage(RouterError):
-    """A SIP message cannot be parsed or violates a MUST of RFC 3261."""
+class MalformedMessage(RouterError, ValueError):
+    """A SIP message cannot be parsed or violates a MUST of RFC 3261.
+
+    Also a ``ValueError``: the message layer's parse helpers raise it, and code
+    that parses a header value catches one type whichever helper it called.
+    """
 
 
 class Unsupported(RouterError):

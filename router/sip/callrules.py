@@ -21,11 +21,6 @@ def best_response(failures: list[tuple[int, SipMessage | None]]) -> tuple[int, S
     return min(failures, key=lambda f: (f[0] // 100, f[0] == 408, f[0] == 503))
 
 
-def phrase(status: int) -> str:
-    return {404: "Not Found", 480: "Temporarily Unavailable", 403: "Forbidden",
-            483: "Too Many Hops", 482: "Loop Detected"}.get(status, "Temporarily Unavailable")
-
-
 def quote(text: str) -> str:
     return text.replace("\\", "\\\\").replace('"', '\\"')[:200]
 

@@ -1,13 +1,37 @@
-"""What the pure SIP core asks the engine to do: send bytes, log a line, persist a record."""
+"""The SIP core's shared vocabulary: where a request came from, what to answer,
+and the commands the pure core hands the engine (send bytes, log a line,
+persist a record).  Every module of the core speaks these types; none of them
+defines its own.  ``PHRASES`` is the one table of reason phrases.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from router.policy.model import Binding
 from router.records import CallRecord
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
+class Source:
+    """Where a request came from, as the transport saw it."""
+
+    host: str
+    port: int
+    transport: str = "udp"
+    conn: int = 0            # opaque handle of the TCP connection, 0 for UDP
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A response the core answers itself: status, phrase and extra headers."""
+
+    status: int
+    reason: str
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Send:
     """Bytes to put on the wire, to ``host:port`` over ``transport`` (``conn``: a held TCP transport)."""
 
@@ -18,7 +42,7 @@ class Send:
     conn: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Log:
     """A structured log line; calls carry their call_id in ``fields``."""
 
@@ -27,8 +51,41 @@ class Log:
     level: str = "info"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SaveCall:
     """Insert or update this call's record."""
 
     record: CallRecord
+
+
+@dataclass(frozen=True, slots=True)
+class SaveBindings:
+    """Persist: ``bindings`` is now the whole set of the device's bindings."""
+
+    user_id: str
+    device_id: str
+    bindings: tuple[Binding, ...]
+
+
+Command = Send | SaveBindings | SaveCall | Log
+
+
+# The reason phrase the router writes for each status it originates (RFC 3261 §21).
+PHRASES: dict[int, str] = {
+    100: "Trying", 200: "OK", 302: "Moved Temporarily",
+    400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+    405: "Method Not Allowed", 407: "Proxy Authentication Required", 408: "Request Timeout",
+    416: "Unsupported URI Scheme", 423: "Interval Too Brief",
+    480: "Temporarily Unavailable", 481: "Call/Transaction Does Not Exist", 482: "Loop Detected",
+    483: "Too Many Hops", 487: "Request Terminated",
+    500: "Server Internal Error", 501: "Not Implemented", 503: "Service Unavailable",
+}
+
+
+def phrase(status: int) -> str:
+    """The reason phrase for ``status``; a class default for codes not in the table."""
+    found = PHRASES.get(status)
+    if found is not None:
+        return found
+    return {1: "Session Progress", 2: "OK", 3: "Redirect", 4: "Request Failure",
+            5: "Server Error", 6: "Global Failure"}.get(status // 100, "Unknown")

@@ -26,19 +26,19 @@ from router.sip.forward import Local, is_loop
 from router.sip.message import (
     COMPACT, SipMessage, build_response, parse, parse_name_addr, parse_uri, response_destination,
 )
-from router.sip.commands import Log, SaveCall, Send
+from router.sip.commands import Command, Log, Reply, SaveBindings, Send, Source
 from router.sip.callrules import called_number, quote
 from router.sip.proxy import Proxy
-from router.sip.registrar import Outcome, Registrar, Reply, SaveBindings, Source
+from router.sip.registrar import Outcome, Registrar
 from router.sip.transaction import ResponseCache, transaction_key
 
 SERVER = "sip-router/0.1"
+HOUSEKEEPING = 1.0          # seconds between sweeps of nonces, failure counters and ended dialogs
 ALLOW = "REGISTER, OPTIONS, INVITE, ACK, CANCEL, BYE"
 KNOWN_NOT_SERVED = frozenset({"SUBSCRIBE", "NOTIFY", "MESSAGE", "INFO", "PUBLISH", "REFER",
                               "UPDATE", "PRACK"})
 
 
-Command = Send | SaveBindings | SaveCall | Log
 IN_DIALOG = frozenset({"BYE", "UPDATE", "INFO", "PRACK", "REFER", "NOTIFY", "MESSAGE", "SUBSCRIBE"})
 
 
@@ -51,6 +51,7 @@ class SipCore:
         self.cache = ResponseCache()
         self.proxy = Proxy(local, lambda: self.policy, self._live_bindings, resolve)
         self.local = local
+        self._housekeeping_at = now + HOUSEKEEPING
         self.handlers: dict[str, Callable[[SipMessage, Source, float], list[Command]]] = {
             "REGISTER": self._register,
             "OPTIONS": self._options,
@@ -91,16 +92,34 @@ class SipCore:
             return self.on_request(data, source, now)
         return list(self.proxy.on_response(msg, now))
 
-    def tick(self, now: float) -> list[Command]:
-        """Housekeeping the engine runs about once a second."""
-        self.cache.expire(now)
-        return list(self.registrar.expire(now))
+    # --------------------------------------------------------------- the one timer
+    def next_timer(self) -> float:
+        """When the core next needs ``handle_timer``: the earliest of the proxy's
+        transaction timers, the next binding expiry, the next cached response to
+        forget, and the periodic housekeeping."""
+        due = self._housekeeping_at
+        for part in (self.proxy.next_timer(), self.registrar.next_timer(), self.cache.next_timer()):
+            if part is not None and part < due:
+                due = part
+        return due
 
-    def on_timer(self, now: float) -> list[Command]:
-        return list(self.proxy.on_timer(now))
-
-    def next_wakeup(self) -> float | None:
-        return self.proxy.next_wakeup()
+    def handle_timer(self, now: float) -> list[Command]:
+        """Run everything due at ``now``; the engine calls it when ``next_timer`` has passed."""
+        out: list[Command] = []
+        due = self.proxy.next_timer()
+        if due is not None and due <= now:
+            out.extend(self.proxy.handle_timer(now))
+        due = self.registrar.next_timer()
+        if due is not None and due <= now:
+            out.extend(self.registrar.expire(now))
+        due = self.cache.next_timer()
+        if due is not None and due <= now:
+            self.cache.expire(now)
+        if now >= self._housekeeping_at:
+            self._housekeeping_at = now + HOUSEKEEPING
+            self.registrar.housekeeping(now)
+            self.proxy.sweep(now)
+        return out
 
     def _live_bindings(self, user_id: str, now: float) -> list[Binding]:
         return self.registrar.bindings(now, user_id)

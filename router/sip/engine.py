@@ -31,16 +31,15 @@ from router import log
 from router.errors import RouterError
 from router.policy.model import Listen, Trunk
 from router.records import CallRecord
-from router.sip.commands import Log, SaveCall, Send
-from router.sip.core import Command, SipCore
+from router.sip.commands import Command, Log, SaveBindings, SaveCall, Send, Source
+from router.sip.core import SipCore
 from router.sip.pjsip_module import LayoutMismatch, Packet, RouterModule, quiet_until_configured
-from router.sip.registrar import SaveBindings, Source
 from router.store.interfaces import BindingWriter, CallWriter
 
 POLL_MS = 10
 BATCH = 256
 FLUSH_INTERVAL = 0.05
-TICK_INTERVAL = 1.0
+IDLE_INTERVAL = 1.0          # reload flag and run-time policy changes
 _PJ_LEVELS = {0: "critical", 1: "error", 2: "warning", 3: "info", 4: "debug", 5: "debug", 6: "debug"}
 
 
@@ -232,19 +231,18 @@ class Engine:
     # ------------------------------------------------------------------ the loop
     def run(self, should_stop: Callable[[], bool], on_idle: Callable[[float], None]) -> None:
         """Poll until ``should_stop()``; ``on_idle(now)`` runs between polls."""
-        next_flush = next_tick = 0.0
+        next_flush = next_idle = 0.0
         while not should_stop() and self.failure is None:
-            wake = self.core.next_wakeup()
-            wait = POLL_MS if wake is None else max(0, min(POLL_MS, int((wake - time.time()) * 1000)))
+            wake = self.core.next_timer()
+            wait = max(0, min(POLL_MS, int((wake - time.time()) * 1000)))
             if self.ep.libHandleEvents(wait) > 0:
                 while len(self.received) < BATCH and self.ep.libHandleEvents(0) > 0:
                     pass
             batch, self.received = self.received, []
             for is_response, packet in batch:
                 self._handle(packet, is_response)
-            wake = self.core.next_wakeup()
-            if wake is not None and wake <= time.time():
-                self._guarded(self.core.on_timer, time.time())
+            if self.core.next_timer() <= time.time():
+                self._guarded(self.core.handle_timer, time.time())
             while True:
                 try:
                     job = self.inbox.get_nowait()
@@ -255,10 +253,9 @@ class Engine:
             if now >= next_flush:
                 self.flush()
                 next_flush = now + FLUSH_INTERVAL
-            if now >= next_tick:
-                self.execute(self.core.tick(now))
+            if now >= next_idle:
                 on_idle(now)
-                next_tick = now + TICK_INTERVAL
+                next_idle = now + IDLE_INTERVAL
             if self.module is not None and self.module.errors:
                 self.failure = self.module.errors[0]
         if self.failure is not None:

@@ -20,7 +20,7 @@ Every call Record-Routes, so the dialog's ACK, BYE and re-INVITE come back
 through the router; they are forwarded between the two known ends of the
 dialog only (``Dialog``), never to an address a stranger names.  A 2xx to
 the caller, a final failure, or the BYE writes the call record.  The clock is
-``now``; ``next_wakeup`` says when the proxy next needs ``on_timer``.
+``now``; ``next_timer`` says when the proxy next needs ``handle_timer``.
 """
 
 from __future__ import annotations
@@ -34,15 +34,14 @@ from router.policy.decide import CallRequest, Decision, Fork, PstnLeg, Redirect,
 from router.policy.model import Binding, Policy, Trunk
 from router.records import CallRecord
 from router.sip.branch import Branch, Event
-from router.sip.commands import Log, SaveCall, Send
+from router.sip.commands import Log, SaveCall, Send, Source, phrase
 from router.sip.forward import (
     Local, forward_request, loop_hash, new_branch, our_via, routes_after_me, strip_top_via,
     via_destination,
 )
 from router.sip.message import SipMessage, build_response, parse_name_addr, response_destination
-from router.sip.registrar import Source
 from router.sip.callrules import (
-    best_response, phrase, quote, restore, rewrite_headers, summary,
+    best_response, quote, restore, rewrite_headers, summary,
 )
 from router.sip.uac_auth import credentials_header
 
@@ -110,7 +109,6 @@ class Proxy:
         self.dialogs: dict[str, Dialog] = {}
         self.wakeups: list[tuple[float, int, tuple[str, ...]]] = []
         self._seq = 0
-        self._next_sweep = 0.0
 
     # ================================================================== entry points
     def on_invite(self, msg: SipMessage, source: Source, key: tuple[str, ...],
@@ -168,7 +166,7 @@ class Proxy:
         self._schedule(call)
         return out
 
-    def on_timer(self, now: float) -> Emit:
+    def handle_timer(self, now: float) -> Emit:
         out: Emit = []
         while self.wakeups and self.wakeups[0][0] <= now:
             _, _, key = heapq.heappop(self.wakeups)
@@ -187,14 +185,15 @@ class Proxy:
                     branch.timers.pop(event, None)
                     self._run(call, branch, event, now, out, None)
             self._schedule(call)
-        if now >= self._next_sweep:          # dialogs age out in minutes: once a second is enough
-            self._next_sweep = now + 1.0
-            for call_id, dialog in list(self.dialogs.items()):
-                if dialog.expires_at <= now:
-                    del self.dialogs[call_id]
         return out
 
-    def next_wakeup(self) -> float | None:
+    def sweep(self, now: float) -> None:
+        """Forget ended and aged dialogs (housekeeping: they age out in minutes)."""
+        for call_id, dialog in list(self.dialogs.items()):
+            if dialog.expires_at <= now:
+                del self.dialogs[call_id]
+
+    def next_timer(self) -> float | None:
         return self.wakeups[0][0] if self.wakeups else None
 
     def on_in_dialog(self, msg: SipMessage, source: Source, now: float) -> Emit | None:

@@ -15,7 +15,7 @@ device keeps at most ``max_bindings_per_device`` (oldest dropped, as
 Asterisk's remove_existing does) and a user at most ``max_bindings_per_aor``,
 so the 200 OK listing every binding always fits in one 4,000-byte datagram.
 Bindings remember where the REGISTER came from (host, port, transport), which
-is where calls are sent.  Expiry is driven by ``next_wakeup``/``expire``.
+is where calls are sent.  Expiry is driven by ``next_timer``/``expire``.
 """
 
 from __future__ import annotations
@@ -29,37 +29,12 @@ from dataclasses import dataclass, replace
 from router.errors import MalformedMessage
 from router.policy.model import Binding, Device, Policy, User
 from router.sip import digest
+from router.sip.commands import Reply, SaveBindings, Source
 from router.sip.message import SipMessage, auth_params, parse_name_addr, parse_uri
 
 MAX_CONTACT_URI = 256
 THROTTLE_WINDOW = 60.0
 LOCKOUT = 60.0
-
-
-@dataclass(frozen=True)
-class Source:
-    """Where a request came from, as the transport saw it."""
-
-    host: str
-    port: int
-    transport: str = "udp"
-    conn: int = 0            # opaque handle of the TCP connection, 0 for UDP
-
-
-@dataclass(frozen=True)
-class Reply:
-    status: int
-    reason: str
-    headers: tuple[tuple[str, str], ...] = ()
-
-
-@dataclass(frozen=True)
-class SaveBindings:
-    """Persist: ``bindings`` is now the whole set of the device's bindings."""
-
-    user_id: str
-    device_id: str
-    bindings: tuple[Binding, ...]
 
 
 @dataclass(frozen=True)
@@ -168,11 +143,11 @@ class Registrar:
         return [b for d in sorted(self.devices_of.get(user_id, ()))
                 for b in self.by_device[d] if b.expires_at > now]
 
-    def next_wakeup(self) -> float | None:
+    def next_timer(self) -> float | None:
         return self.expiries[0][0] if self.expiries else None
 
     def expire(self, now: float) -> list[SaveBindings]:
-        """Drop expired bindings; also forget old nonces and failure counters."""
+        """Drop expired bindings."""
         out: list[SaveBindings] = []
         while self.expiries and self.expiries[0][0] <= now:
             _, device_id = heapq.heappop(self.expiries)
@@ -183,6 +158,10 @@ class Registrar:
             if len(live) != len(bs):
                 out.append(SaveBindings(bs[0].user_id, device_id, tuple(live)))
                 self._set(bs[0].user_id, device_id, live)
+        return out
+
+    def housekeeping(self, now: float) -> None:
+        """Forget old nonces and failure counters (periodic, not per message)."""
         self.nonces.prune(now)
         for host, stamps in list(self.source_failures.items()):
             while stamps and now - stamps[0] > THROTTLE_WINDOW:
@@ -192,7 +171,6 @@ class Registrar:
         for name, (_, last) in list(self.failures.items()):
             if now - last > LOCKOUT:
                 del self.failures[name]
-        return out
 
     # ------------------------------------------------------------------ REGISTER
     def register(self, msg: SipMessage, source: Source, now: float) -> Outcome:

@@ -8,7 +8,7 @@ transaction of §17.2.2 does exactly that: in the Completed state it answers
 retransmissions with the stored response until Timer J (64*T1 = 32 s over UDP)
 fires.  ``ResponseCache`` is that state, keyed per §17.2.3 (branch, sent-by,
 method).  Entries expire in insertion order, so expiry is a deque pop, and
-``next_wakeup`` tells the engine when it needs to call ``expire`` again.
+``next_timer`` tells the engine when it needs to call ``expire`` again.
 Challenges (401/407) are not stored: answering a retransmission with a fresh
 challenge is harmless and halves the memory under a registration storm.
 """
@@ -75,5 +75,5 @@ class ResponseCache:
                 removed += 1
         return removed
 
-    def next_wakeup(self) -> float | None:
+    def next_timer(self) -> float | None:
         return self.order[0][0] if self.order else None

@@ -6,9 +6,10 @@ import pytest
 
 from router.config import parse_policy
 from router.sip.commands import Log, Send
-from router.sip.core import SaveBindings, SipCore
+from router.sip.commands import SaveBindings
+from router.sip.core import SipCore
 from router.sip.message import parse
-from router.sip.registrar import Source
+from router.sip.commands import Source
 from router.sip.transaction import ResponseCache
 
 SRC = Source("127.0.0.1", 5070)
@@ -71,16 +72,16 @@ def test_replies_go_where_the_request_came_from(core):
 
 def test_housekeeping_expires_bindings(core):
     core.registrar._set("minh", "d", [])
-    assert core.tick(1000.0) == []
+    assert core.handle_timer(1000.0) == []
 
 
 def test_the_cache_forgets_in_order_and_says_when_it_next_needs_the_engine():
     cache = ResponseCache(linger=10.0)
     cache.put(("a",), b"1", 100.0)
     cache.put(("b",), b"2", 105.0)
-    assert cache.next_wakeup() == 110.0
+    assert cache.next_timer() == 110.0
     assert cache.expire(110.0) == 1 and cache.get(("a",), 110.0) is None
-    assert cache.get(("b",), 110.0) == b"2" and cache.next_wakeup() == 115.0
+    assert cache.get(("b",), 110.0) == b"2" and cache.next_timer() == 115.0
 
 
 def test_the_cache_is_bounded_under_a_flood():

@@ -12,7 +12,7 @@ class BrokenCore:
 
     on_response = on_request
 
-    def on_timer(self, now):
+    def handle_timer(self, now):
         raise ValueError("another bug")
 
 
@@ -28,5 +28,5 @@ def test_a_core_error_is_counted_and_the_engine_goes_on():
     engine = Engine((), BrokenCore(), Nothing(), Nothing())  # type: ignore[arg-type]
     engine._handle(Packet(b"OPTIONS sip:x SIP/2.0\r\n\r\n", "127.0.0.1", 5060, "udp", 0), False)
     engine._handle(Packet(b"SIP/2.0 200 OK\r\n\r\n", "127.0.0.1", 5060, "udp", 0), True)
-    engine._guarded(BrokenCore().on_timer, 0.0)
+    engine._guarded(BrokenCore().handle_timer, 0.0)
     assert engine.stats["core_errors"] == 3

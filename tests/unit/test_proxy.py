@@ -14,7 +14,7 @@ from router.sip.core import SipCore
 from router.sip.forward import Local
 from router.sip.message import parse
 from router.sip.commands import SaveCall
-from router.sip.registrar import Source
+from router.sip.commands import Source
 
 POLICY = """
 domain: pbx.test
@@ -128,8 +128,8 @@ def test_ring_timeout_cancels_every_branch_and_falls_back_to_agent_phone(core):
     _, branches = start(core)
     for name, port in (("desk", 7001), ("app", 7002)):
         core.on_response(answer(branches[name], 180, "Ringing", tag=name), Source("10.1.1.1", port), 1000.2)
-    assert core.next_wakeup() <= 1005.0
-    out = core.on_timer(1005.0)
+    assert core.next_timer() <= 1005.0
+    out = core.handle_timer(1005.0)
     cancels = [m for m in sent(out) if m.method == "CANCEL"]
     assert len(cancels) == 2 and all("Ring timeout" in m.header("reason") for m in cancels)
     (pstn,) = [m for m in sent(out, "10.9.9.9", 5080) if m.method == "INVITE"]

@@ -9,7 +9,8 @@ import pytest
 from router.config import parse_policy
 from router.sip import digest
 from router.sip.message import auth_params, parse
-from router.sip.registrar import Registrar, Source
+from router.sip.commands import Source
+from router.sip.registrar import Registrar
 
 POLICY = """
 domain: pbx.test
@@ -190,11 +191,11 @@ def test_the_same_instance_from_a_new_address_replaces_the_old_binding(reg):
 
 def test_expiry_is_driven_by_the_clock_passed_in(reg):
     register(reg, expires="60")
-    assert reg.next_wakeup() == 1060.0
+    assert reg.next_timer() == 1060.0
     assert reg.expire(1059.0) == []
     (gone,) = reg.expire(1060.0)
     assert gone.device_id == "minh-desk" and gone.bindings == ()
-    assert reg.bindings(1060.0) == [] and reg.next_wakeup() is None
+    assert reg.bindings(1060.0) == [] and reg.next_timer() is None
 
 
 def test_bindings_loaded_at_start_are_kept_until_they_expire(reg, tmp_path):
