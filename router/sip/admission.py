@@ -3,9 +3,11 @@
 Theory of operation.  An INVITE is admitted from a trusted peer, matched by
 source address against the configured networks (the upstream PBX/ACD and the
 trunk), or from a device that proves itself with digest credentials in
-Proxy-Authorization and holds a live registration.  Anyone else is challenged
-with 407 once and refused with 403 otherwise.  Only admitted callers can make
-the router place a PSTN leg: toll fraud starts with an open proxy.
+Proxy-Authorization (the same ``Authenticator`` gates as registration, so
+throttling and lockout count both) and holds a live registration.  Anyone
+else is challenged with 407 once and refused with 403 otherwise.  Only
+admitted callers can make the router place a PSTN leg: toll fraud starts
+with an open proxy.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from router.policy.model import Policy, RoutingMode, TrustedPeer
-from router.sip import digest
-from router.sip.message import SipMessage, auth_params
+from router.sip.auth import Authenticator, Gate
+from router.sip.message import SipMessage
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,7 @@ class Admitted:
     mode: RoutingMode
     may_use_trunk: bool
     device_id: str | None = None
+    peer: str | None = None
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,7 @@ class Refused:
     status: int              # 403 or 407
     reason: str
     detail: str
+    stale: bool = False
 
 
 def trusted_peer(policy: Policy, host: str) -> TrustedPeer | None:
@@ -45,28 +49,30 @@ def trusted_peer(policy: Policy, host: str) -> TrustedPeer | None:
     return None
 
 
-def admit(policy: Policy, msg: SipMessage, host: str, nonces: digest.NonceBook,
-          ha1_for: Callable[[str, str], str | None], is_registered: Callable[[str, float], bool],
-          now: float) -> Admitted | Refused:
+# Authentication gate -> refusal (status, reason); None: go on.
+REFUSALS: dict[Gate, tuple[int, str] | None] = {
+    Gate.THROTTLED: (403, "Forbidden"),
+    Gate.CHALLENGE: (407, "Proxy Authentication Required"),
+    Gate.LOCKED: (403, "Forbidden"),
+    Gate.STALE: (407, "Proxy Authentication Required"),
+    Gate.BAD: (403, "Forbidden"),
+    Gate.BAD_FINAL: (403, "Forbidden"),
+    Gate.OK: None,
+}
+
+
+def admit(policy: Policy, msg: SipMessage, host: str, auth: Authenticator,
+          is_registered: Callable[[str, float], bool], now: float) -> Admitted | Refused:
     peer = trusted_peer(policy, host)
     if peer is not None:
-        return Admitted(peer.name, peer.mode or policy.routing.mode, True)
-    creds = None
-    for value in msg.all("proxy-authorization"):
-        scheme, params = auth_params(value)
-        if scheme == "digest" and params.get("realm") == policy.domain:
-            creds = digest.Credentials.from_params(params)
-            break
-    if creds is None:
-        return Refused(407, "Proxy Authentication Required", f"{host} is not a trusted peer")
-    owner = policy.device_by_auth(creds.username)
-    ha1 = ha1_for(creds.username, creds.algorithm) if owner else None
-    verdict = nonces.check(creds, msg.method, ha1, now)
-    if verdict == digest.Verdict.STALE:
-        return Refused(407, "Proxy Authentication Required", "stale nonce")
-    if verdict != digest.Verdict.OK or owner is None:
-        return Refused(403, "Forbidden", f"bad credentials for {creds.username!r} from {host}")
-    device = owner[1]
+        return Admitted(peer.name, peer.mode or policy.routing.mode, True, peer=peer.name)
+    check = auth.check(msg, "proxy-authorization", host, now)
+    refusal = REFUSALS[check.gate]
+    if refusal is not None:
+        detail = f"{host} is not a trusted peer" if check.gate is Gate.CHALLENGE else check.detail
+        return Refused(refusal[0], refusal[1], detail, stale=check.gate is Gate.STALE)
+    assert check.owner is not None
+    device = check.owner[1]
     if not is_registered(device.id, now):
         return Refused(403, "Forbidden", f"device {device.id} is not registered")
     return Admitted(device.id, policy.routing.mode, True, device.id)

@@ -1,56 +1,79 @@
-"""The SIP core: what the router does with each request it receives; pure.
+"""The SIP core: what the router does with each message it receives; pure.
 
 Theory of operation.  The engine hands ``on_request`` the raw bytes of one
 request, where it came from and the time; the core returns commands for the
-engine to execute (``Send`` bytes somewhere, ``SaveBindings``, ``Log``).
-Dispatch is a table from method to handler.  A retransmission of a request
-we already answered is answered again from the transaction cache.  Every
-request gets an answer except ACK: REGISTER goes to the registrar, OPTIONS is
-answered 200 (keep-alive pings), methods the router knows but does not serve
-get 405 with Allow, unknown methods 501 (RFC 3261 §8.2.1).  A request that
-fails to parse is answered 400 with the reason when its headers allow a
-response to be addressed, and dropped otherwise; nothing here raises.
+engine to execute (``Send`` bytes somewhere, ``SaveBindings``, ``SaveCall``,
+``Log``).  Dispatch is a table from method to handler.  A retransmission of a
+request we already answered is answered again from the transaction cache.
+Every request gets an answer except ACK: REGISTER goes to the registrar,
+OPTIONS is answered 200 (keep-alive pings), INVITE is admitted and handed to
+the proxy, requests inside a dialog are forwarded between its two ends only
+(a stranger gets 403), methods the router knows but does not serve get 405
+with Allow, unknown methods 501 (RFC 3261 §8.2.1).  A request that fails to
+parse is answered 400 with the reason when its headers allow a response to
+be addressed, and dropped otherwise.  If a handler raises -- a bug, whatever
+the request held -- the request is answered 500 and the error logged with its
+traceback (``sip.core.error``): no caller is left without an answer.
+
+The parts: ``auth`` (digest gates, shared by REGISTER and INVITE),
+``location`` (bindings), ``registrar``, ``admission``, ``proxy`` (calls and
+their ``branch`` transactions), ``dialogs`` (in-dialog requests), ``pstn``
+(the trunk leg) and ``transaction`` (the response cache).  One timer drives
+them all: ``next_timer`` says when, ``handle_timer(now)`` runs what is due,
+including the periodic housekeeping (nonces, failure counters, ended dialogs).
 """
 
 from __future__ import annotations
 
 import secrets
+import traceback
 from collections.abc import Callable
 
 from router.errors import MalformedMessage, sip_status
 from router.policy.decide import CallRequest
 from router.policy.model import Binding, Policy, Trunk
-from router.sip import digest
-from router.sip.admission import Refused, admit
-from router.sip.forward import Local, is_loop
-from router.sip.message import (
-    COMPACT, SipMessage, build_response, parse, parse_name_addr, parse_uri, response_destination,
-)
-from router.sip.commands import Command, Log, Reply, SaveBindings, Send, Source
+from router.sip.admission import Refused, admit, trusted_peer
+from router.sip.auth import Authenticator
 from router.sip.callrules import called_number, quote
+from router.sip.commands import Command, Log, Reply, Send, Source, phrase
+from router.sip.dialogs import Dialogs, Party, Stranger
+from router.sip.forward import Local, is_loop
+from router.sip.location import Location
+from router.sip.message import (
+    COMPACT,
+    SipMessage,
+    build_response,
+    parse,
+    parse_name_addr,
+    parse_uri,
+    response_destination,
+)
 from router.sip.proxy import Proxy
 from router.sip.registrar import Outcome, Registrar
 from router.sip.transaction import ResponseCache, transaction_key
 
 SERVER = "sip-router/0.1"
+DEFAULT_LOCAL = Local("127.0.0.1", 5060)
 HOUSEKEEPING = 1.0          # seconds between sweeps of nonces, failure counters and ended dialogs
 ALLOW = "REGISTER, OPTIONS, INVITE, ACK, CANCEL, BYE"
 KNOWN_NOT_SERVED = frozenset({"SUBSCRIBE", "NOTIFY", "MESSAGE", "INFO", "PUBLISH", "REFER",
                               "UPDATE", "PRACK"})
-
-
 IN_DIALOG = frozenset({"BYE", "UPDATE", "INFO", "PRACK", "REFER", "NOTIFY", "MESSAGE", "SUBSCRIBE"})
 
 
 class SipCore:
     def __init__(self, policy: Policy, bindings: list[Binding], now: float,
-                 secret: bytes | None = None, local: Local = Local("127.0.0.1", 5060),
+                 secret: bytes | None = None, local: Local = DEFAULT_LOCAL,
                  resolve: Callable[[Trunk], tuple[str, int]] = lambda t: (t.host, t.port)) -> None:
         self.policy = policy
-        self.registrar = Registrar(policy, bindings, now, secret)
-        self.cache = ResponseCache()
-        self.proxy = Proxy(local, lambda: self.policy, self._live_bindings, resolve)
         self.local = local
+        self.auth = Authenticator(policy, secret)
+        self.location = Location(bindings, now)
+        self.registrar = Registrar(policy, (), now, auth=self.auth, location=self.location)
+        self.cache = ResponseCache()
+        dialogs = Dialogs(local, self._peer_of, self.location.registered_at)
+        self.proxy = Proxy(local, lambda: self.policy, lambda user, now: self.location.bindings(now, user),
+                           dialogs, resolve)
         self._housekeeping_at = now + HOUSEKEEPING
         self.handlers: dict[str, Callable[[SipMessage, Source, float], list[Command]]] = {
             "REGISTER": self._register,
@@ -65,7 +88,7 @@ class SipCore:
         self.policy = policy
         return list(self.registrar.set_policy(policy))
 
-    # --------------------------------------------------------------- entry point
+    # --------------------------------------------------------------- entry points
     def on_request(self, data: bytes, source: Source, now: float) -> list[Command]:
         try:
             msg = parse(data)
@@ -73,14 +96,20 @@ class SipCore:
             return self._malformed(data, source, exc)
         if not msg.is_request:
             return [Log("sip.response.unexpected", (("status", msg.status),), "debug")]
-        key = transaction_key(msg)
+        try:
+            key = transaction_key(msg)
+        except ValueError as exc:
+            return self._malformed(data, source, MalformedMessage(str(exc)))
         cached = self.cache.get(key, now) if msg.method != "ACK" else None
         if cached is not None:
             return [self._send(msg, source, cached)]
         handler = self.handlers.get(msg.method)
-        if handler is None:
-            return self._reply(msg, source, now, Reply(501, "Not Implemented", (("Allow", ALLOW),)))
-        return handler(msg, source, now)
+        try:
+            if handler is None:
+                return self._reply(msg, source, now, Reply(501, phrase(501), (("Allow", ALLOW),)))
+            return handler(msg, source, now)
+        except Exception:   # noqa: BLE001 -- whatever went wrong, the request still gets an answer
+            return self._internal_error(msg, source, key, now)
 
     def on_response(self, data: bytes, source: Source, now: float) -> list[Command]:
         try:
@@ -90,7 +119,11 @@ class SipCore:
                                           ("reason", str(exc))), "warning")]
         if msg.is_request:
             return self.on_request(data, source, now)
-        return list(self.proxy.on_response(msg, now))
+        try:
+            return list(self.proxy.on_response(msg, now))
+        except Exception:   # noqa: BLE001 -- one response must not stop the others
+            return [Log("sip.core.error", (("call_id", msg.call_id), ("status", msg.status),
+                                           ("traceback", traceback.format_exc())), "error")]
 
     # --------------------------------------------------------------- the one timer
     def next_timer(self) -> float:
@@ -98,7 +131,7 @@ class SipCore:
         transaction timers, the next binding expiry, the next cached response to
         forget, and the periodic housekeeping."""
         due = self._housekeeping_at
-        for part in (self.proxy.next_timer(), self.registrar.next_timer(), self.cache.next_timer()):
+        for part in (self.proxy.next_timer(), self.location.next_timer(), self.cache.next_timer()):
             if part is not None and part < due:
                 due = part
         return due
@@ -109,20 +142,21 @@ class SipCore:
         due = self.proxy.next_timer()
         if due is not None and due <= now:
             out.extend(self.proxy.handle_timer(now))
-        due = self.registrar.next_timer()
+        due = self.location.next_timer()
         if due is not None and due <= now:
-            out.extend(self.registrar.expire(now))
+            out.extend(self.location.expire(now))
         due = self.cache.next_timer()
         if due is not None and due <= now:
             self.cache.expire(now)
         if now >= self._housekeeping_at:
             self._housekeeping_at = now + HOUSEKEEPING
-            self.registrar.housekeeping(now)
+            self.auth.housekeeping(now)
             self.proxy.sweep(now)
         return out
 
-    def _live_bindings(self, user_id: str, now: float) -> list[Binding]:
-        return self.registrar.bindings(now, user_id)
+    def _peer_of(self, host: str) -> str | None:
+        peer = trusted_peer(self.policy, host)
+        return peer.name if peer is not None else None
 
     # --------------------------------------------------------------- handlers
     def _register(self, msg: SipMessage, source: Source, now: float) -> list[Command]:
@@ -136,8 +170,8 @@ class SipCore:
         return commands
 
     def _options(self, msg: SipMessage, source: Source, now: float) -> list[Command]:
-        return self._reply(msg, source, now, Reply(200, "OK", (
-            ("Allow", ALLOW), ("Accept", "application/sdp"), ("Supported", "path, outbound"))))
+        # Supported lists only extensions the router implements (none yet: no Path, no outbound).
+        return self._reply(msg, source, now, Reply(200, "OK", (("Allow", ALLOW), ("Accept", "application/sdp"))))
 
     def _invite(self, msg: SipMessage, source: Source, now: float) -> list[Command]:
         if parse_name_addr(msg.header("to") or "").tag:
@@ -146,61 +180,81 @@ class SipCore:
         if self.proxy.has_call(key):
             return list(self.proxy.retransmission(key))
         if (msg.header("max-forwards") or "70") == "0":
-            return self._reply(msg, source, now, Reply(483, "Too Many Hops"))
+            return self._reply(msg, source, now, Reply(483, phrase(483)))
         if is_loop(msg, self.local):
-            return self._reply(msg, source, now, Reply(482, "Loop Detected"))
-        verdict = admit(self.policy, msg, source.host, self.registrar.nonces,
-                        lambda user, alg: self._ha1(user, alg),
-                        lambda device, t: any(b.expires_at > t for b in self.registrar.by_device.get(device, ())),
-                        now)
+            return self._reply(msg, source, now, Reply(482, phrase(482)))
+        try:
+            target = parse_uri(msg.uri)
+        except MalformedMessage as exc:
+            status = 416 if msg.uri.partition(":")[0].lower() not in ("sip", "sips", "tel") else 400
+            warning = (("Warning", f'399 - "{quote(str(exc))}"'),)
+            return self._reply(msg, source, now, Reply(status, phrase(status), warning))
+        verdict = admit(self.policy, msg, source.host, self.auth, self.location.is_registered, now)
         if isinstance(verdict, Refused):
             headers: tuple[tuple[str, str], ...] = ()
             if verdict.status == 407:
-                headers = tuple(("Proxy-Authenticate", c) for c in digest.challenge(
-                    self.policy.domain, self.registrar.nonces.issue(now), self.policy.registrar.algorithms,
-                    stale=verdict.detail == "stale nonce"))
+                headers = tuple(("Proxy-Authenticate", c) for c in self.auth.challenge(
+                    now, self.policy.registrar.algorithms, stale=verdict.stale))
             log = Log("call.refused", (("call_id", msg.call_id), ("status", verdict.status),
                                        ("detail", verdict.detail)),
                       "debug" if verdict.status == 407 else "warning")
             return [*self._reply(msg, source, now, Reply(verdict.status, verdict.reason, headers)), log]
-        try:
-            user = parse_uri(msg.uri).user
-        except MalformedMessage:
-            user = ""
-        request = CallRequest(user=user, queue_header=msg.header(self.policy.routing.queue_header.lower()),
+        request = CallRequest(user=target.user, queue_header=msg.header(self.policy.routing.queue_header.lower()),
                               called_number=called_number(msg), mode=verdict.mode,
                               may_use_trunk=verdict.may_use_trunk)
-        log = Log("call.received", (("call_id", msg.call_id), ("from", verdict.who), ("user", user)), "debug")
-        return [log, *list(self.proxy.on_invite(msg, source, key, request, now))]
-
-    def _ha1(self, username: str, algorithm: str) -> str | None:
-        owner = self.policy.device_by_auth(username)
-        return self.registrar.ha1_for(owner[1], algorithm) if owner else None
+        caller = Party(source, verdict.peer, verdict.device_id)
+        log = Log("call.received", (("call_id", msg.call_id), ("from", verdict.who), ("user", target.user)), "debug")
+        return [log, *list(self.proxy.on_invite(msg, source, key, caller, request, now))]
 
     def _cancel(self, msg: SipMessage, source: Source, now: float) -> list[Command]:
         invite_key = transaction_key(msg)[:-1] + ("INVITE",)
-        emitted = self.proxy.on_cancel(msg, source, invite_key, now)
+        emitted = self.proxy.on_cancel(invite_key, msg.header("reason"), now)
         if emitted is None:
-            return self._reply(msg, source, now, Reply(481, "Call/Transaction Does Not Exist"))
+            return self._reply(msg, source, now, Reply(481, phrase(481)))
         return [*self._reply(msg, source, now, Reply(200, "OK")), *list(emitted)]
 
     def _ack(self, msg: SipMessage, source: Source, now: float) -> list[Command]:
         if self.proxy.has_call(transaction_key(msg)):
             return []          # the ACK of a final failure we sent: absorbed (§17.2.1)
         emitted = self.proxy.on_in_dialog(msg, source, now)
+        if isinstance(emitted, Stranger):
+            return [self._stranger_log(msg, source, emitted)]      # an ACK is never answered
         return list(emitted) if emitted else []
 
     def _in_dialog(self, msg: SipMessage, source: Source, now: float) -> list[Command]:
         if not parse_name_addr(msg.header("to") or "").tag:
             if msg.method in KNOWN_NOT_SERVED:
-                return self._reply(msg, source, now, Reply(405, "Method Not Allowed", (("Allow", ALLOW),)))
-            return self._reply(msg, source, now, Reply(481, "Call/Transaction Does Not Exist"))
+                return self._reply(msg, source, now, Reply(405, phrase(405), (("Allow", ALLOW),)))
+            return self._reply(msg, source, now, Reply(481, phrase(481)))
         if (msg.header("max-forwards") or "70") == "0":
-            return self._reply(msg, source, now, Reply(483, "Too Many Hops"))
+            return self._reply(msg, source, now, Reply(483, phrase(483)))
         emitted = self.proxy.on_in_dialog(msg, source, now)
         if emitted is None:
-            return self._reply(msg, source, now, Reply(481, "Call/Transaction Does Not Exist"))
+            return self._reply(msg, source, now, Reply(481, phrase(481)))
+        if isinstance(emitted, Stranger):
+            warning = (("Warning", '399 - "not a party to this dialog"'),)
+            return [*self._reply(msg, source, now, Reply(403, phrase(403), warning)),
+                    self._stranger_log(msg, source, emitted)]
         return list(emitted)
+
+    @staticmethod
+    def _stranger_log(msg: SipMessage, source: Source, stranger: Stranger) -> Log:
+        return Log("call.in_dialog.refused", (("call_id", msg.call_id), ("method", msg.method),
+                                               ("source", f"{source.host}:{source.port}"),
+                                               ("detail", stranger.detail)), "warning")
+
+    def _internal_error(self, msg: SipMessage, source: Source, key: tuple[str, ...], now: float) -> list[Command]:
+        log = Log("sip.core.error", (("call_id", msg.call_id), ("method", msg.method),
+                                     ("source", f"{source.host}:{source.port}"),
+                                     ("traceback", traceback.format_exc())), "error")
+        if msg.method == "INVITE":
+            self.proxy.forget_call(key)
+        if msg.method == "ACK":
+            return [log]
+        try:
+            return [*self._reply(msg, source, now, Reply(500, phrase(500))), log]
+        except Exception:   # noqa: BLE001 -- not even a 500 could be built: log it
+            return [log]
 
     # --------------------------------------------------------------- helpers
     def _send(self, msg: SipMessage, source: Source, data: bytes) -> Send:
@@ -221,9 +275,9 @@ class SipCore:
         stub = _lenient(data)
         if stub is None or stub.method == "ACK":
             return [log]
-        status, phrase = sip_status(exc)
+        status, reason = sip_status(exc)
         try:
-            reply = build_response(stub, status, phrase, (source.host, source.port),
+            reply = build_response(stub, status, reason, (source.host, source.port),
                                    to_tag=secrets.token_hex(6),
                                    headers=(("Warning", f'399 - "{quote(str(exc))}"'),),
                                    server=SERVER)
@@ -251,7 +305,7 @@ def _lenient(data: bytes) -> SipMessage | None:
     if not {"via", "from", "to", "call-id", "cseq"} <= present:
         return None
     try:
-        stub.top_via
+        _ = stub.top_via          # parses the top Via, or raises
     except (ValueError, IndexError):
         return None
     return stub

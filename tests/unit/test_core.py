@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 
 from router.config import parse_policy
-from router.sip.commands import Log, Send
-from router.sip.commands import SaveBindings
+from router.policy.model import Binding, DeviceKind
+from router.sip.commands import Log, SaveBindings, Send, Source
 from router.sip.core import SipCore
 from router.sip.message import parse
-from router.sip.commands import Source
 from router.sip.transaction import ResponseCache
 
 SRC = Source("127.0.0.1", 5070)
@@ -70,9 +69,16 @@ def test_replies_go_where_the_request_came_from(core):
     assert (send.host, send.port) == ("10.1.1.1", 5070)      # no rport: the Via port
 
 
-def test_housekeeping_expires_bindings(core):
-    core.registrar._set("minh", "d", [])
-    assert core.handle_timer(1000.0) == []
+def test_one_timer_drives_binding_expiry_and_says_when_it_is_next_needed(tmp_path):
+    policy = parse_policy("domain: pbx.test\nusers:\n  - {id: minh, devices: [{id: d, kind: app, password: p}]}\n",
+                          str(tmp_path / "r.yaml"))
+    gone = Binding("minh", "d", DeviceKind.APP, "sip:d@10.0.0.9", expires_at=1000.4)
+    core = SipCore(policy, [gone], 1000.0, secret=b"s" * 32)
+    assert core.next_timer() == 1000.4          # the binding's expiry, before housekeeping at 1001
+    assert core.handle_timer(1000.3) == []
+    (save,) = core.handle_timer(1000.4)
+    assert isinstance(save, SaveBindings) and save.device_id == "d" and save.bindings == ()
+    assert core.next_timer() == 1001.0          # now only the periodic housekeeping is left
 
 
 def test_the_cache_forgets_in_order_and_says_when_it_next_needs_the_engine():
@@ -93,3 +99,9 @@ def test_the_cache_is_bounded_under_a_flood():
 
 def test_a_save_command_is_emitted_on_a_successful_register(core):
     assert not any(isinstance(c, SaveBindings) for c in core.on_request(req("REGISTER"), SRC, 1000.0))
+
+
+def test_options_advertises_only_what_the_router_implements(core):
+    (reply,) = sends(core.on_request(req("OPTIONS"), SRC, 1000.0))
+    assert reply.status == 200 and reply.header("supported") is None     # neither Path nor outbound yet
+    assert "INVITE" in reply.header("allow")

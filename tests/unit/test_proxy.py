@@ -8,13 +8,11 @@ import pytest
 
 from router.config import parse_policy
 from router.policy.model import Binding, DeviceKind, ReceiveMethod
-from router.sip.branch import TABLE, Event, State
-from router.sip.commands import Log, Send
+from router.sip.branch import TABLE, Action, Event, State
+from router.sip.commands import Log, SaveCall, Send, Source
 from router.sip.core import SipCore
 from router.sip.forward import Local
 from router.sip.message import parse
-from router.sip.commands import SaveCall
-from router.sip.commands import Source
 
 POLICY = """
 domain: pbx.test
@@ -228,8 +226,8 @@ def test_the_branch_table_answers_every_response_in_every_live_state():
     for state in (State.CALLING, State.PROCEEDING):
         for event in (Event.PROVISIONAL, Event.SUCCESS, Event.FAILURE, Event.CANCEL):
             assert (state, event) in TABLE
-    assert TABLE[(State.CALLING, Event.CANCEL)][1] == ("pend_cancel",)     # §9.1: wait for a 1xx
-    assert "cancel_if_pending" in TABLE[(State.CALLING, Event.PROVISIONAL)][1]
+    assert TABLE[(State.CALLING, Event.CANCEL)][1] == (Action.PEND_CANCEL,)     # §9.1: wait for a 1xx
+    assert Action.CANCEL_IF_PENDING in TABLE[(State.CALLING, Event.PROVISIONAL)][1]
 
 
 def test_a_trunk_challenge_is_answered_once_with_the_trunk_credentials_and_the_next_cseq(tmp_path):
@@ -271,3 +269,94 @@ def test_caller_id_by_from_rewrite_shows_the_hotline_and_restores_the_callers_fr
     (to_caller,) = sent(core.on_response(answer(leg, 200, "OK", tag="t"), Source("10.9.9.9", 5080), 1000.1),
                         "10.0.0.1")
     assert to_caller.header("from") == "<sip:0909@10.0.0.1>;tag=c1"
+
+
+def _answered(core):
+    _, branches = start(core)
+    core.on_response(answer(branches["desk"], 200, "OK", tag="d1"), Source("10.1.1.1", 7001), 1001.0)
+    return branches
+
+
+def _bye(from_tag="c1", to_tag="d1", branch="z9hG4bKbye", via="10.0.0.1:5060"):
+    return (f"BYE sip:desk@10.1.1.1:7001 SIP/2.0\r\nVia: SIP/2.0/UDP {via};branch={branch}\r\n"
+            f"Route: <sip:10.0.0.2:5060;lr>\r\nFrom: <sip:0909@10.0.0.1>;tag={from_tag}\r\n"
+            f"To: <sip:1002@pbx.test>;tag={to_tag}\r\nCall-ID: call-1\r\nCSeq: 2 BYE\r\n"
+            "Content-Length: 0\r\n\r\n").encode()
+
+
+def test_a_stranger_who_knows_the_call_id_and_tags_cannot_hang_up_the_call(core):
+    _answered(core)
+    stranger = Source("192.0.2.66", 5060)
+    out = core.on_request(_bye(via="192.0.2.66:5060"), stranger, 1010.0)
+    assert [(m.status, c.host) for c, m in zip([c for c in out if isinstance(c, Send)], sent(out), strict=True)] \
+        == [(403, "192.0.2.66")]                               # refused, and nothing forwarded to the phone
+    assert any(isinstance(c, Log) and c.event == "call.in_dialog.refused" and c.level == "warning" for c in out)
+    assert not any(isinstance(c, SaveCall) for c in out)      # the call goes on
+    (forwarded,) = sent(core.on_request(_bye(), ACD, 1011.0), "10.1.1.1", 7001)   # the real caller still can
+    assert forwarded.method == "BYE"
+
+
+def test_a_stranger_cannot_pose_as_the_callee_either(core):
+    _answered(core)
+    reinvite = _bye(from_tag="d1", to_tag="c1").replace(b"BYE", b"INVITE").replace(b"2 INVITE", b"5 INVITE")
+    out = core.on_request(reinvite, Source("10.1.1.1", 7099), 1010.0)      # the phone's host, another port
+    assert [m.status for m in sent(out)] == [403]
+    out = core.on_request(reinvite.replace(b"z9hG4bKbye", b"z9hG4bKok"), Source("10.1.1.1", 7001), 1010.0)
+    (forwarded,) = sent(out, "10.0.0.1", 5060)                 # from the answering phone: goes to the caller
+    assert forwarded.method == "INVITE"
+
+
+def test_a_stray_ack_from_a_stranger_is_dropped_and_logged_not_forwarded(core):
+    _answered(core)
+    ack = _bye(via="192.0.2.66:5060").replace(b"BYE", b"ACK").replace(b"2 ACK", b"1 ACK")
+    out = core.on_request(ack, Source("192.0.2.66", 5060), 1010.0)
+    assert sent(out) == [] and any(isinstance(c, Log) and c.event == "call.in_dialog.refused" for c in out)
+
+
+def test_a_phone_ringing_longer_than_timer_b_is_not_timed_out(tmp_path):
+    policy = parse_policy(POLICY.replace("ring_timeout: 5", "ring_timeout: 60"), str(tmp_path / "r.yaml"))
+    core = SipCore(policy, [binding("desk", "ip_phone", 7001), binding("app", "app", 7002)], 1000.0, local=LOCAL)
+    _, branches = start(core)
+    for name, port in (("desk", 7001), ("app", 7002)):
+        core.on_response(answer(branches[name], 180, "Ringing", tag=name), Source("10.1.1.1", port), 1000.2)
+    out = core.handle_timer(1040.0)                            # past 64*T1 = 32 s, before the ring timeout
+    assert sent(out) == []                                     # no CANCEL, no 408 to the caller
+    out = core.handle_timer(1060.0)
+    assert len([m for m in sent(out) if m.method == "CANCEL"]) == 2
+
+
+@pytest.mark.parametrize("to", ["<mailto:x@y>", "<urn:service:sos>", "<sip:>", "tel:+84-28", "garbage"])
+def test_a_trusted_invite_with_an_odd_to_header_is_still_routed(core, to):
+    out = core.on_request(invite().replace(b"To: <sip:1002@pbx.test>", f"To: {to}".encode()), ACD, 1000.0)
+    assert [m.status for m in sent(out, "10.0.0.1")] == [100]      # the phones ring; the caller hears 100
+    assert len([m for m in sent(out, "10.1.1.1") if m.method == "INVITE"]) == 2
+    assert not any(isinstance(c, Log) and c.event == "sip.core.error" for c in out)
+
+
+@pytest.mark.parametrize("uri, status", [("mailto:1002@pbx.test", 416), ("sip:1002@[::1", 400)])
+def test_an_invite_whose_request_uri_cannot_be_read_gets_a_final_answer(core, uri, status):
+    out = core.on_request(invite().replace(b"INVITE sip:1002@10.0.0.2 ", f"INVITE {uri} ".encode()), ACD, 1000.0)
+    assert [m.status for m in sent(out)] == [status]
+
+
+def test_a_bug_while_routing_still_answers_the_caller_500_and_logs_the_traceback(core, monkeypatch):
+    def broken(*args, **kwargs):
+        raise KeyError("a bug")
+    monkeypatch.setattr(core.proxy, "on_invite", broken)
+    out = core.on_request(invite(), ACD, 1000.0)
+    assert [m.status for m in sent(out, "10.0.0.1")] == [500]
+    (error,) = [c for c in out if isinstance(c, Log) and c.event == "sip.core.error"]
+    assert error.level == "error" and "KeyError: 'a bug'" in dict(error.fields)["traceback"]
+    again = core.on_request(invite(), ACD, 1000.5)                 # its retransmission: the same 500
+    assert [m.status for m in sent(again)] == [500]
+
+
+def test_a_bug_on_a_response_is_logged_and_the_next_response_still_handled(core, monkeypatch):
+    _, branches = start(core)
+    real = core.proxy.on_response
+    monkeypatch.setattr(core.proxy, "on_response", lambda *_a: (_ for _ in ()).throw(ValueError("bug")))
+    out = core.on_response(answer(branches["desk"], 180, "Ringing"), Source("10.1.1.1", 7001), 1000.2)
+    assert [c.event for c in out if isinstance(c, Log)] == ["sip.core.error"]
+    monkeypatch.setattr(core.proxy, "on_response", real)
+    (ok,) = sent(core.on_response(answer(branches["desk"], 200, "OK"), Source("10.1.1.1", 7001), 1001.0))
+    assert ok.status == 200

@@ -8,8 +8,8 @@ import pytest
 
 from router.config import parse_policy
 from router.sip import digest
-from router.sip.message import auth_params, parse
 from router.sip.commands import Source
+from router.sip.message import auth_params, parse
 from router.sip.registrar import Registrar
 
 POLICY = """

@@ -1,0 +1,138 @@
+"""Dialogs the router record-routed, and the requests inside them (RFC 3261 §16.12); pure.
+
+Theory of operation.  When a branch answers 2xx, the proxy opens a ``Dialog``
+keyed by Call-ID with its two ends: the caller (the source of the INVITE) and
+the callee (where the answering branch was sent).  Each end is a ``Party``:
+an address, and what the router knows the end to be -- a trusted peer (any
+address of that peer's network speaks for it) or a registered device (any
+address that device is registered from speaks for it).
+
+An in-dialog request (ACK, BYE, re-INVITE, REFER ...) is accepted only from
+the end its From tag says it comes from; it is forwarded to the other end,
+never to an address the request names.  A request from anyone else is a
+``Stranger``: the core answers 403 and nothing is forwarded, so knowing a
+Call-ID and the tags is not enough to hang up or redirect someone's call.
+(Behind an edge proxy every phone speaks from the edge's address; the edge
+then names the client's own flow, and ``Party`` is where that check goes.)
+
+The caller-ID rewrite and the CSeq step of an authenticated PSTN leg are
+applied to requests toward the trunk and undone on responses coming back.
+A BYE ends the dialog (the call record is completed); ended and aged dialogs
+are forgotten by ``sweep``, which the core runs as housekeeping.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from router.records import CallRecord
+from router.sip.callrules import restore, rewrite_headers, summary
+from router.sip.commands import Log, SaveCall, Send, Source
+from router.sip.forward import Local, forward_request, new_branch, strip_top_via, via_destination
+from router.sip.message import SipMessage, parse_name_addr
+
+DIALOG_TTL = 12 * 3600.0
+ENDED_LINGER = 32.0            # an ended dialog still relays the BYE's retransmissions and 200
+
+
+@dataclass(frozen=True)
+class Party:
+    """One end of a dialog."""
+
+    source: Source                 # where its requests come from, and where ours go
+    peer: str | None = None        # the trusted peer it was admitted as
+    device: str | None = None      # the registered device it is
+
+
+@dataclass
+class Dialog:
+    call_id: str
+    caller_tag: str
+    caller: Party
+    callee: Party
+    expires_at: float
+    record: CallRecord
+    rewrite: tuple[str, str] | None = None     # (caller's From, the hotline From) when From is rewritten
+    cseq_offset: int = 0                       # added to the caller's CSeq toward the callee
+    ended: bool = False
+
+
+@dataclass(frozen=True)
+class Stranger:
+    """An in-dialog request from neither end of the dialog."""
+
+    detail: str
+
+
+Emit = list[Send | SaveCall | Log]
+PeerOf = Callable[[str], str | None]                        # address -> trusted peer name
+DeviceAt = Callable[[str, str, int, float], bool]           # device, host, port, now -> registered there
+
+
+class Dialogs:
+    def __init__(self, local: Local, peer_of: PeerOf, device_at: DeviceAt) -> None:
+        self.local = local
+        self.peer_of = peer_of
+        self.device_at = device_at
+        self.table: dict[str, Dialog] = {}
+
+    def open(self, dialog: Dialog) -> None:
+        self.table[dialog.call_id] = dialog
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def sweep(self, now: float) -> None:
+        """Forget ended and aged dialogs (housekeeping: they age out in seconds to hours)."""
+        for call_id in [c for c, d in self.table.items() if d.expires_at <= now]:
+            del self.table[call_id]
+
+    # ------------------------------------------------------------------ requests
+    def on_request(self, msg: SipMessage, source: Source, now: float) -> Emit | Stranger | None:
+        """Forward an in-dialog request to the other end; None for an unknown dialog."""
+        dialog = self.table.get(msg.call_id)
+        if dialog is None:
+            return None
+        from_caller = parse_name_addr(msg.header("from") or "").tag == dialog.caller_tag
+        sender, toward = (dialog.caller, dialog.callee) if from_caller else (dialog.callee, dialog.caller)
+        if not self._speaks_for(sender, source, now):
+            return Stranger(f"{msg.method} from {source.host}:{source.port}, which is not the "
+                            f"{'caller' if from_caller else 'callee'} of this dialog")
+        rewritten = rewrite_headers(msg, dialog.rewrite, from_caller) or {}
+        if dialog.cseq_offset and from_caller:
+            number, method = msg.cseq
+            rewritten["cseq"] = f"{number + dialog.cseq_offset} {method}"
+        dest = toward.source
+        data = forward_request(msg, msg.uri, self.local, new_branch(msg), dest.transport,
+                               (source.host, source.port), record_route=False, replace=rewritten)
+        out: Emit = [Send(data, dest.host, dest.port, dest.transport, dest.conn)]
+        if msg.method == "BYE" and not dialog.ended:
+            dialog.ended = True
+            dialog.expires_at = now + ENDED_LINGER
+            record = replace(dialog.record, ended_at=now)
+            out += [SaveCall(record),
+                    Log("call.completed", (*summary(record), ("ended_by", "caller" if from_caller else "callee")))]
+        return out
+
+    def _speaks_for(self, party: Party, source: Source, now: float) -> bool:
+        if (source.host, source.port) == (party.source.host, party.source.port):
+            return True
+        if party.peer is not None and self.peer_of(source.host) == party.peer:
+            return True
+        return party.device is not None and self.device_at(party.device, source.host, source.port, now)
+
+    # ------------------------------------------------------------------ responses
+    def on_response(self, msg: SipMessage) -> Emit:
+        """A response to an in-dialog request we forwarded: relay it by its next Via."""
+        vias = msg.all("via")
+        if len(vias) < 2:
+            return []
+        host, port = via_destination(vias[1])
+        dialog = self.table.get(msg.call_id)
+        undo = None
+        if dialog is not None:
+            toward_caller = parse_name_addr(msg.header("from") or "").tag == dialog.caller_tag
+            undo = restore(msg, dialog.rewrite, None, dialog.cseq_offset if toward_caller else 0)
+        transport = vias[1].split()[0].rsplit("/", 1)[-1].lower()
+        return [Send(strip_top_via(msg, undo), host, port, "tcp" if transport == "tcp" else "udp")]

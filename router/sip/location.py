@@ -1,0 +1,109 @@
+"""The location service: who is registered where (Kamailio's usrloc); pure.
+
+Theory of operation.  Bindings are kept per device (a device's whole set is
+replaced at once, as the registrar decides it), with an index from user to
+the devices that have bindings, so a call for a user reads only that user's
+bindings.  A heap of (earliest expiry, device) drives expiry: ``next_timer``
+is its top, ``expire(now)`` pops what is due and returns a ``SaveBindings``
+for each device whose set shrank.  Heap entries made stale by a later update
+are skipped when popped and the heap is rebuilt when stale entries pile up.
+``follow`` adopts a new policy: bindings of devices that are gone are dropped,
+the others follow their device's current user and kind.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable
+from dataclasses import replace
+
+from router.policy.model import Binding, Policy
+from router.sip.commands import SaveBindings
+
+
+class Location:
+    def __init__(self, bindings: Iterable[Binding], now: float) -> None:
+        self.by_device: dict[str, list[Binding]] = {}
+        self.devices_of: dict[str, set[str]] = {}              # user -> devices with bindings
+        self.expiries: list[tuple[float, str]] = []             # heap of (expires_at, device)
+        loaded: dict[str, list[Binding]] = {}
+        for b in bindings:
+            if b.expires_at > now:
+                loaded.setdefault(b.device_id, []).append(b)
+        for device_id, bs in loaded.items():
+            self.put(bs[0].user_id, device_id, bs)
+
+    def put(self, user_id: str, device_id: str, bindings: list[Binding]) -> None:
+        """The one place the indexes change: ``bindings`` is the device's whole set."""
+        old = self.by_device.get(device_id)
+        if old:
+            devices = self.devices_of.get(old[0].user_id)
+            if devices is not None:
+                devices.discard(device_id)
+                if not devices:
+                    del self.devices_of[old[0].user_id]
+        if bindings:
+            self.by_device[device_id] = bindings
+            self.devices_of.setdefault(user_id, set()).add(device_id)
+            heapq.heappush(self.expiries, (min(b.expires_at for b in bindings), device_id))
+            if len(self.expiries) > 4 * len(self.by_device) + 64:   # drop stale entries
+                self.expiries = [(min(b.expires_at for b in bs), d) for d, bs in self.by_device.items()]
+                heapq.heapify(self.expiries)
+        else:
+            self.by_device.pop(device_id, None)
+
+    # ------------------------------------------------------------------ queries
+    def of_device(self, device_id: str) -> list[Binding]:
+        return self.by_device.get(device_id, [])
+
+    def bindings(self, now: float, user_id: str | None = None) -> list[Binding]:
+        if user_id is None:
+            return [b for bs in self.by_device.values() for b in bs if b.expires_at > now]
+        return [b for d in sorted(self.devices_of.get(user_id, ()))
+                for b in self.by_device[d] if b.expires_at > now]
+
+    def is_registered(self, device_id: str, now: float) -> bool:
+        return any(b.expires_at > now for b in self.by_device.get(device_id, ()))
+
+    def registered_at(self, device_id: str, host: str, port: int, now: float) -> bool:
+        """Does ``device_id`` hold a live binding registered from ``host:port``?"""
+        return any(b.expires_at > now and b.source_host == host and b.source_port == port
+                   for b in self.by_device.get(device_id, ()))
+
+    # ------------------------------------------------------------------ time
+    def next_timer(self) -> float | None:
+        return self.expiries[0][0] if self.expiries else None
+
+    def expire(self, now: float) -> list[SaveBindings]:
+        """Drop expired bindings."""
+        out: list[SaveBindings] = []
+        while self.expiries and self.expiries[0][0] <= now:
+            _, device_id = heapq.heappop(self.expiries)
+            bs = self.by_device.get(device_id)
+            if not bs:
+                continue          # a stale heap entry: the device was updated since
+            live = [b for b in bs if b.expires_at > now]
+            if len(live) != len(bs):
+                out.append(SaveBindings(bs[0].user_id, device_id, tuple(live)))
+                self.put(bs[0].user_id, device_id, live)
+        return out
+
+    # ------------------------------------------------------------------ policy
+    def follow(self, policy: Policy) -> list[SaveBindings]:
+        """Adopt a reloaded policy; only devices whose user or kind changed are touched."""
+        changed: list[SaveBindings] = []
+        owners = {d.id: (u, d) for u in policy.users for d in u.devices}   # one pass, not one per device
+        for device_id in list(self.by_device):
+            owner = owners.get(device_id)
+            old = self.by_device[device_id]
+            if owner is None:
+                self.put(old[0].user_id, device_id, [])
+                changed.append(SaveBindings(old[0].user_id, device_id, ()))
+                continue
+            user, device = owner
+            if all(b.user_id == user.id and b.kind is device.kind for b in old):
+                continue
+            new = [replace(b, user_id=user.id, kind=device.kind) for b in old]
+            self.put(user.id, device_id, new)
+            changed.append(SaveBindings(user.id, device_id, tuple(new)))
+        return changed
