@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import heapq
 import secrets
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -188,14 +189,31 @@ class Proxy:
                     all(b.done for b in call.branches.values()):
                 self._forget(call)
                 continue
-            if call.ring_deadline is not None and call.ring_deadline <= now:
-                call.ring_deadline = None
-                self._ring_timeout(call, now, out)
-            for branch in list(call.branches.values()):
-                for _event, step in branch.fire(now):
-                    self._deliver(call, branch, step, None, now, out)
-            self._schedule(call)
+            try:
+                self._timers_of(call, now, out)
+            except Exception:   # noqa: BLE001 -- a bug in one call must not stall the others
+                out.append(Log("sip.core.error", (("call_id", call.call_id), ("during", "timers"),
+                                                  ("traceback", traceback.format_exc())), "error"))
+                self._abandon(call, now, out)
         return out
+
+    def _timers_of(self, call: Call, now: float, out: Emit) -> None:
+        if call.ring_deadline is not None and call.ring_deadline <= now:
+            call.ring_deadline = None
+            self._ring_timeout(call, now, out)
+        for branch in list(call.branches.values()):
+            for _event, step in branch.fire(now):
+                self._deliver(call, branch, step, None, now, out)
+        self._schedule(call)
+
+    def _abandon(self, call: Call, now: float, out: Emit) -> None:
+        """After an internal error: the caller still gets a final answer, and the call is dropped."""
+        if call.final_status is None:
+            try:
+                self._final(call, 500, phrase(500), now, out, reason_text="internal error")
+            except Exception:   # noqa: BLE001 -- nothing more can be done for this call
+                pass
+        self._forget(call)
 
     def next_timer(self) -> float | None:
         return self.wakeups[0][0] if self.wakeups else None

@@ -360,3 +360,16 @@ def test_a_bug_on_a_response_is_logged_and_the_next_response_still_handled(core,
     monkeypatch.setattr(core.proxy, "on_response", real)
     (ok,) = sent(core.on_response(answer(branches["desk"], 200, "OK"), Source("10.1.1.1", 7001), 1001.0))
     assert ok.status == 200
+
+
+def test_a_bug_in_one_calls_timers_answers_that_caller_500_and_leaves_the_others_alone(core):
+    _, branches = start(core)
+    second = invite(branch="z9hG4bKacd2").replace(b"call-1", b"call-2")
+    core.on_request(second, ACD, 1000.0)
+    first = next(c for c in core.proxy.calls.values() if c.call_id == "call-1")
+    for b in first.branches.values():
+        b.fire = lambda _now: (_ for _ in ()).throw(KeyError("bug"))  # type: ignore[method-assign]
+    out = core.handle_timer(1000.5)                            # Timer A is due on both calls
+    assert [(m.status, m.call_id) for m in sent(out, "10.0.0.1") if not m.is_request] == [(500, "call-1")]
+    assert [c.event for c in out if isinstance(c, Log) and c.level == "error"] == ["sip.core.error"]
+    assert {m.call_id for m in sent(out, "10.1.1.1") if m.method == "INVITE"} == {"call-2"}  # call 2 retransmits
