@@ -32,8 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.support import DOMAIN, SCENARIOS, RouterProcess, free_port  # noqa: E402
 from tests.integration.sippgen import invite_flow  # noqa: E402
+from tests.support import DOMAIN, SCENARIOS, RouterProcess, free_port  # noqa: E402
 
 BUF = str(4 * 1024 * 1024)
 

@@ -65,6 +65,6 @@ SIP_STATUS: dict[type[RouterError], tuple[int, str]] = {
 def sip_status(error: RouterError) -> tuple[int, str]:
     """The SIP status code and reason phrase for ``error``."""
     for cls in type(error).__mro__:
-        if cls in SIP_STATUS:
-            return SIP_STATUS[cls]  # type: ignore[index]
+        if issubclass(cls, RouterError) and cls in SIP_STATUS:
+            return SIP_STATUS[cls]
     return SIP_STATUS[RouterError]

@@ -12,10 +12,11 @@ _counter = itertools.count(1)
 
 
 class UdpPeer:
-    def __init__(self, router_port: int) -> None:
+    def __init__(self, router_port: int, host: str = "127.0.0.1") -> None:
         self.router = ("127.0.0.1", router_port)
+        self.host = host
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.bind((host, 0))
         self.sock.settimeout(2.0)
         self.port = self.sock.getsockname()[1]
 

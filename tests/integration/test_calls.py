@@ -286,7 +286,8 @@ def test_a_trunk_named_by_srv_is_found_through_dns(make_calls):
 
     def edit(text: str) -> str:
         return text.replace("trunk: {address: 127.0.0.1, port: ",
-                            f"trunk: {{address: carrier.test, srv: true, nameserver: '127.0.0.1:{holder['dns']}', port: ")
+                            "trunk: {address: carrier.test, srv: true, "
+                            f"nameserver: '127.0.0.1:{holder['dns']}', port: ")
     records = {}
     with DnsServer(records) as dns_server:
         holder["dns"] = dns_server.port

@@ -151,7 +151,8 @@ def test_options_is_answered_200_for_keepalive(lab):
 def test_unknown_and_unsupported_methods_get_an_answer_not_silence(lab):
     with UdpPeer(lab.port) as peer:
         for method, status in (("FOO", 501), ("SUBSCRIBE", 405)):
-            peer.send((f"{method} sip:pbx.test SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{peer.port};branch=z9hG4bK-{method}\r\n"
+            peer.send((f"{method} sip:pbx.test SIP/2.0\r\n"
+                       f"Via: SIP/2.0/UDP 127.0.0.1:{peer.port};branch=z9hG4bK-{method}\r\n"
                        f"From: <sip:x@pbx.test>;tag=1\r\nTo: <sip:pbx.test>\r\nCall-ID: m-{method}\r\n"
                        f"CSeq: 1 {method}\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n").encode())
             reply = peer.recv()
