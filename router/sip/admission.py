@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from router.policy.model import Policy, RoutingMode, TrustedPeer
 from router.sip.auth import Authenticator, Gate
+from router.sip.commands import phrase
 from router.sip.message import SipMessage
 
 
@@ -49,15 +50,10 @@ def trusted_peer(policy: Policy, host: str) -> TrustedPeer | None:
     return None
 
 
-# Authentication gate -> refusal (status, reason); None: go on.
-REFUSALS: dict[Gate, tuple[int, str] | None] = {
-    Gate.THROTTLED: (403, "Forbidden"),
-    Gate.CHALLENGE: (407, "Proxy Authentication Required"),
-    Gate.LOCKED: (403, "Forbidden"),
-    Gate.STALE: (407, "Proxy Authentication Required"),
-    Gate.BAD: (403, "Forbidden"),
-    Gate.BAD_FINAL: (403, "Forbidden"),
-    Gate.OK: None,
+# Authentication gate -> refusal status; None: go on.
+REFUSALS: dict[Gate, int | None] = {
+    Gate.THROTTLED: 403, Gate.CHALLENGE: 407, Gate.LOCKED: 403, Gate.STALE: 407,
+    Gate.BAD: 403, Gate.BAD_FINAL: 403, Gate.OK: None,
 }
 
 
@@ -67,12 +63,12 @@ def admit(policy: Policy, msg: SipMessage, host: str, auth: Authenticator,
     if peer is not None:
         return Admitted(peer.name, peer.mode or policy.routing.mode, True, peer=peer.name)
     check = auth.check(msg, "proxy-authorization", host, now)
-    refusal = REFUSALS[check.gate]
-    if refusal is not None:
+    status = REFUSALS[check.gate]
+    if status is not None:
         detail = f"{host} is not a trusted peer" if check.gate is Gate.CHALLENGE else check.detail
-        return Refused(refusal[0], refusal[1], detail, stale=check.gate is Gate.STALE)
+        return Refused(status, phrase(status), detail, stale=check.gate is Gate.STALE)
     assert check.owner is not None
     device = check.owner[1]
     if not is_registered(device.id, now):
-        return Refused(403, "Forbidden", f"device {device.id} is not registered")
+        return Refused(403, phrase(403), f"device {device.id} is not registered")
     return Admitted(device.id, policy.routing.mode, True, device.id)

@@ -27,7 +27,7 @@ from router.errors import MalformedMessage
 from router.policy.model import Binding, Device, Policy, User
 from router.sip import digest
 from router.sip.auth import Authenticator, Gate
-from router.sip.commands import Reply, SaveBindings, Source
+from router.sip.commands import Reply, SaveBindings, Source, phrase
 from router.sip.location import Location
 from router.sip.message import SipMessage, parse_name_addr, parse_uri
 
@@ -43,16 +43,14 @@ class Outcome:
     level: str = "info"
 
 
-# Authentication gate -> (status, reason); None: go on to the bindings.
-AUTH_OUTCOMES: dict[Gate, tuple[int, str] | None] = {
-    Gate.THROTTLED: (403, "Too Many Failed Attempts"),
-    Gate.LOCKED: (403, "Forbidden"),
-    Gate.CHALLENGE: (401, "Unauthorized"),
-    Gate.STALE: (401, "Unauthorized"),
-    Gate.BAD: (401, "Unauthorized"),
-    Gate.BAD_FINAL: (403, "Forbidden"),
-    Gate.OK: None,
+# Authentication gate -> status; None: go on to the bindings.
+AUTH_OUTCOMES: dict[Gate, int | None] = {
+    Gate.THROTTLED: 403, Gate.LOCKED: 403, Gate.CHALLENGE: 401, Gate.STALE: 401,
+    Gate.BAD: 401, Gate.BAD_FINAL: 403, Gate.OK: None,
 }
+# Where a 403 says more than "Forbidden", so a phone's display tells the user why.
+THROTTLED_PHRASE = "Too Many Failed Attempts"
+TOO_MANY_CONTACTS_PHRASE = "Too Many Registered Contacts"
 
 
 class Registrar:
@@ -86,14 +84,15 @@ class Registrar:
     # ------------------------------------------------------------------ REGISTER
     def register(self, msg: SipMessage, source: Source, now: float) -> Outcome:
         check = self.auth.check(msg, "authorization", source.host, now)
-        row = AUTH_OUTCOMES[check.gate]
-        if row is not None:
+        status = AUTH_OUTCOMES[check.gate]
+        if status is not None:
             headers: tuple[tuple[str, str], ...] = ()
-            if row[0] == 401:
+            if status == 401:
                 headers = tuple(("WWW-Authenticate", c) for c in
                                 self.auth.challenge(now, self._algorithms_for(msg), check.gate is Gate.STALE))
             quiet = check.gate in (Gate.CHALLENGE, Gate.STALE)     # the normal first leg
-            return Outcome(Reply(row[0], row[1], headers), None, "register.auth",
+            reason = THROTTLED_PHRASE if check.gate is Gate.THROTTLED else phrase(status)
+            return Outcome(Reply(status, reason, headers), None, "register.auth",
                            (("result", check.gate.value), ("detail", check.detail)),
                            "debug" if quiet else "warning")
         assert check.owner is not None
@@ -116,7 +115,7 @@ class Registrar:
         settings = self.policy.registrar
         to_uri = parse_uri(parse_name_addr(msg.header("to") or "").uri)
         if to_uri.user not in (user.id, user.extension):
-            return Outcome(Reply(403, "Forbidden", (("Warning",
+            return Outcome(Reply(403, phrase(403), (("Warning",
                 f'399 - "device {device.id} belongs to {user.id} and may register only that user"'),)),
                 None, "register.refused", (("device", device.id), ("aor", to_uri.user)), "warning")
         contacts = msg.all("contact")
@@ -167,7 +166,7 @@ class Registrar:
         kept = sorted(updated.values(), key=lambda b: b.registered_at)[-settings.max_bindings_per_device:]
         others = [b for b in self.location.bindings(now, user.id) if b.device_id != device.id]
         if len(others) + len(kept) > settings.max_bindings_per_aor:
-            return Outcome(Reply(403, "Too Many Registered Contacts", (("Warning",
+            return Outcome(Reply(403, TOO_MANY_CONTACTS_PHRASE, (("Warning",
                 f'399 - "{user.id} already has {len(others)} bindings; the limit is '
                 f'{settings.max_bindings_per_aor}"'),)), None, "register.refused", (), "warning")
         if kept == list(existing.values()) and not contacts:
