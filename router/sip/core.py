@@ -208,9 +208,12 @@ class SipCore:
 
     def _cancel(self, msg: SipMessage, source: Source, now: float) -> list[Command]:
         invite_key = transaction_key(msg)[:-1] + ("INVITE",)
-        emitted = self.proxy.on_cancel(invite_key, msg.header("reason"), now)
+        emitted = self.proxy.on_cancel(invite_key, source, msg.header("reason"), now)
         if emitted is None:
             return self._reply(msg, source, now, Reply(481, phrase(481)))
+        if isinstance(emitted, Stranger):
+            return [*self._reply(msg, source, now, Reply(403, phrase(403)), cache=False),
+                    self._stranger_log(msg, source, emitted)]
         return [*self._reply(msg, source, now, Reply(200, "OK")), *list(emitted)]
 
     def _ack(self, msg: SipMessage, source: Source, now: float) -> list[Command]:
@@ -233,7 +236,7 @@ class SipCore:
             return self._reply(msg, source, now, Reply(481, phrase(481)))
         if isinstance(emitted, Stranger):
             warning = (("Warning", '399 - "not a party to this dialog"'),)
-            return [*self._reply(msg, source, now, Reply(403, phrase(403), warning)),
+            return [*self._reply(msg, source, now, Reply(403, phrase(403), warning), cache=False),
                     self._stranger_log(msg, source, emitted)]
         return list(emitted)
 
@@ -262,10 +265,13 @@ class SipCore:
                       if source.transport == "udp" else (source.host, source.port))
         return Send(data, host, port, source.transport, source.conn)
 
-    def _reply(self, msg: SipMessage, source: Source, now: float, reply: Reply) -> list[Command]:
+    def _reply(self, msg: SipMessage, source: Source, now: float, reply: Reply,
+               cache: bool = True) -> list[Command]:
+        """Answer ``msg``.  A refusal to a stranger is not cached: it must not answer the
+        real party's request that carries the same transaction key."""
         data = build_response(msg, reply.status, reply.reason, (source.host, source.port),
                               to_tag=secrets.token_hex(6), headers=reply.headers, server=SERVER)
-        if reply.status >= 200 and reply.status not in (401, 407):
+        if cache and reply.status >= 200 and reply.status not in (401, 407):
             self.cache.put(transaction_key(msg), data, now)
         return [self._send(msg, source, data)]
 

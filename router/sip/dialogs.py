@@ -96,7 +96,7 @@ class Dialogs:
             return None
         from_caller = parse_name_addr(msg.header("from") or "").tag == dialog.caller_tag
         sender, toward = (dialog.caller, dialog.callee) if from_caller else (dialog.callee, dialog.caller)
-        if not self._speaks_for(sender, source, now):
+        if not self.speaks_for(sender, source, now):
             return Stranger(f"{msg.method} from {source.host}:{source.port}, which is not the "
                             f"{'caller' if from_caller else 'callee'} of this dialog")
         rewritten = rewrite_headers(msg, dialog.rewrite, from_caller) or {}
@@ -115,7 +115,8 @@ class Dialogs:
                     Log("call.completed", (*summary(record), ("ended_by", "caller" if from_caller else "callee")))]
         return out
 
-    def _speaks_for(self, party: Party, source: Source, now: float) -> bool:
+    def speaks_for(self, party: Party, source: Source, now: float) -> bool:
+        """Is a request from ``source`` from ``party``?"""
         if (source.host, source.port) == (party.source.host, party.source.port):
             return True
         if party.peer is not None and self.peer_of(source.host) == party.peer:

@@ -143,11 +143,14 @@ class Proxy:
         if call is not None:
             self._forget(call)
 
-    def on_cancel(self, invite_key: tuple[str, ...], reason: str | None, now: float) -> Emit | None:
+    def on_cancel(self, invite_key: tuple[str, ...], source: Source, reason: str | None,
+                  now: float) -> Emit | Stranger | None:
         """The caller gave up.  None when no such INVITE is known (the core answers 481)."""
         call = self.calls.get(invite_key)
         if call is None:
             return None
+        if not self.dialogs.speaks_for(call.caller, source, now):
+            return Stranger(f"CANCEL from {source.host}:{source.port}, which did not send the INVITE")
         out: Emit = []
         if call.final_status is None:
             self._cancel_all(call, reason or 'SIP;cause=487;text="Cancelled by the caller"', now, out)

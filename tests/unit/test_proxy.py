@@ -373,3 +373,15 @@ def test_a_bug_in_one_calls_timers_answers_that_caller_500_and_leaves_the_others
     assert [(m.status, m.call_id) for m in sent(out, "10.0.0.1") if not m.is_request] == [(500, "call-1")]
     assert [c.event for c in out if isinstance(c, Log) and c.level == "error"] == ["sip.core.error"]
     assert {m.call_id for m in sent(out, "10.1.1.1") if m.method == "INVITE"} == {"call-2"}  # call 2 retransmits
+
+
+def test_a_cancel_from_someone_other_than_the_caller_is_refused_and_the_phones_keep_ringing(core):
+    _, branches = start(core)
+    for name, port in (("desk", 7001), ("app", 7002)):
+        core.on_response(answer(branches[name], 180, "Ringing", tag=name), Source("10.1.1.1", port), 1000.2)
+    cancel = invite().replace(b"INVITE sip", b"CANCEL sip").replace(b"1 INVITE", b"1 CANCEL")
+    out = core.on_request(cancel, Source("192.0.2.66", 5060), 1001.0)
+    assert [m.status for m in sent(out)] == [403]
+    assert [m for m in sent(out, "10.1.1.1") if m.method == "CANCEL"] == []
+    out = core.on_request(cancel, ACD, 1001.5)                 # the caller's own CANCEL still works
+    assert [(m.status, m.method) for m in sent(out, "10.0.0.1")] == [(200, "CANCEL"), (487, "INVITE")]
