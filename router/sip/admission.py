@@ -3,8 +3,10 @@
 Theory of operation.  An INVITE is admitted from a trusted peer, matched by
 source address against the configured networks (the upstream PBX/ACD and the
 trunk), or from a device that proves itself with digest credentials in
-Proxy-Authorization (the same ``Authenticator`` gates as registration, so
-throttling and lockout count both) and holds a live registration.  Anyone
+Proxy-Authorization (the same ``Authenticator`` gates as registration: bad
+credentials count toward the source address's throttle, but a call is never
+refused because someone else sent bad REGISTERs naming the device) and holds
+a live registration.  Anyone
 else is challenged with 407 once and refused with 403 otherwise.  Only
 admitted callers can make the router place a PSTN leg: toll fraud starts
 with an open proxy.
@@ -62,7 +64,7 @@ def admit(policy: Policy, msg: SipMessage, host: str, auth: Authenticator,
     peer = trusted_peer(policy, host)
     if peer is not None:
         return Admitted(peer.name, peer.mode or policy.routing.mode, True, peer=peer.name)
-    check = auth.check(msg, "proxy-authorization", host, now)
+    check = auth.check(msg, "proxy-authorization", host, now, lockout=False)
     status = REFUSALS[check.gate]
     if status is not None:
         detail = f"{host} is not a trusted peer" if check.gate is Gate.CHALLENGE else check.detail

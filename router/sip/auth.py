@@ -6,10 +6,12 @@ password guessed wrong counts the same wherever it is tried.  ``check`` runs
 the gates in order and names the first that decides (``Gate``):
 
 1. the source address is not *throttled* (too many bad credentials from it in
-   the last minute);
+   the last minute, whatever the method);
 2. the request carries credentials for our realm (else *challenge*);
-3. the username is not *locked* (``max_auth_failures`` bad attempts in a row,
-   for a minute);
+3. for REGISTER only, the username is not *locked* (``max_auth_failures``
+   bad registrations in a row, for a minute).  Calls are not subject to the
+   lock: anyone can send bad REGISTERs naming a device, and that must not
+   stop the device's owner from calling;
 4. the nonce is ours and fresh (*stale*: the client retries silently) and the
    response verifies (*bad*; *bad_final* when this failure reaches the limit).
 
@@ -77,8 +79,10 @@ class Authenticator:
             self._ha1[key] = _ha1_of(owner[1], self.realm, algorithm) if owner else None
         return self._ha1[key]
 
-    def check(self, msg: SipMessage, header: str, source_host: str, now: float) -> Check:
-        """Run the gates on ``msg``'s ``header`` (authorization or proxy-authorization)."""
+    def check(self, msg: SipMessage, header: str, source_host: str, now: float,
+              lockout: bool = True) -> Check:
+        """Run the gates on ``msg``'s ``header`` (authorization or proxy-authorization);
+        ``lockout``: count and enforce the per-username lock (REGISTER)."""
         settings = self.policy.registrar
         stamps = self.source_failures.get(source_host)
         if stamps is not None:
@@ -89,19 +93,22 @@ class Authenticator:
         if creds is None:
             return Check(Gate.CHALLENGE, None, "no credentials")
         owner = self.policy.device_by_auth(creds.username)
-        count, last = self.failures.get(creds.username, (0, 0.0))
-        if count >= settings.max_auth_failures and now - last <= LOCKOUT:
+        count, last = self.failures.get(creds.username, (0, 0.0)) if lockout else (0, 0.0)
+        if lockout and count >= settings.max_auth_failures and now - last <= LOCKOUT:
             return Check(Gate.LOCKED, owner, f"{creds.username} is locked after {count} bad attempts")
         ha1 = self.ha1(creds.username, creds.algorithm) if owner else None
         verdict = self.nonces.check(creds, msg.method, ha1, now)
         if verdict == digest.Verdict.BAD:
-            self.failures[creds.username] = (count + 1, now)
             self.source_failures.setdefault(source_host, deque()).append(now)
+            if not lockout:
+                return Check(Gate.BAD, owner, f"bad credentials for {creds.username!r} from {source_host}")
+            self.failures[creds.username] = (count + 1, now)
             gate = Gate.BAD_FINAL if count + 1 >= settings.max_auth_failures else Gate.BAD
             return Check(gate, owner, f"bad credentials for {creds.username!r} from {source_host}")
         if verdict == digest.Verdict.STALE:
             return Check(Gate.STALE, owner, "stale nonce")
-        self.failures.pop(creds.username, None)
+        if lockout:
+            self.failures.pop(creds.username, None)
         return Check(Gate.OK, owner, creds.username)
 
     def _credentials(self, msg: SipMessage, header: str) -> digest.Credentials | None:

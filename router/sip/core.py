@@ -104,12 +104,13 @@ class SipCore:
         if cached is not None:
             return [self._send(msg, source, cached)]
         handler = self.handlers.get(msg.method)
+        known = msg.method == "INVITE" and self.proxy.has_call(key)     # a retransmission of a live call
         try:
             if handler is None:
                 return self._reply(msg, source, now, Reply(501, phrase(501), (("Allow", ALLOW),)))
             return handler(msg, source, now)
         except Exception:   # noqa: BLE001 -- whatever went wrong, the request still gets an answer
-            return self._internal_error(msg, source, key, now)
+            return self._internal_error(msg, source, key, now, known)
 
     def on_response(self, data: bytes, source: Source, now: float) -> list[Command]:
         try:
@@ -246,18 +247,18 @@ class SipCore:
                                                ("source", f"{source.host}:{source.port}"),
                                                ("detail", stranger.detail)), "warning")
 
-    def _internal_error(self, msg: SipMessage, source: Source, key: tuple[str, ...], now: float) -> list[Command]:
+    def _internal_error(self, msg: SipMessage, source: Source, key: tuple[str, ...], now: float,
+                        known: bool) -> list[Command]:
         log = Log("sip.core.error", (("call_id", msg.call_id), ("method", msg.method),
                                      ("source", f"{source.host}:{source.port}"),
                                      ("traceback", traceback.format_exc())), "error")
-        if msg.method == "INVITE":
-            self.proxy.forget_call(key)
-        if msg.method == "ACK":
-            return [log]
+        if msg.method == "ACK" or known:
+            return [log]             # an ACK is never answered; a live call keeps its own answers
+        cancels: list[Command] = list(self.proxy.abandon(key, now)) if msg.method == "INVITE" else []
         try:
-            return [*self._reply(msg, source, now, Reply(500, phrase(500))), log]
+            return [*self._reply(msg, source, now, Reply(500, phrase(500))), *cancels, log]
         except Exception:   # noqa: BLE001 -- not even a 500 could be built: log it
-            return [log]
+            return [*cancels, log]
 
     # --------------------------------------------------------------- helpers
     def _send(self, msg: SipMessage, source: Source, data: bytes) -> Send:

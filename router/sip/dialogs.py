@@ -1,15 +1,19 @@
 """Dialogs the router record-routed, and the requests inside them (RFC 3261 §16.12); pure.
 
 Theory of operation.  When a branch answers 2xx, the proxy opens a ``Dialog``
-keyed by Call-ID with its two ends: the caller (the source of the INVITE) and
-the callee (where the answering branch was sent).  Each end is a ``Party``:
-an address, and what the router knows the end to be -- a trusted peer (any
+keyed by Call-ID and the callee's tag (a forked INVITE answered by two phones
+makes two dialogs, and the caller's ACK and BYE for each reach the right
+phone).  A dialog has two ends: the caller (the source of the INVITE) and the
+callee (where the answering branch was sent).  Each end is a ``Party``: an
+address, and what the router knows the end to be -- a trusted peer (any
 address of that peer's network speaks for it) or a registered device (any
-address that device is registered from speaks for it).
+address that device holds a live registration from speaks for it).  The
+recorded host speaks for its end from any port: a NAT binding or a TCP
+connection may change during a long call.
 
 An in-dialog request (ACK, BYE, re-INVITE, REFER ...) is accepted only from
-the end its From tag says it comes from; it is forwarded to the other end,
-never to an address the request names.  A request from anyone else is a
+the end its tags say it comes from; it is forwarded to the other end, never
+to an address the request names.  A request from anyone else is a
 ``Stranger``: the core answers 403 and nothing is forwarded, so knowing a
 Call-ID and the tags is not enough to hang up or redirect someone's call.
 (Behind an edge proxy every phone speaks from the edge's address; the edge
@@ -17,8 +21,8 @@ then names the client's own flow, and ``Party`` is where that check goes.)
 
 The caller-ID rewrite and the CSeq step of an authenticated PSTN leg are
 applied to requests toward the trunk and undone on responses coming back.
-A BYE ends the dialog (the call record is completed); ended and aged dialogs
-are forgotten by ``sweep``, which the core runs as housekeeping.
+The BYE of the answered dialog completes the call record; ended and aged
+dialogs are forgotten by ``sweep``, which the core runs as housekeeping.
 """
 
 from __future__ import annotations
@@ -49,10 +53,11 @@ class Party:
 class Dialog:
     call_id: str
     caller_tag: str
+    callee_tag: str
     caller: Party
     callee: Party
     expires_at: float
-    record: CallRecord
+    record: CallRecord | None                  # None for a second answer of a forked call
     rewrite: tuple[str, str] | None = None     # (caller's From, the hotline From) when From is rewritten
     cseq_offset: int = 0                       # added to the caller's CSeq toward the callee
     ended: bool = False
@@ -75,26 +80,46 @@ class Dialogs:
         self.local = local
         self.peer_of = peer_of
         self.device_at = device_at
-        self.table: dict[str, Dialog] = {}
+        self.table: dict[tuple[str, str], Dialog] = {}
 
-    def open(self, dialog: Dialog) -> None:
-        self.table[dialog.call_id] = dialog
+    def open(self, dialog: Dialog) -> bool:
+        """Record an answered dialog; False if it was already open (a 2xx retransmission)."""
+        key = (dialog.call_id, dialog.callee_tag)
+        if key in self.table:
+            return False
+        self.table[key] = dialog
+        return True
+
+    def find(self, msg: SipMessage) -> tuple[Dialog, bool] | None:
+        """The dialog ``msg`` belongs to, and whether it comes from the caller's side."""
+        try:
+            from_tag = parse_name_addr(msg.header("from") or "").tag or ""
+            to_tag = parse_name_addr(msg.header("to") or "").tag or ""
+        except ValueError:
+            return None
+        dialog = self.table.get((msg.call_id, to_tag))
+        if dialog is not None and dialog.caller_tag == from_tag:
+            return dialog, True
+        dialog = self.table.get((msg.call_id, from_tag))
+        if dialog is not None and dialog.caller_tag == to_tag:
+            return dialog, False
+        return None
 
     def __len__(self) -> int:
         return len(self.table)
 
     def sweep(self, now: float) -> None:
         """Forget ended and aged dialogs (housekeeping: they age out in seconds to hours)."""
-        for call_id in [c for c, d in self.table.items() if d.expires_at <= now]:
-            del self.table[call_id]
+        for key in [k for k, d in self.table.items() if d.expires_at <= now]:
+            del self.table[key]
 
     # ------------------------------------------------------------------ requests
     def on_request(self, msg: SipMessage, source: Source, now: float) -> Emit | Stranger | None:
         """Forward an in-dialog request to the other end; None for an unknown dialog."""
-        dialog = self.table.get(msg.call_id)
-        if dialog is None:
+        found = self.find(msg)
+        if found is None:
             return None
-        from_caller = parse_name_addr(msg.header("from") or "").tag == dialog.caller_tag
+        dialog, from_caller = found
         sender, toward = (dialog.caller, dialog.callee) if from_caller else (dialog.callee, dialog.caller)
         if not self.speaks_for(sender, source, now):
             return Stranger(f"{msg.method} from {source.host}:{source.port}, which is not the "
@@ -110,6 +135,8 @@ class Dialogs:
         if msg.method == "BYE" and not dialog.ended:
             dialog.ended = True
             dialog.expires_at = now + ENDED_LINGER
+            if dialog.record is None:
+                return out
             record = replace(dialog.record, ended_at=now)
             out += [SaveCall(record),
                     Log("call.completed", (*summary(record), ("ended_by", "caller" if from_caller else "callee")))]
@@ -117,7 +144,7 @@ class Dialogs:
 
     def speaks_for(self, party: Party, source: Source, now: float) -> bool:
         """Is a request from ``source`` from ``party``?"""
-        if (source.host, source.port) == (party.source.host, party.source.port):
+        if source.host == party.source.host:
             return True
         if party.peer is not None and self.peer_of(source.host) == party.peer:
             return True
@@ -129,11 +156,14 @@ class Dialogs:
         vias = msg.all("via")
         if len(vias) < 2:
             return []
-        host, port = via_destination(vias[1])
-        dialog = self.table.get(msg.call_id)
+        try:
+            host, port = via_destination(vias[1])
+        except ValueError as exc:
+            return [Log("sip.response.unroutable", (("call_id", msg.call_id), ("detail", str(exc))), "debug")]
+        found = self.find(msg)
         undo = None
-        if dialog is not None:
-            toward_caller = parse_name_addr(msg.header("from") or "").tag == dialog.caller_tag
+        if found is not None:
+            dialog, toward_caller = found        # a response to the caller's request goes back to it
             undo = restore(msg, dialog.rewrite, None, dialog.cseq_offset if toward_caller else 0)
         transport = vias[1].split()[0].rsplit("/", 1)[-1].lower()
         return [Send(strip_top_via(msg, undo), host, port, "tcp" if transport == "tcp" else "udp")]

@@ -137,11 +137,19 @@ class Proxy:
     def has_call(self, key: tuple[str, ...]) -> bool:
         return key in self.calls
 
-    def forget_call(self, key: tuple[str, ...]) -> None:
-        """Drop a call whose INVITE the core answered itself after an internal error."""
+    def abandon(self, key: tuple[str, ...], now: float) -> Emit:
+        """After an internal error on this call's INVITE: CANCEL what rings, drop the call
+        (the core answers the caller 500)."""
         call = self.calls.get(key)
+        out: Emit = []
         if call is not None:
+            call.final_status = 500          # the core's 500 is the caller's answer
+            try:
+                self._cancel_all(call, 'SIP;cause=500;text="Internal error"', now, out)
+            except Exception:   # noqa: BLE001 -- the call is dropped anyway
+                pass
             self._forget(call)
+        return out
 
     def on_cancel(self, invite_key: tuple[str, ...], source: Source, reason: str | None,
                   now: float) -> Emit | Stranger | None:
@@ -174,7 +182,7 @@ class Proxy:
             Event.SUCCESS if msg.status < 300 else Event.FAILURE
         out: Emit = []
         self._deliver(call, branch, branch.step(event, now, msg), msg, now, out)
-        self._schedule(call)
+        self._schedule(call, now)
         return out
 
     def on_in_dialog(self, msg: SipMessage, source: Source, now: float) -> Emit | Stranger | None:
@@ -183,8 +191,10 @@ class Proxy:
 
     def handle_timer(self, now: float) -> Emit:
         out: Emit = []
-        while self.wakeups and self.wakeups[0][0] <= now:
-            _, _, key = heapq.heappop(self.wakeups)
+        due: dict[tuple[str, ...], None] = {}
+        while self.wakeups and self.wakeups[0][0] <= now:     # take what is due first: whatever
+            due[heapq.heappop(self.wakeups)[2]] = None         # is scheduled now waits for the next pass
+        for key in due:
             call = self.calls.get(key)
             if call is None:
                 continue
@@ -207,15 +217,16 @@ class Proxy:
         for branch in list(call.branches.values()):
             for _event, step in branch.fire(now):
                 self._deliver(call, branch, step, None, now, out)
-        self._schedule(call)
+        self._schedule(call, now)
 
     def _abandon(self, call: Call, now: float, out: Emit) -> None:
         """After an internal error: the caller still gets a final answer, and the call is dropped."""
-        if call.final_status is None:
-            try:
+        try:
+            if call.final_status is None:
+                self._cancel_all(call, 'SIP;cause=500;text="Internal error"', now, out)
                 self._final(call, 500, phrase(500), now, out, reason_text="internal error")
-            except Exception:   # noqa: BLE001 -- nothing more can be done for this call
-                pass
+        except Exception:   # noqa: BLE001 -- nothing more can be done for this call
+            pass
         self._forget(call)
 
     def next_timer(self) -> float | None:
@@ -256,7 +267,7 @@ class Proxy:
         out.append(Log("call.routing", (("call_id", call.call_id), ("user", call.user_id),
                                          ("queue", call.queue_id), ("method", decision.method.value),
                                          ("branches", len(call.active()))), "debug"))
-        self._schedule(call)
+        self._schedule(call, now)
 
     def _branch(self, call: Call, spec: Spec, now: float, out: Emit, cseq_offset: int = 0) -> None:
         if call.loop_hash is None:
@@ -306,30 +317,36 @@ class Proxy:
         branch.final_status = msg.status
         r.out.append(self._to_caller(call, strip_top_via(msg, restore(msg, call.rewrite,
                                                                        call.invite.header("cseq")))))
-        if call.answered_by is not None:
-            return
-        call.answered_by, call.answered_at = branch.label, now
-        call.final_status, call.final_reason = msg.status, msg.reason
-        call.ring_deadline = None
-        for other in call.branches.values():
-            if other is not branch and not other.done:
-                self._cancel(call, other, COMPLETED_ELSEWHERE, now, r.out)
-        caller_tag = parse_name_addr(call.invite.header("from") or "").tag or ""
-        record = self._record(call, None)
-        device = None if branch.label.startswith(pstn.LABEL_PREFIX) else branch.label
-        peer = self.dialogs.peer_of(branch.dest.host) if device is None else None
-        self.dialogs.open(Dialog(call.call_id, caller_tag, call.caller, Party(branch.dest, peer, device),
-                                 now + DIALOG_TTL, record, call.rewrite, branch.cseq_offset))
-        call.linger_until = now + CALL_LINGER
-        r.out.append(SaveCall(record))
-        r.out.append(Log("call.answered", (("call_id", call.call_id), ("by", branch.label),
-                                            ("after_ms", int((now - call.started) * 1000))), "debug"))
+        first = call.answered_by is None
+        if first:
+            call.answered_by, call.answered_at = branch.label, now
+            call.final_status, call.final_reason = msg.status, msg.reason
+            call.ring_deadline = None
+            for other in call.branches.values():
+                if other is not branch and not other.done:
+                    other.superseded = True      # its late answers no longer count for the call
+                    self._cancel(call, other, COMPLETED_ELSEWHERE, now, r.out)
+        record = self._record(call, None) if first else None
+        if self.dialogs.open(Dialog(call.call_id, _tag(call.invite.header("from")), _tag(msg.header("to")),
+                                    call.caller, self._callee(branch), now + DIALOG_TTL, record,
+                                    call.rewrite, branch.cseq_offset)):
+            call.linger_until = now + CALL_LINGER
+        if record is not None:
+            r.out.append(SaveCall(record))
+            r.out.append(Log("call.answered", (("call_id", call.call_id), ("by", branch.label),
+                                                ("after_ms", int((now - call.started) * 1000))), "debug"))
+
+    def _callee(self, branch: Branch) -> Party:
+        """Who answered: a registered device, or the trunk (or another trusted peer)."""
+        if branch.label.startswith(pstn.LABEL_PREFIX):
+            return Party(branch.dest, self.dialogs.peer_of(branch.dest.host))
+        return Party(branch.dest, device=branch.label)
 
     def _failed(self, r: Report) -> None:
         msg, call, branch = r.response, r.call, r.branch
         assert msg is not None
         branch.final_status = msg.status
-        if msg.status in (401, 407) and not branch.superseded:
+        if msg.status in (401, 407) and not branch.superseded and call.final_status is None:
             spec = pstn.answer_challenge(self.policy().trunk, branch, msg)
             if spec is not None:
                 branch.superseded = True
@@ -409,7 +426,7 @@ class Proxy:
         record = self._record(call, now)
         out.append(SaveCall(record))
         out.append(Log("call.completed", summary(record), "info"))
-        self._schedule(call)
+        self._schedule(call, now)
 
     def _record(self, call: Call, ended: float | None) -> CallRecord:
         caller = parse_name_addr(call.invite.header("from") or "").uri
@@ -439,12 +456,18 @@ class Proxy:
                       if src.transport == "udp" else (src.host, src.port))
         return Send(data, host, port, src.transport, src.conn)
 
-    def _schedule(self, call: Call) -> None:
+    def _schedule(self, call: Call, now: float) -> None:
+        """Wake up for the call's next deadline.  Past its linger time, a call waits only
+        for its branches to finish (a branch not yet done always has a timer)."""
         times = [t for t in (b.next_timer() for b in call.branches.values()) if t is not None]
         if call.ring_deadline is not None:
             times.append(call.ring_deadline)
         if call.linger_until is not None:
-            times.append(call.linger_until)
+            if call.linger_until > now:
+                times.append(call.linger_until)
+            elif all(b.done for b in call.branches.values()):
+                times.append(now)             # forgotten on the next pass
+
         if times:
             self._seq += 1
             heapq.heappush(self.wakeups, (min(times), self._seq, call.key))
@@ -452,3 +475,10 @@ class Proxy:
     def _all_bindings(self, user_key: str, now: float) -> list[Binding]:
         user = self.policy().user(user_key)
         return self.bindings(user.id, now) if user is not None else []
+
+
+def _tag(value: str | None) -> str:
+    try:
+        return parse_name_addr(value or "").tag or ""
+    except ValueError:
+        return ""

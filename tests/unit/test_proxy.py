@@ -8,6 +8,7 @@ import pytest
 
 from router.config import parse_policy
 from router.policy.model import Binding, DeviceKind, ReceiveMethod
+from router.sip import digest
 from router.sip.branch import TABLE, Action, Event, State
 from router.sip.commands import Log, SaveCall, Send, Source
 from router.sip.core import SipCore
@@ -299,10 +300,10 @@ def test_a_stranger_who_knows_the_call_id_and_tags_cannot_hang_up_the_call(core)
 def test_a_stranger_cannot_pose_as_the_callee_either(core):
     _answered(core)
     reinvite = _bye(from_tag="d1", to_tag="c1").replace(b"BYE", b"INVITE").replace(b"2 INVITE", b"5 INVITE")
-    out = core.on_request(reinvite, Source("10.1.1.1", 7099), 1010.0)      # the phone's host, another port
+    out = core.on_request(reinvite, Source("10.1.1.9", 7001), 1010.0)      # another host
     assert [m.status for m in sent(out)] == [403]
-    out = core.on_request(reinvite.replace(b"z9hG4bKbye", b"z9hG4bKok"), Source("10.1.1.1", 7001), 1010.0)
-    (forwarded,) = sent(out, "10.0.0.1", 5060)                 # from the answering phone: goes to the caller
+    out = core.on_request(reinvite.replace(b"z9hG4bKbye", b"z9hG4bKok"), Source("10.1.1.1", 7099), 1010.0)
+    (forwarded,) = sent(out, "10.0.0.1", 5060)    # the answering phone, its NAT rebound to a new port
     assert forwarded.method == "INVITE"
 
 
@@ -385,3 +386,91 @@ def test_a_cancel_from_someone_other_than_the_caller_is_refused_and_the_phones_k
     assert [m for m in sent(out, "10.1.1.1") if m.method == "CANCEL"] == []
     out = core.on_request(cancel, ACD, 1001.5)                 # the caller's own CANCEL still works
     assert [(m.status, m.method) for m in sent(out, "10.0.0.1")] == [(200, "CANCEL"), (487, "INVITE")]
+
+
+def test_a_call_past_its_linger_time_waits_for_a_cancelled_phone_and_never_stalls_the_timer(core):
+    _, branches = start(core)
+    cancel = invite().replace(b"INVITE sip", b"CANCEL sip").replace(b"1 INVITE", b"1 CANCEL")
+    core.on_request(cancel, ACD, 1000.2)                    # before any provisional: the CANCELs wait
+    out = []
+    for name, port in (("desk", 7001), ("app", 7002)):
+        out += core.on_response(answer(branches[name], 100, "Trying"), Source("10.1.1.1", port), 1003.0)
+    cancels = [m for m in sent(out) if m.method == "CANCEL"]
+    assert len(cancels) == 2
+    for c, port in zip(cancels, (7001, 7002), strict=True):   # the phones take the CANCEL but their 487 is lost
+        core.on_response(answer(c, 200, "OK"), Source("10.1.1.1", port), 1003.1)
+    core.handle_timer(1032.3)                               # past linger: returns (it used to spin for ever)
+    assert core.proxy.calls                                 # the branches are not done yet
+    assert core.proxy.next_timer() == pytest.approx(1035.0)  # Timer B of the CANCELled branches
+    core.handle_timer(1035.0)                               # Timer B: the branches are done
+    core.handle_timer(1035.01)                              # and the call is forgotten on the next pass
+    assert not core.proxy.calls and not core.proxy.by_branch and core.proxy.next_timer() is None
+
+
+def test_two_phones_answering_at_once_make_two_dialogs_each_reached_by_its_own_bye(core):
+    _, branches = start(core)
+    out = core.on_response(answer(branches["desk"], 200, "OK", tag="d1"), Source("10.1.1.1", 7001), 1001.0)
+    out += core.on_response(answer(branches["app"], 200, "OK", tag="a1"), Source("10.1.1.1", 7002), 1001.0)
+    assert [m.status for m in sent(out, "10.0.0.1")] == [200, 200]       # both go to the caller (§16.7)
+    bye_app = _bye(to_tag="a1", branch="z9hG4bKbye2")
+    (to_app,) = sent(core.on_request(bye_app, ACD, 1002.0), "10.1.1.1")
+    assert to_app.method == "BYE"
+    to_desk = sent(core.on_request(_bye(), ACD, 1003.0), "10.1.1.1")
+    assert [m.method for m in to_desk] == ["BYE"]
+    records = [c.record for c in core.on_request(_bye(branch="z9hG4bKbye3"), ACD, 1003.5) if isinstance(c, SaveCall)]
+    assert records == []                                    # the call record was completed once, by desk's BYE
+
+
+def test_the_trunk_may_hang_up_from_another_port_of_its_host(tmp_path):
+    policy = parse_policy(POLICY.replace("fallback: [agent_phone]", "fallback: []")
+                          .replace("receive_method: all_devices", "receive_method: agent_phone"),
+                          str(tmp_path / "r.yaml"))
+    core = SipCore(policy, [], 1000.0, local=LOCAL)
+    out = core.on_request(invite(), ACD, 1000.0)
+    (leg,) = [m for m in sent(out, "10.9.9.9", 5080) if m.method == "INVITE"]
+    core.on_response(answer(leg, 200, "OK", tag="t1"), Source("10.9.9.9", 5080), 1001.0)
+    bye = (f"BYE sip:0909@10.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 10.9.9.9:5060;branch=z9hG4bKtb\r\n"
+           f"From: {leg.header('to')};tag=t1\r\nTo: {leg.header('from')}\r\nCall-ID: call-1\r\n"
+           "CSeq: 7 BYE\r\nContent-Length: 0\r\n\r\n").encode()
+    (forwarded,) = sent(core.on_request(bye, Source("10.9.9.9", 5060), 1010.0), "10.0.0.1")
+    assert forwarded.method == "BYE"
+
+
+def test_a_late_challenge_from_the_trunk_after_a_phone_answered_is_not_answered(core):
+    _, branches = start(core)
+    for name, port in (("desk", 7001), ("app", 7002)):
+        core.on_response(answer(branches[name], 180, "Ringing", tag=name), Source("10.1.1.1", port), 1000.2)
+    out = core.handle_timer(1005.0)                         # ring timeout: the PSTN leg starts
+    (leg,) = [m for m in sent(out, "10.9.9.9", 5080) if m.method == "INVITE"]
+    core.on_response(answer(branches["desk"], 200, "OK", tag="d1"), Source("10.1.1.1", 7001), 1005.1)
+    late = core.on_response(answer(leg, 407, "Proxy Authentication Required", tag="t",
+                                   extra='Proxy-Authenticate: Digest realm="c", nonce="n"\r\n'),
+                            Source("10.9.9.9", 5080), 1005.2)
+    assert [m.method for m in sent(late, "10.9.9.9")] == ["ACK"]     # ACKed, and no new INVITE
+
+
+def _digest(core, header, method, uri, username, password, now, nc="00000001"):
+    nonce = core.auth.nonces.issue(now)
+    ha1 = digest.ha1("MD5", username, "pbx.test", password)
+    response = digest.response("MD5", ha1, nonce, method, uri, "auth", nc, "abc")
+    return (f'{header}: Digest username="{username}", realm="pbx.test", nonce="{nonce}", uri="{uri}", '
+            f'response="{response}", algorithm=MD5, qop=auth, nc={nc}, cnonce="abc"\r\n')
+
+
+def test_bad_registers_naming_a_desk_phone_do_not_stop_its_owner_calling(core):
+    """A stranger can lock a username out of registering for a minute; calls are not locked."""
+    attacker = Source("192.0.2.66", 5060)
+    for i in range(6):                                         # past max_auth_failures (5)
+        bad = (f"REGISTER sip:pbx.test SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.66;branch=z9hG4bKbad{i}\r\n"
+               f"From: <sip:1002@pbx.test>;tag=x\r\nTo: <sip:1002@pbx.test>\r\nCall-ID: bad-{i}\r\n"
+               f"CSeq: {i + 1} REGISTER\r\n"
+               + _digest(core, "Authorization", "REGISTER", "sip:pbx.test", "desk", "wrong", 1000.0)
+               + "Content-Length: 0\r\n\r\n").encode()
+        core.on_request(bad, attacker, 1000.0)
+    desk = Source("10.1.1.1", 7001)                           # registered from here (the fixture)
+    call = invite(branch="z9hG4bKdesk", user="0909123456").replace(b"Via: SIP/2.0/UDP 10.0.0.1:5060",
+                                                                    b"Via: SIP/2.0/UDP 10.1.1.1:7001")
+    call = call.replace(b"Content-Type", _digest(core, "Proxy-Authorization", "INVITE", "sip:0909123456@10.0.0.2",
+                                                 "desk", "a", 1000.0).encode() + b"Content-Type")
+    statuses = [m.status for m in sent(core.on_request(call, desk, 1000.5), "10.1.1.1", 7001)]
+    assert 403 not in statuses and 407 not in statuses
