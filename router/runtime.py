@@ -31,17 +31,19 @@ class PolicyState:
         self._seen = store.observe_yaml(yaml_policy, now)
         self.view = self._build()
 
-    def _build(self) -> PolicyView:
+    def _build(self, yaml_policy: Policy | None = None, seen: dict[Key, float] | None = None) -> PolicyView:
         marker = self.store.change_marker()
-        policy, sources = apply(self.yaml_policy, self._seen, self.store.latest_changes())
+        policy, sources = apply(yaml_policy or self.yaml_policy, self._seen if seen is None else seen,
+                                self.store.latest_changes())
         return PolicyView(policy, sources, marker)
 
     def reload(self, yaml_policy: Policy, now: float) -> PolicyView:
-        """Adopt a newly validated YAML policy (the caller validated it)."""
-        self.yaml_policy = yaml_policy
-        self._seen = self.store.observe_yaml(yaml_policy, now)
-        self.view = self._build()
-        return self.view
+        """Adopt a newly validated YAML policy (the caller validated it).  If the
+        state database fails on the way, nothing changes: the old policy stays."""
+        seen = self.store.observe_yaml(yaml_policy, now)
+        view = self._build(yaml_policy, seen)
+        self.yaml_policy, self._seen, self.view = yaml_policy, seen, view
+        return view
 
     def refresh(self) -> bool:
         """Pick up changes made by another process; True when something changed."""

@@ -60,7 +60,8 @@ def options_ping(port: int, timeout: float = 0.2) -> bool:
         s.bind(("127.0.0.1", 0))
         s.settimeout(timeout)
         me = s.getsockname()[1]
-        s.sendto((f"OPTIONS sip:{DOMAIN} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{me};branch=z9hG4bK{time.monotonic_ns()}\r\n"
+        s.sendto((f"OPTIONS sip:{DOMAIN} SIP/2.0\r\n"
+                  f"Via: SIP/2.0/UDP 127.0.0.1:{me};branch=z9hG4bK{time.monotonic_ns()}\r\n"
                   f"From: <sip:ping@{DOMAIN}>;tag=1\r\nTo: <sip:{DOMAIN}>\r\nCall-ID: ping-{time.monotonic_ns()}\r\n"
                   "CSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n").encode(), ("127.0.0.1", port))
         try:
@@ -175,3 +176,135 @@ def run_sipp(scenario: str, port: int, *args: str, calls: int = 1, timeout: floa
         cmd += ["-inf", csv]
     cmd += [*args, f"127.0.0.1:{port}"]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 15, cwd=cwd)
+
+
+# --------------------------------------------------------------------------- fault and soak helpers
+
+def proc_usage(pid: int) -> tuple[int, int]:
+    """(VmRSS in KiB, open file descriptors) of a running process, from /proc."""
+    rss = 0
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1])
+                break
+    return rss, len(os.listdir(f"/proc/{pid}/fd"))
+
+
+class RegisterBurst:
+    """Many devices register at once from one UDP socket (401, then digest, then 200).
+
+    Written for ``write_users_config``'s users (u<i>, device d<i>, password pw<i>).
+    ``run`` keeps up to ``window`` registrations in flight, calls ``on_ack`` with the
+    number of 200s so far after each one, and returns when every device has an
+    answer, or ``quiet`` seconds pass without a datagram, or ``deadline`` passes.
+    ``acked`` holds the devices whose 200 arrived: the router acknowledged them.
+    """
+
+    def __init__(self, port: int, users: int, window: int = 200) -> None:
+        self.router = ("127.0.0.1", port)
+        self.users = users
+        self.window = window
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+        self.sock.bind(("127.0.0.1", 0))
+        self.me = self.sock.getsockname()[1]
+        self.tag = f"{os.getpid()}-{time.monotonic_ns()}"
+        self.acked: set[str] = set()
+        self.refused: dict[str, int] = {}
+        self.answered_at: dict[str, float] = {}
+        self.sent_at: dict[str, float] = {}
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> RegisterBurst:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _register(self, i: int, cseq: int, authorization: str = "") -> None:
+        text = (f"REGISTER sip:{DOMAIN} SIP/2.0\r\n"
+                f"Via: SIP/2.0/UDP 127.0.0.1:{self.me};branch=z9hG4bK-b{i}-{cseq}-{self.tag};rport\r\n"
+                f"From: <sip:u{i}@{DOMAIN}>;tag=b{i}\r\nTo: <sip:u{i}@{DOMAIN}>\r\n"
+                f"Call-ID: burst-{i}-{self.tag}\r\nCSeq: {cseq} REGISTER\r\n"
+                f"Contact: <sip:d{i}@127.0.0.1:{self.me}>\r\nExpires: 3600\r\n"
+                f"{authorization}Max-Forwards: 70\r\nUser-Agent: burst\r\nContent-Length: 0\r\n\r\n")
+        self.sock.sendto(text.encode(), self.router)
+
+    def _answer_challenge(self, i: int, challenge: object) -> None:
+        from router.sip import digest
+        from router.sip.message import SipMessage, auth_params
+        assert isinstance(challenge, SipMessage)
+        offers = {auth_params(v)[1].get("algorithm"): auth_params(v)[1]
+                  for v in challenge.all("www-authenticate")}
+        params = offers["MD5"]
+        uri = f"sip:{DOMAIN}"
+        ha1 = digest.ha1("MD5", f"d{i}", params["realm"], f"pw{i}")
+        response = digest.response("MD5", ha1, params["nonce"], "REGISTER", uri, "auth", "00000001", "c0ffee")
+        self._register(i, 2, f'Authorization: Digest username="d{i}", realm="{params["realm"]}", '
+                             f'nonce="{params["nonce"]}", uri="{uri}", response="{response}", '
+                             'algorithm=MD5, qop=auth, nc=00000001, cnonce="c0ffee"\r\n')
+
+    def run(self, on_ack: object = None, quiet: float = 1.0, deadline: float = 60.0) -> None:
+        from router.sip.message import parse
+        end = time.monotonic() + deadline
+        started = answered = 0
+        last_heard = time.monotonic()
+        self.sock.settimeout(0.02)
+        while time.monotonic() < end and answered < self.users:
+            while started < self.users and started - answered < self.window:
+                self.sent_at[f"d{started}"] = time.monotonic()
+                self._register(started, 1)
+                started += 1
+            try:
+                data = self.sock.recv(65535)
+            except TimeoutError:
+                if time.monotonic() - last_heard > quiet:
+                    return
+                continue
+            last_heard = time.monotonic()
+            msg = parse(data)
+            i = int(msg.call_id.split("-")[1])
+            device = f"d{i}"
+            if msg.status == 401:
+                self._answer_challenge(i, msg)
+                continue
+            if device in self.answered_at:
+                continue                     # a retransmitted answer
+            self.answered_at[device] = time.monotonic()
+            answered += 1
+            if msg.status == 200:
+                self.acked.add(device)
+                if callable(on_ack):
+                    on_ack(len(self.acked))
+            else:
+                self.refused[device] = msg.status
+
+
+def write_fork_config(directory: str, port: int, users: int, method: str = "all_devices",
+                      log_level: str = "warning") -> str:
+    """A policy with ``users`` users u<i>, each with an ip_phone a<i> and an app b<i> (password
+    p<i>), trusted ACD on loopback, no fallback: the set-up of ``benchmarks/call_rate.py fork``
+    (the devices are registered by ``tests.integration.peers.SippFarm``)."""
+    lines = [f"domain: {DOMAIN}", f"state_dir: {directory}", f"listen: [{{address: 127.0.0.1, port: {port}}}]",
+             "registrar: {max_bindings_per_device: 1, max_expires: 7200, source_failures_per_minute: 1000000}",
+             "routing: {fallback: [], ring_timeout: 30}",
+             "trusted_peers: [{name: acd, address: 127.0.0.1}]",
+             f"log: {{level: {log_level}, format: json}}", "users:"]
+    for i in range(users):
+        lines.append(f"  - {{id: u{i}, receive_method: {method}, devices: ["
+                     f"{{id: a{i}, kind: ip_phone, password: p{i}}}, {{id: b{i}, kind: app, password: p{i}}}]}}")
+    path = Path(directory) / "router.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def count_bindings(database: str | Path) -> int:
+    """Rows in the bindings table of a state database (0 while it does not exist)."""
+    import sqlite3
+    if not Path(database).exists():
+        return 0
+    with sqlite3.connect(database, timeout=10) as conn:
+        return int(conn.execute("SELECT COUNT(*) FROM bindings").fetchone()[0])

@@ -41,28 +41,32 @@ class DeviceBindings(Protocol):
     def bindings(self) -> tuple[Binding, ...]: ...
 
 
-class BindingStore(Protocol):
-    def load(self, now: float) -> list[Binding]:
-        """Every binding not yet expired at ``now``."""
+class BindingWriter(Protocol):
+    """What the SIP engine needs: write binding sets (the registrar's decisions)."""
 
     def replace_many(self, sets: Iterable[DeviceBindings]) -> None:
         """Several devices' binding sets, in one transaction."""
+
+
+class BindingStore(BindingWriter, Protocol):
+    """The location service's durable copy: written by the engine, read at start and by the CLI."""
+
+    def load(self, now: float) -> list[Binding]:
+        """Every binding not yet expired at ``now``."""
 
     def purge_expired(self, now: float) -> int:
         """Delete bindings expired at ``now``; return how many."""
 
 
-class CallStore(Protocol):
+class CallWriter(Protocol):
+    """What the SIP engine needs: write call records."""
+
     def save_many(self, records: Iterable[CallRecord]) -> None:
         """Insert or update call records by Call-ID."""
 
+
+class CallStore(CallWriter, Protocol):
+    """Call records: written by the engine, read by the CLI."""
+
     def recent(self, user_id: str | None = None, limit: int = 50) -> list[CallRecord]:
         """Newest first."""
-
-
-class BindingWriter(Protocol):
-    def replace_many(self, sets: Iterable[DeviceBindings]) -> None: ...
-
-
-class CallWriter(Protocol):
-    def save_many(self, records: Iterable[CallRecord]) -> None: ...

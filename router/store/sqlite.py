@@ -2,7 +2,9 @@
 
 One file holds the state: run-time policy changes with their audit trail, the
 YAML observations that decide precedence, registrations, and call records.
-WAL mode lets the CLI read and write while the router runs.
+WAL mode lets the CLI read and write while the router runs.  A database that
+cannot be opened, read or written is a ``StateError`` naming the file and why
+(the router exits with its own status; the CLI prints one line).
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import time
 from collections.abc import Iterable
 
+from router.errors import RouterError
 from router.policy.effective import Change, Key, yaml_value
 from router.policy.model import Binding, DeviceKind, Policy
 from router.records import CallRecord
@@ -36,19 +40,67 @@ CREATE TABLE IF NOT EXISTS calls (
     branches TEXT, answered_by TEXT, status INTEGER, reason TEXT,
     started_at REAL, answered_at REAL, ended_at REAL);
 CREATE INDEX IF NOT EXISTS calls_user ON calls (user_id, started_at);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 """
 
 
-def connect(path: str) -> sqlite3.Connection:
-    """Open (and create) the state database at ``path``."""
-    directory = os.path.dirname(path)
-    if directory:
-        os.makedirs(directory, exist_ok=True)
-    conn = sqlite3.connect(path, timeout=10.0, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")
-    conn.executescript(SCHEMA)
+class StateError(RouterError):
+    """The state database cannot be opened, read or written; names the file and why."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"state database {path}: {reason}")
+
+
+def describe(exc: BaseException) -> str:
+    """A one-line reason for an OS or SQLite error, for a person to act on."""
+    if isinstance(exc, OSError):
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"{exc.strerror or exc}{where}"
+    return str(exc) or type(exc).__name__
+
+
+def connect(path: str, *, durable: bool = False, busy_timeout: float = 10.0,
+            check_writable: bool = False) -> sqlite3.Connection:
+    """Open (and create) the state database at ``path``; raise ``StateError``.
+
+    ``durable``: every commit is synced to disk (``synchronous=FULL``), so a
+    commit survives a power cut, not only a crash of the process; the router
+    commits in groups (one every 50 ms at most), so the sync is paid per group.
+    ``check_writable``: prove at once that a write commits (the router refuses
+    to start on a database it could not write, instead of failing later).
+    ``busy_timeout``: how long a write waits for another writer's lock.
+    """
+    try:
+        directory = os.path.dirname(path)
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+        if os.path.isdir(path):
+            raise StateError(path, "is a directory, not a database file")
+        conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+            conn.executescript(SCHEMA)
+            if check_writable:
+                with conn:
+                    conn.execute("BEGIN IMMEDIATE")
+                    conn.execute("INSERT INTO meta (key, value) VALUES ('opened_at', ?) ON CONFLICT (key) "
+                                 "DO UPDATE SET value = excluded.value", (repr(time.time()),))
+        except BaseException:
+            conn.close()
+            raise
+    except (OSError, sqlite3.Error) as exc:
+        raise StateError(path, describe(exc)) from None
     return conn
+
+
+def _settle(conn: sqlite3.Connection) -> None:
+    """Roll back a transaction a failed write left open (its rollback failed too), so
+    the retry can begin a new one instead of failing on "within a transaction"."""
+    if conn.in_transaction:
+        conn.rollback()
 
 
 class SqlitePolicyStore:
@@ -131,6 +183,7 @@ class SqliteBindingStore:
 
     def replace_many(self, sets: Iterable[DeviceBindings]) -> None:
         """Several devices' binding sets in one transaction."""
+        _settle(self.conn)
         with self.conn:
             self.conn.execute("BEGIN IMMEDIATE")
             for item in sets:
@@ -158,6 +211,7 @@ class SqliteCallStore:
         rows = [(r.call_id, r.caller, r.user_id, r.queue_id, r.method, json.dumps(list(r.branches)),
                  r.answered_by, r.status, r.reason, r.started_at, r.answered_at, r.ended_at)
                 for r in records]
+        _settle(self.conn)
         with self.conn:
             self.conn.execute("BEGIN IMMEDIATE")
             self.conn.executemany(

@@ -193,3 +193,14 @@ Content-Length: 0
     path.write_text('<?xml version="1.0" encoding="ISO-8859-1" ?>\n<scenario name="caller">\n'
                     + "".join(steps) + "</scenario>\n")
     return path
+
+
+def fork_call_flow(path: Path, user: str = "[field0]", bye_after_ms: int = 0) -> Path:
+    """The forked call of ``benchmarks/call_rate.py fork``: two phones ring (either may send
+    180 first, both may), one answers, the router cancels the other; ACK, then BYE."""
+    invite_flow(path, user, 200, bye_after_ms=bye_after_ms, ringing=1)
+    text = path.read_text().replace(
+        '<recv response="180" optional="true" rtd="pdd"/>',
+        '<recv response="180" optional="true" rtd="pdd"/>\n  <recv response="180" optional="true"/>')
+    path.write_text(text.replace('  <pause milliseconds="0"/>\n', ""))
+    return path

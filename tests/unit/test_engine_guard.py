@@ -1,8 +1,18 @@
-"""The PJSIP thread survives a bug in the core: one bad message is logged, not fatal."""
+"""The PJSIP thread survives a bug in the core (one bad message is logged, not fatal)
+and a failing state database (writes are retried, answers stay honest, routing goes on)."""
 
 from __future__ import annotations
 
+import sqlite3
+
+import structlog
+
+from router.policy.model import Binding, DeviceKind
+from router.records import CallRecord
+from router.sip.commands import SaveBindings, Send
+from router.sip.commit import MAX_PENDING_CALLS, RETRY_MAX, GroupCommit, refusal
 from router.sip.engine import Engine
+from router.sip.message import parse
 from router.sip.pjsip_module import Packet
 
 
@@ -30,3 +40,160 @@ def test_a_core_error_is_counted_and_the_engine_goes_on():
     engine._handle(Packet(b"SIP/2.0 200 OK\r\n\r\n", "127.0.0.1", 5060, "udp", 0), True)
     engine._guarded(BrokenCore().handle_timer, 0.0)
     assert engine.stats["core_errors"] == 3
+
+
+# --------------------------------------------------------------------------- group commit
+# ``GroupCommit`` is the engine's write path without PJSIP: these tests drive it alone
+# (a second pjsua2 Endpoint alive in one process aborts it, so no other Engine is built).
+
+OK_200 = (b"SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP 127.0.0.1:5071;branch=z9hG4bK-1;received=127.0.0.1;rport=5071\r\n"
+          b"From: <sip:1002@pbx.test>;tag=a\r\nTo: <sip:1002@pbx.test>;tag=b\r\nCall-ID: reg-1\r\n"
+          b"CSeq: 2 REGISTER\r\nContact: <sip:minh@127.0.0.1:5071>;expires=300\r\n"
+          b"Server: sip-router/0.1\r\nContent-Length: 0\r\n\r\n")
+
+
+class FlakyStore:
+    """A store whose writes fail while ``broken`` (as SQLite does on a full or read-only disk)."""
+
+    def __init__(self) -> None:
+        self.broken = False
+        self.bindings: dict[str, tuple[Binding, ...]] = {}
+        self.calls: dict[str, CallRecord] = {}
+        self.attempts = 0
+
+    def replace_many(self, sets):
+        self.attempts += 1
+        if self.broken:
+            raise sqlite3.OperationalError("disk I/O error")
+        for item in sets:
+            self.bindings[item.device_id] = item.bindings
+
+    def save_many(self, records):
+        if self.broken:
+            raise sqlite3.OperationalError("database or disk is full")
+        for record in records:
+            self.calls[record.call_id] = record
+
+
+def save(device: str = "minh-desk") -> SaveBindings:
+    binding = Binding(user_id="minh", device_id=device, kind=DeviceKind.IP_PHONE,
+                      contact=f"sip:{device}@127.0.0.1:5071", expires_at=2000.0)
+    return SaveBindings("minh", device, (binding,))
+
+
+def record(n: int) -> CallRecord:
+    return CallRecord(f"call-{n}", "sip:c@x", "minh", None, "ip_phone", (), None, 200, "", 1.0)
+
+
+def make(store: FlakyStore) -> tuple[GroupCommit, list[Send]]:
+    sent: list[Send] = []
+    return GroupCommit(store, store, sent.append, structlog.get_logger("state")), sent
+
+
+def test_a_held_200_leaves_only_after_its_binding_is_committed():
+    store = FlakyStore()
+    commit, sent = make(store)
+    answer = Send(OK_200, "127.0.0.1", 5071)
+    commit.save(save())
+    commit.hold(answer)
+    assert sent == [] and store.bindings == {}
+    assert commit.is_held(Send(OK_200, "127.0.0.1", 5071))        # its retransmission is not sent early
+    commit.flush(100.0)
+    assert "minh-desk" in store.bindings and sent == [answer]
+    assert not commit.is_held(answer) and commit.stats["commits"] == 1
+
+
+def test_a_failing_write_is_logged_once_kept_for_retry_and_the_held_200_becomes_500():
+    store = FlakyStore()
+    store.broken = True
+    with structlog.testing.capture_logs() as logs:
+        sent: list[Send] = []
+        refused: list[tuple[Send, Send]] = []
+        commit = GroupCommit(store, store, sent.append, structlog.get_logger("state"),
+                             lambda a, b: refused.append((a, b)))
+        commit.save(save("minh-desk"))
+        commit.hold(Send(OK_200, "127.0.0.1", 5071))
+        commit.save_call(record(1))
+        now = 100.0
+        commit.flush(now)
+        (reply,) = sent
+        assert reply.data.startswith(b"SIP/2.0 500 Server Internal Error\r\n")
+        msg = parse(reply.data)
+        assert (msg.call_id, msg.cseq, msg.header("retry-after")) == ("reg-1", (2, "REGISTER"), "10")
+        assert msg.top_via.branch == "z9hG4bK-1" and "contact" not in dict(msg.headers)
+        assert refused == [(Send(OK_200, "127.0.0.1", 5071), reply)]     # for the transaction cache
+        # more failures in the same streak: retried with back-off, never logged again
+        for _ in range(50):
+            commit.save(save("minh-app"))
+            now += RETRY_MAX
+            commit.flush(now)
+        assert store.attempts == 51
+        assert set(commit.pending) == {"minh-desk", "minh-app"} and set(commit.pending_calls) == {"call-1"}
+        store.broken = False
+        now += RETRY_MAX
+        commit.flush(now)
+    assert set(store.bindings) == {"minh-desk", "minh-app"} and set(store.calls) == {"call-1"}
+    assert commit.pending == {} and commit.pending_calls == {}
+    events = [entry["event"] for entry in logs]
+    assert events == ["state.write.failed", "state.write.recovered"]
+    failed = logs[0]
+    assert failed["log_level"] == "error" and failed["error"] == "disk I/O error"
+    assert failed["kind"] == "OperationalError"
+    assert logs[1]["attempts"] == 51
+
+
+def test_retries_back_off_and_do_not_run_on_every_flush():
+    store = FlakyStore()
+    store.broken = True
+    commit, _ = make(store)
+    commit.save(save())
+    commit.flush(100.0)
+    for step in range(1, 200):                      # 10 s of 50 ms flushes
+        commit.flush(100.0 + step * 0.05)
+    assert 10 <= store.attempts <= 16                # about one a second once backed off
+
+
+def test_a_new_200_while_the_database_fails_waits_for_the_retry_and_is_refused():
+    store = FlakyStore()
+    store.broken = True
+    commit, sent = make(store)
+    commit.save(save())
+    commit.flush(100.0)
+    commit.save(save("minh-app"))
+    commit.hold(Send(OK_200, "127.0.0.1", 5071))
+    commit.flush(100.05)                            # backing off: nothing tried, nothing sent
+    assert sent == [] and store.attempts == 1
+    commit.flush(100.0 + RETRY_MAX)
+    assert [s.data[:12] for s in sent] == [b"SIP/2.0 500 "]
+
+
+def test_call_records_failing_alone_do_not_refuse_stored_bindings():
+    class CallsBroken(FlakyStore):
+        def save_many(self, records):
+            raise sqlite3.OperationalError("database is locked")
+    store = CallsBroken()
+    commit, sent = make(store)
+    commit.save(save())
+    commit.save_call(record(1))
+    commit.hold(Send(OK_200, "127.0.0.1", 5071))
+    commit.flush(100.0)
+    assert sent == [Send(OK_200, "127.0.0.1", 5071)] and "minh-desk" in store.bindings
+    assert set(commit.pending_calls) == {"call-1"}
+
+
+def test_pending_call_records_are_bounded_while_the_database_fails():
+    store = FlakyStore()
+    store.broken = True
+    commit, _ = make(store)
+    for n in range(MAX_PENDING_CALLS + 5):
+        commit.save_call(record(n))
+    assert len(commit.pending_calls) == MAX_PENDING_CALLS and commit.dropped_calls == 5
+    assert "call-0" not in commit.pending_calls and f"call-{MAX_PENDING_CALLS + 4}" in commit.pending_calls
+
+
+def test_refusal_keeps_the_transaction_and_drops_the_contacts():
+    data = refusal(OK_200)
+    msg = parse(data)
+    assert msg.status == 500 and msg.header("to") == "<sip:1002@pbx.test>;tag=b"
+    assert msg.header("via") == "SIP/2.0/UDP 127.0.0.1:5071;branch=z9hG4bK-1;received=127.0.0.1;rport=5071"
+    assert msg.all("contact") == []

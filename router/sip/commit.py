@@ -1,0 +1,169 @@
+"""Acknowledged means stored: the state writes and the answers that wait for them.
+
+The engine batches binding writes and call records and commits them at most
+every ``FLUSH_INTERVAL``.  The 200 to a REGISTER leaves only after the commit
+that stores its binding (``GroupCommit``); when the state database fails, it
+becomes a 500 with Retry-After.  No PJSIP here: unit-tested alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import structlog
+
+from router.errors import MalformedMessage
+from router.records import CallRecord
+from router.sip.commands import SaveBindings, Send
+from router.sip.core import SERVER
+from router.sip.message import parse, pretty_name
+from router.store.interfaces import BindingWriter, CallWriter
+
+FLUSH_INTERVAL = 0.05
+RETRY_MAX = 1.0              # a failing state database is retried at most this far apart
+MAX_PENDING_CALLS = 100_000  # call records kept for retry while the database fails
+RETRY_AFTER = 10             # seconds, on the 500 a REGISTER gets when its binding was not stored
+
+
+def refusal(answer: bytes) -> bytes:
+    """The 500 a REGISTER gets instead of ``answer`` (its 200) when the binding could
+    not be stored: same Via, From, To, Call-ID and CSeq, with Retry-After (as
+    Kamailio's registrar does when a write-through usrloc insert fails)."""
+    msg = parse(answer)
+    lines = ["SIP/2.0 500 Server Internal Error"]
+    lines.extend(f"{pretty_name(name)}: {value}" for name, value in msg.headers
+                 if name in ("via", "from", "to", "call-id", "cseq"))
+    lines += [f"Retry-After: {RETRY_AFTER}",
+              'Warning: 399 sip-router "registration not stored: the state database is failing"',
+              f"Server: {SERVER}", "Content-Length: 0"]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+class GroupCommit:
+    """Acknowledged means stored: binding writes and the answers that acknowledge them.
+
+    Binding sets (``save``) and call records (``save_call``) accumulate between
+    flushes; ``flush`` writes them, one transaction each.  A ``Send`` that
+    acknowledges a binding write (the 200 to a REGISTER: the engine passes every
+    send of a command list that holds a ``SaveBindings``) is held until the
+    flush that commits the batch, and released right after the commit.  A
+    retransmitted REGISTER answered from the core's transaction cache while its
+    200 is held is dropped (``is_held``): it leaves once, after the write.
+
+    When a write fails (disk full, I/O error, read-only or locked database) the
+    batch is kept and retried, first after ``FLUSH_INTERVAL`` and then backing off
+    to ``RETRY_MAX``; ``state.write.failed`` is logged once per failure streak and
+    ``state.write.recovered`` when a write succeeds again.  The held 200s become
+    500 with Retry-After (``refused`` is called with each one, so a retransmission
+    gets the 500 too): a phone is never told it is registered when a restart would
+    forget it.  The bindings stay in memory, so calls keep reaching those phones,
+    and are written when the database works again.  Call records wait for the
+    retry as well, at most ``MAX_PENDING_CALLS`` of them (the oldest are dropped
+    and counted).  Pure: no PJSIP, no clock of its own; unit-tested alone.
+    """
+
+    def __init__(self, bindings: BindingWriter, calls: CallWriter, send: Callable[[Send], None],
+                 logger: structlog.typing.FilteringBoundLogger,
+                 refused: Callable[[Send, Send], None] | None = None) -> None:
+        self.bindings = bindings
+        self.calls = calls
+        self.send = send
+        self.log = logger
+        self.refused = refused
+        self.pending: dict[str, SaveBindings] = {}
+        self.pending_calls: dict[str, CallRecord] = {}
+        self.held: list[Send] = []
+        self.held_data: set[bytes] = set()
+        self.failures = 0                 # failed attempts in the current streak
+        self.failing_since: float | None = None
+        self.retry_at = 0.0
+        self.dropped_calls = 0
+        self.refused_in_streak = 0
+        self.stats = {"commits": 0, "held": 0, "refused": 0, "write_failures": 0}
+
+    def save(self, command: SaveBindings) -> None:
+        self.pending[command.device_id] = command
+
+    def save_call(self, record: CallRecord) -> None:
+        self.pending_calls.pop(record.call_id, None)       # keep insertion order = age
+        self.pending_calls[record.call_id] = record
+        if len(self.pending_calls) > MAX_PENDING_CALLS:
+            del self.pending_calls[next(iter(self.pending_calls))]
+            self.dropped_calls += 1
+
+    def hold(self, command: Send) -> None:
+        self.held.append(command)
+        self.held_data.add(command.data)
+        self.stats["held"] += 1
+
+    def is_held(self, command: Send) -> bool:
+        return bool(self.held_data) and command.data in self.held_data
+
+    def flush(self, now: float, force: bool = False) -> None:
+        """Write what is pending (unless backing off after a failure), then release
+        the held answers: as they are after a commit, as 500s after a failure."""
+        if not (self.pending or self.pending_calls or self.held):
+            return
+        if now < self.retry_at and not force:
+            return
+        problem: Exception | None = None
+        stored = True
+        if self.pending:
+            try:
+                self.bindings.replace_many(self.pending.values())
+            except Exception as exc:   # noqa: BLE001 -- any store failure: keep the batch, keep routing
+                problem, stored = exc, False
+            else:
+                self.pending = {}
+                self.stats["commits"] += 1
+        if self.pending_calls and problem is None:
+            try:
+                self.calls.save_many(self.pending_calls.values())
+            except Exception as exc:   # noqa: BLE001
+                problem = exc
+            else:
+                self.pending_calls = {}
+        if problem is None:
+            self._recovered(now)
+        else:
+            self._failed(problem, now)
+        held, self.held = self.held, []
+        self.held_data = set()
+        for command in held:
+            self.send(command if stored else self._refuse(command))
+
+    def _refuse(self, command: Send) -> Send:
+        if not command.data.startswith(b"SIP/2.0 2"):
+            return command
+        try:
+            data = refusal(command.data)
+        except MalformedMessage:
+            return command
+        replacement = Send(data, command.host, command.port, command.transport, command.conn)
+        self.stats["refused"] += 1
+        self.refused_in_streak += 1
+        if self.refused is not None:
+            self.refused(command, replacement)
+        return replacement
+
+    def _failed(self, exc: Exception, now: float) -> None:
+        self.failures += 1
+        self.stats["write_failures"] += 1
+        self.retry_at = now + min(FLUSH_INTERVAL * 2 ** self.failures, RETRY_MAX)
+        if self.failing_since is None:
+            self.failing_since = now
+            self.log.error("state.write.failed", error=str(exc), kind=type(exc).__name__,
+                           pending_bindings=len(self.pending), pending_calls=len(self.pending_calls),
+                           detail="kept for retry; REGISTERs are answered 500 until a write succeeds; "
+                                  "calls are still routed")
+
+    def _recovered(self, now: float) -> None:
+        if self.failing_since is not None:
+            self.log.warning("state.write.recovered", failed_for_s=round(now - self.failing_since, 1),
+                             attempts=self.failures, registers_refused=self.refused_in_streak,
+                             call_records_dropped=self.dropped_calls)
+        self.failing_since = None
+        self.refused_in_streak = 0
+        self.failures = 0
+        self.retry_at = 0.0
+        self.dropped_calls = 0
