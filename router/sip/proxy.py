@@ -178,6 +178,10 @@ class Proxy:
             return []
         if msg.method != "INVITE":
             return []
+        if len(msg.all("via")) < 2:         # §16.7 step 3: nothing to forward it to
+            return [Log("sip.response.dropped", (("call_id", msg.call_id), ("status", msg.status),
+                                                 ("detail", "only our Via: the sender dropped the others")),
+                        "warning")]
         event = Event.PROVISIONAL if msg.status < 200 else \
             Event.SUCCESS if msg.status < 300 else Event.FAILURE
         out: Emit = []

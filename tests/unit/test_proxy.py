@@ -474,3 +474,12 @@ def test_bad_registers_naming_a_desk_phone_do_not_stop_its_owner_calling(core):
                                                  "desk", "a", 1000.0).encode() + b"Content-Type")
     statuses = [m.status for m in sent(core.on_request(call, desk, 1000.5), "10.1.1.1", 7001)]
     assert 403 not in statuses and 407 not in statuses
+
+
+def test_a_response_that_lost_the_callers_via_is_dropped_not_forwarded_without_one(core):
+    _, branches = start(core)
+    text = answer(branches["desk"], 180, "Ringing").decode().split("\r\n")
+    ours = [ln for ln in text if ln.startswith("Via:")][0]
+    broken = "\r\n".join(ln for ln in text if not ln.startswith("Via:") or ln == ours).encode()
+    out = core.on_response(broken, Source("10.1.1.1", 7001), 1000.2)
+    assert sent(out) == [] and [c.event for c in out if isinstance(c, Log)] == ["sip.response.dropped"]
