@@ -19,6 +19,7 @@ from router.config import DEFAULT_CONFIG, load_policy
 from router.errors import ConfigError, NotFound, RouterError
 from router.policy.decide import CallRequest, Fork, PstnLeg, Redirect, Reject, chain_of, decide
 from router.policy.model import Binding, RoutingMode
+from router.policy.numbers import dialled
 from router.runtime import PolicyState
 from router.store.sqlite import SqliteBindingStore, SqliteCallStore, SqlitePolicyStore, connect
 
@@ -28,8 +29,8 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
         return "(none)"
     cells = [[str(r.get(c, "") if r.get(c) is not None else "-") for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip()]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells]
+    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells]
     return "\n".join(lines)
 
 
@@ -104,6 +105,12 @@ def cmd_explain(args: argparse.Namespace) -> int:
     call = CallRequest(user=args.user, queue_header=args.queue, called_number=args.called, mode=mode)
     decision = decide(state.view.policy, call, bindings, now)
     text, data = _describe(decision)
+    if args.called is not None:
+        # the number as the router reads it (None: not a number), and the queue it selects
+        number = dialled(args.called, state.view.policy.country)
+        queue = state.view.policy.queue_for_number(number) if number else None
+        data["called_number"] = {"as_given": args.called, "canonical": number,
+                                 "queue": queue.id if queue else None}
     data["why"] = list(decision.notes)
     _emit(args, data, text + "\nwhy:\n  - " + "\n  - ".join(decision.notes or ("-",)))
     return 0
@@ -186,7 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("explain", help="what a call for USER would do right now, and why")
     p.add_argument("user")
     p.add_argument("--queue", help="queue id, as the X-Queue header would name it")
-    p.add_argument("--called", help="the dialled hotline/DID number")
+    p.add_argument("--called", metavar="N",
+                   help="the dialled hotline/DID, in any form a PBX writes it: 842873001234, "
+                        "+842873001234, 02873001234, tel:+84-28-7300-1234, sip:+842873001234@host")
     p.add_argument("--mode", choices=["proxy", "redirect"])
     p.set_defaults(func=cmd_explain)
     for name, field, meta, func in (("set-method", "method", "METHOD", cmd_set_method),

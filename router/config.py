@@ -16,9 +16,21 @@ import yaml
 
 from router.errors import ConfigError, InvalidNumber
 from router.policy.model import (
-    CallerIdMode, Device, DeviceKind, Listen, LogSettings, Policy, Queue,
-    ReceiveMethod, RegistrarSettings, Role, Routing, RoutingMode, Trunk,
-    TrustedPeer, User,
+    CallerIdMode,
+    Device,
+    DeviceKind,
+    Listen,
+    LogSettings,
+    Policy,
+    Queue,
+    ReceiveMethod,
+    RegistrarSettings,
+    Role,
+    Routing,
+    RoutingMode,
+    Trunk,
+    TrustedPeer,
+    User,
 )
 from router.policy.numbers import canonical
 from router.yamlnodes import MapReader, Problems, scalar_text
@@ -36,10 +48,17 @@ _TOKEN = re.compile(r"^[A-Za-z0-9._~!$&'*+-]+$")  # safe in a SIP URI user part
 def load_policy(path: str) -> Policy:
     """Read and validate the policy file at ``path``; raise ``ConfigError``."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
+        with open(path, "rb") as handle:
+            data = handle.read()
     except OSError as exc:
         raise ConfigError([f"{path}:1: cannot read the file: {exc.strerror}"]) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ConfigError([f"{path}:{line}:{column}: byte 0x{data[exc.start]:02x} is not UTF-8 text; "
+                           "save the file as UTF-8"]) from None
     return parse_policy(text, path)
 
 
@@ -50,7 +69,15 @@ def parse_policy(text: str, filename: str = "<config>") -> Policy:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else 1
-        raise ConfigError([f"{filename}:{line}: not valid YAML: {exc.problem}"]) from None
+        hint = ""
+        lines = text.split("\n")
+        if mark is not None and mark.line < len(lines) and lines[mark.line][mark.column:mark.column + 1] == "\t":
+            hint = " (a tab: YAML indents with spaces only)"
+        raise ConfigError([f"{filename}:{line}: not valid YAML: {exc.problem}{hint}"]) from None
+    except yaml.reader.ReaderError as exc:      # a control character, before any token
+        line = text[:exc.position].count("\n") + 1
+        raise ConfigError([f"{filename}:{line}: not valid YAML: character {exc.character!r} "
+                           "is not allowed in the file"]) from None
     if root is None:
         raise ConfigError([f"{filename}:1: the file is empty"])
     top = MapReader(root, "", problems)
@@ -82,7 +109,7 @@ def _build(top: MapReader, filename: str, problems: Problems) -> Policy | None:
                    for i, n in enumerate(top.list("queues")))
     users = tuple(_user(n, f"users[{i}]", problems, country)
                   for i, n in enumerate(top.list("users")))
-    _cross_check(top, users, queues, trunk, routing, problems, country)
+    _cross_check(top, users, queues, trunk, routing, problems)
     if any(x is None for x in (*listen, *peers, *queues, *users)) or domain is None:
         return None
     return Policy(source=filename, domain=domain, country=country, state_dir=state_dir,
@@ -326,7 +353,7 @@ def _duplicates(problems: Problems, what: str, values: list[tuple[str, yaml.Node
 
 
 def _cross_check(top: MapReader, users: tuple[User | None, ...], queues: tuple[Queue | None, ...],
-                 trunk: Trunk | None, routing: Routing, problems: Problems, country: str) -> None:
+                 trunk: Trunk | None, routing: Routing, problems: Problems) -> None:
     user_nodes = top.list("users")
     placed = [(u, user_nodes[i], f"users[{i}]") for i, u in enumerate(users) if u is not None]
     queue_ids = {q.id for q in queues if q is not None}

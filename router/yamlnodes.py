@@ -8,6 +8,7 @@ Keys nobody asked for are reported as unknown: a typo must not pass silently.
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -80,40 +81,41 @@ class MapReader:
             return None
         return self.items[key][1]
 
-    def _get(self, key: str, default: Any, required: bool,
-             convert: Callable[[yaml.Node, str], T]) -> T | Any:
+    def _get(self, key: builtins.str, default: Any, required: bool,
+             convert: Callable[[yaml.Node], T]) -> T | Any:
         node = self.raw(key)
         if node is None:
             if required:
                 self.problems.add(self.node, self._sub(key), "is required")
             return default
         try:
-            return convert(node, self._sub(key))
+            return convert(node)
         except ValueError as exc:
-            self.problems.add(node, self._sub(key), str(exc))
+            self.problems.add(node, self._sub(key), builtins.str(exc))
             return default
 
-    def str(self, key: str, default: Any = None, required: bool = False) -> Any:
-        def conv(node: yaml.Node, path: str) -> str:
+    # ``str`` below is this class's method, so annotations in the class say ``builtins.str``.
+    def str(self, key: builtins.str, default: Any = None, required: bool = False) -> Any:
+        def conv(node: yaml.Node) -> builtins.str:
             text = scalar_text(node)
             if text is None or text == "":
                 raise ValueError("must be a non-empty text value")
             return text
         return self._get(key, default, required, conv)
 
-    def choice(self, key: str, choices: list[str], default: Any = None,
+    def choice(self, key: builtins.str, choices: builtins.list[builtins.str], default: Any = None,
                required: bool = False) -> Any:
-        def conv(node: yaml.Node, path: str) -> str:
+        def conv(node: yaml.Node) -> builtins.str:
             text = scalar_text(node)
-            if text not in choices:
+            if text is None or text not in choices:
                 raise ValueError(f"{text!r} is not one of: {', '.join(choices)}")
             return text
         return self._get(key, default, required, conv)
 
-    def number(self, key: str, default: Any = None, required: bool = False,
+    def number(self, key: builtins.str, default: Any = None, required: bool = False,
                minimum: float | None = None, maximum: float | None = None,
                integer: bool = False) -> Any:
-        def conv(node: yaml.Node, path: str) -> float | int:
+        def conv(node: yaml.Node) -> float | int:
             text = scalar_text(node)
             try:
                 value: float | int = int(text) if integer else float(text)  # type: ignore[arg-type]
@@ -127,7 +129,7 @@ class MapReader:
             return value
         return self._get(key, default, required, conv)
 
-    def list(self, key: str, required: bool = False) -> list[yaml.Node]:
+    def list(self, key: builtins.str, required: bool = False) -> builtins.list[yaml.Node]:
         node = self.raw(key)
         if node is None:
             if required:
@@ -140,7 +142,7 @@ class MapReader:
             return []
         return list(node.value)
 
-    def sub(self, key: str) -> MapReader | None:
+    def sub(self, key: builtins.str) -> MapReader | None:
         node = self.raw(key)
         if node is None:
             return None

@@ -19,8 +19,17 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from router.policy.model import (
-    DEVICE_KINDS, Binding, DeviceKind, Policy, Queue, ReceiveMethod, RoutingMode, Trunk, User,
+    DEVICE_KINDS,
+    Binding,
+    DeviceKind,
+    Policy,
+    Queue,
+    ReceiveMethod,
+    RoutingMode,
+    Trunk,
+    User,
 )
+from router.policy.numbers import dialled
 
 TEMPORARILY_UNAVAILABLE = 480
 NOT_FOUND = 404
@@ -108,23 +117,35 @@ def chain_of(policy: Policy, user: User) -> tuple[ReceiveMethod, ...]:
 
 
 def resolve_queue(policy: Policy, user: User, call: CallRequest) -> tuple[Queue | None, str]:
-    """The call's queue: header, then dialled hotline/DID, then the user's default."""
+    """The call's queue: header, then dialled hotline/DID, then the user's default.
+
+    The called number may be written in any form ``numbers.dialled`` reads; one
+    that is not a number, or no queue's hotline or DID, is said so in the note.
+    """
     header = policy.routing.queue_header
-    skipped = ""
+    skipped: list[str] = []
     if call.queue_header:
         queue = policy.queue(call.queue_header.strip())
         if queue is not None:
             return queue, f"queue {queue.id!r} from the {header} header"
-        skipped = f"{header} names unknown queue {call.queue_header!r}; "
+        skipped.append(f"{header} names unknown queue {call.queue_header!r}")
     if call.called_number:
-        queue = policy.queue_for_number(call.called_number)
+        number = dialled(call.called_number, policy.country)
+        shown = call.called_number if number in (None, call.called_number) else f"{call.called_number} ({number})"
+        queue = policy.queue_for_number(number) if number is not None else None
         if queue is not None:
-            return queue, f"{skipped}queue {queue.id!r} from the called number {call.called_number}"
+            return queue, "; ".join([*skipped, f"queue {queue.id!r} from the called number {shown}"])
+        why = "matched no queue's hotline or DID" if number is not None else \
+            f"is not a {policy.country} phone number, so it matched no queue's hotline or DID"
+        skipped.append(f"the called number {shown} {why}")
     if user.default_queue:
         queue = policy.queue(user.default_queue)
         if queue is not None:
-            return queue, f"{skipped}queue {queue.id!r}: the user's default queue"
-    return None, f"{skipped}no queue: no {header} header, no known called number, no default queue"
+            return queue, "; ".join([*skipped, f"using the user's default queue {queue.id!r}"
+                                     if skipped else f"queue {queue.id!r}: the user's default queue"])
+    if not skipped:
+        return None, f"no queue: no {header} header, no called number, no default queue"
+    return None, "; ".join([*skipped, "and the user has no default queue: no queue"])
 
 
 def live_bindings(bindings: Iterable[Binding], user_id: str, now: float) -> list[Binding]:

@@ -12,8 +12,10 @@ import ipaddress
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from router.policy.numbers import dialled
 
-class ReceiveMethod(str, enum.Enum):
+
+class ReceiveMethod(enum.StrEnum):
     """How a call for a user reaches them (the customer's four methods)."""
 
     ALL_DEVICES = "all_devices"
@@ -22,7 +24,7 @@ class ReceiveMethod(str, enum.Enum):
     AGENT_PHONE = "agent_phone"
 
 
-class DeviceKind(str, enum.Enum):
+class DeviceKind(enum.StrEnum):
     """What a registered device is; decided by its credentials."""
 
     WEB = "web"
@@ -30,19 +32,19 @@ class DeviceKind(str, enum.Enum):
     IP_PHONE = "ip_phone"
 
 
-class Role(str, enum.Enum):
+class Role(enum.StrEnum):
     ADMIN = "admin"
     AGENT = "agent"
 
 
-class RoutingMode(str, enum.Enum):
+class RoutingMode(enum.StrEnum):
     """Fork ourselves (stateful proxy) or answer 302 and let upstream fork."""
 
     PROXY = "proxy"
     REDIRECT = "redirect"
 
 
-class CallerIdMode(str, enum.Enum):
+class CallerIdMode(enum.StrEnum):
     """How the queue hotline is presented on the PSTN leg."""
 
     PAI = "pai"    # P-Asserted-Identity carries the hotline; From untouched
@@ -206,12 +208,24 @@ class Policy:
                 return q
         return None
 
+    @cached_property
+    def _queues_by_number(self) -> dict[str, Queue]:
+        index: dict[str, Queue] = {}
+        for q in self.queues:                 # the first queue listing a number keeps it
+            for number in (q.hotline, *q.dids):
+                if number is not None:
+                    index.setdefault(number, q)
+        return index
+
     def queue_for_number(self, number: str) -> Queue | None:
-        """The queue whose hotline or DID list contains ``number``."""
-        for q in self.queues:
-            if q.hotline == number or number in q.dids:
-                return q
-        return None
+        """The queue whose hotline or DID list contains ``number``, written in any
+        form ``numbers.dialled`` reads (``+84...``, ``028...``, ``tel:...``)."""
+        queue = self._queues_by_number.get(number)
+        if queue is None:
+            canonical_form = dialled(number, self.country)
+            if canonical_form is not None and canonical_form != number:
+                queue = self._queues_by_number.get(canonical_form)
+        return queue
 
     def device_by_auth(self, auth_username: str) -> tuple[User, Device] | None:
         """The user and device that own the SIP credential ``auth_username``."""

@@ -7,8 +7,15 @@ the way back to the caller.
 
 from __future__ import annotations
 
+import re
+
 from router.records import CallRecord
 from router.sip.message import SipMessage, parse_name_addr, parse_uri
+
+MAX_CALLED = 64
+# A number as a PBX writes it: digits with an optional "+" and visual separators,
+# then URI parameters (phone-context); not a user id such as "minh".
+_DIALLED = re.compile(r"^\+?[0-9().\-]*[0-9][0-9().\-]*(;|$)")
 
 
 def best_response(failures: list[tuple[int, SipMessage | None]]) -> tuple[int, SipMessage | None]:
@@ -26,10 +33,11 @@ def quote(text: str) -> str:
 
 
 def summary(record: CallRecord) -> tuple[tuple[str, object], ...]:
+    duration = (record.ended_at or record.started_at) - (record.answered_at or record.started_at)
     return (("call_id", record.call_id), ("caller", record.caller), ("user", record.user_id),
             ("queue", record.queue_id), ("method", record.method), ("branches", list(record.branches)),
             ("answered_by", record.answered_by), ("status", record.status), ("reason", record.reason),
-            ("duration_s", round((record.ended_at or record.started_at) - (record.answered_at or record.started_at), 3)))
+            ("duration_s", round(duration, 3)))
 
 
 def restore(msg: SipMessage, rewrite: tuple[str, str] | None, cseq: str | None = None,
@@ -66,9 +74,19 @@ def rewrite_headers(msg: SipMessage, rewrite: tuple[str, str] | None,
 
 
 def called_number(msg: SipMessage) -> str | None:
-    """The dialled number, when the upstream PBX kept it in To."""
+    """The dialled number, when the upstream PBX kept it in To; never raises.
+
+    The number as written there -- the user part of a sip:/sips: URI
+    (``+842873001234``, ``02873001234``, ``2873001234;phone-context=+84``) or
+    the whole tel: URI -- for the policy core to read (``numbers.dialled``).
+    None when To names no number (a user id, another scheme, a broken header).
+    """
     try:
-        user = parse_uri(parse_name_addr(msg.header("to") or "").uri).user
+        uri = parse_name_addr(msg.header("to") or "").uri
+        parsed = parse_uri(uri)
     except ValueError:
         return None
-    return user if user.isdigit() else None
+    written = uri.partition(":")[2] if parsed.scheme == "tel" else parsed.user
+    if len(written) > MAX_CALLED or not _DIALLED.match(written):
+        return None
+    return uri if parsed.scheme == "tel" else written

@@ -180,7 +180,7 @@ class SipCore:
         key = transaction_key(msg)
         if self.proxy.has_call(key):
             return list(self.proxy.retransmission(key))
-        if (msg.header("max-forwards") or "70") == "0":
+        if int(msg.header("max-forwards") or "70") == 0:
             return self._reply(msg, source, now, Reply(483, phrase(483)))
         if is_loop(msg, self.local):
             return self._reply(msg, source, now, Reply(482, phrase(482)))
@@ -230,7 +230,7 @@ class SipCore:
             if msg.method in KNOWN_NOT_SERVED:
                 return self._reply(msg, source, now, Reply(405, phrase(405), (("Allow", ALLOW),)))
             return self._reply(msg, source, now, Reply(481, phrase(481)))
-        if (msg.header("max-forwards") or "70") == "0":
+        if int(msg.header("max-forwards") or "70") == 0:
             return self._reply(msg, source, now, Reply(483, phrase(483)))
         emitted = self.proxy.on_in_dialog(msg, source, now)
         if emitted is None:

@@ -55,8 +55,14 @@ class Credentials:
 
     @classmethod
     def from_params(cls, params: dict[str, str]) -> Credentials | None:
+        """The credentials, or None when a parameter is missing or they use an
+        algorithm we never offer (SHA-512-256, MD5-sess ...): such a client did not
+        answer our challenge, so it is challenged again, and no HA1 is computed for
+        an algorithm ``ALGORITHMS`` does not have (``ha1`` would raise KeyError)."""
         try:
             algorithm = params.get("algorithm", "MD5").upper()
+            if algorithm not in ALGORITHMS:
+                return None
             return cls(params["username"], params["realm"], params["nonce"], params["uri"],
                        params["response"].lower(), algorithm, params.get("qop"),
                        params.get("nc", ""), params.get("cnonce", ""))
@@ -107,7 +113,8 @@ class NonceBook:
             return Verdict.BAD
         expected = response(creds.algorithm, ha1_hex, creds.nonce, method, creds.uri,
                             creds.qop, creds.nc, creds.cnonce)
-        if not hmac.compare_digest(expected, creds.response):
+        # as bytes: compare_digest refuses str with non-ASCII characters (a TypeError)
+        if not hmac.compare_digest(expected.encode(), creds.response.encode()):
             return Verdict.BAD
         if now - issued > self.ttl:
             return Verdict.STALE

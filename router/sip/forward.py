@@ -10,11 +10,18 @@ Record-Route, and a new Request-URI.  Route entries naming us are consumed
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import secrets
 from dataclasses import dataclass
 
 from router.sip.message import (
-    SipMessage, parse_name_addr, parse_uri, parse_via, pretty_name, stamp_received,
+    SipMessage,
+    is_number,
+    parse_name_addr,
+    parse_uri,
+    parse_via,
+    pretty_name,
+    stamp_received,
 )
 
 BRANCH_PREFIX = "z9hG4bKsr"
@@ -39,10 +46,16 @@ class Local:
         return parsed.host.strip("[]") == self.host and (parsed.port or 5060) == self.port
 
 
+def _tag(value: str | None) -> str:
+    try:
+        return parse_name_addr(value or "").tag or ""
+    except ValueError:
+        return ""
+
+
 def loop_hash(msg: SipMessage) -> str:
     """§16.6 step 8: a hash of the fields a looping request keeps unchanged."""
-    to_tag = parse_name_addr(msg.header("to") or "").tag or ""
-    from_tag = parse_name_addr(msg.header("from") or "").tag or ""
+    to_tag, from_tag = _tag(msg.header("to")), _tag(msg.header("from"))
     seed = "|".join((msg.uri, to_tag, from_tag, msg.call_id, str(msg.cseq[0]),
                      ",".join(msg.all("route")), msg.header("proxy-require") or ""))
     return hashlib.blake2b(seed.encode(), digest_size=5).hexdigest()
@@ -91,6 +104,7 @@ def forward_request(msg: SipMessage, uri: str, local: Local, branch: str, transp
         headers.append(("record-route", f"<sip:{local.hostport};lr>"))
     first_via = True
     route_seen = False
+    max_forwards_done = False
     for name, value in msg.headers:
         if name in drop or name in replace:
             continue
@@ -107,10 +121,12 @@ def forward_request(msg: SipMessage, uri: str, local: Local, branch: str, transp
                 route_seen = True
             continue
         if name == "max-forwards":
-            headers.append((name, str(max(int(value) - 1, 0))))
+            if not max_forwards_done:            # one Max-Forwards goes on, one less (§16.6 step 3)
+                headers.append((name, str(max(int(value) - 1, 0) if is_number(value, 3) else 70)))
+                max_forwards_done = True
             continue
         headers.append((name, value))
-    if msg.header("max-forwards") is None:
+    if not max_forwards_done:
         headers.append(("max-forwards", "70"))
     headers.extend((n.lower(), v) for n, v in replace.items())
     headers.extend((n.lower(), v) for n, v in add)
@@ -118,8 +134,16 @@ def forward_request(msg: SipMessage, uri: str, local: Local, branch: str, transp
 
 
 def routes_after_me(msg: SipMessage, local: Local) -> list[str]:
+    """The Route set without the entries naming us at its top (an entry that does
+    not parse names nobody we know, so it and the rest go on untouched)."""
     routes = msg.all("route")
-    while routes and local.is_me(parse_name_addr(routes[0]).uri):
+    while routes:
+        try:
+            uri = parse_name_addr(routes[0]).uri
+        except ValueError:
+            break
+        if not local.is_me(uri):
+            break
         routes.pop(0)
     return routes
 
@@ -141,9 +165,17 @@ def strip_top_via(response: SipMessage, replace: dict[str, str] | None = None) -
 
 
 def via_destination(via_value: str) -> tuple[str, int]:
-    """Where a response goes back to, read from a (stamped) Via."""
+    """Where a response goes back to, read from a (stamped) Via: ``received`` if it
+    is an address, else the sent-by host; ``rport`` if it is a port, else the sent-by
+    port.  Raises ``ValueError`` when the Via itself does not parse."""
     via = parse_via(via_value)
-    host = via.params.get("received") or via.host
-    rport = via.params.get("rport")
-    port = int(rport) if rport else (via.port or 5060)
+    host = via.host
+    received = (via.params.get("received") or "").strip("[]")
+    if received:
+        try:
+            host = str(ipaddress.ip_address(received))
+        except ValueError:
+            pass
+    rport = via.params.get("rport") or ""
+    port = int(rport) if is_number(rport, 5) and 0 < int(rport) < 65536 else (via.port or 5060)
     return host.strip("[]"), port

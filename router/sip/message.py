@@ -5,8 +5,11 @@ the start line, the headers in order as ``(canonical lower-case name, value)``
 pairs, and the body.  It accepts what real phones send -- compact header
 names, folded header lines, bare LF line ends -- and raises
 ``MalformedMessage`` for what RFC 3261 forbids, including a body shorter than
-its Content-Length (a datagram cut by PJSIP at 4,000 bytes).  Header values
-are parsed only when asked (``via``, ``name_addr``, ``auth_params`` ...), so a
+its Content-Length (a datagram cut by PJSIP at 4,000 bytes).  The mandatory
+headers are checked once there -- the top Via, CSeq, Max-Forwards and
+Content-Length as numbers of plain ASCII digits, From and To as name-addrs --
+so code after ``parse`` may read them without guarding.  Other header values
+are parsed only when asked (``name_addr``, ``auth_params`` ...), so a
 retransmission or an OPTIONS ping costs little.  Responses are built from the
 request they answer, copying Via, From, To, Call-ID and CSeq as §8.2.6 says.
 """
@@ -34,8 +37,14 @@ LIST_HEADERS = frozenset({"via", "contact", "route", "record-route", "allow", "s
 REQUIRED = ("via", "from", "to", "call-id", "cseq")
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9\-.!%*_+`'~]+$")
 _REQUEST_LINE = re.compile(r"^([A-Za-z0-9\-.!%*_+`'~]+) (\S+) SIP/2\.0$")
-_STATUS_LINE = re.compile(r"^SIP/2\.0 (\d{3}) ?(.*)$")
+_STATUS_LINE = re.compile(r"^SIP/2\.0 ([0-9]{3}) ?(.*)$")
 MAX_URI_LENGTH = 512
+
+
+def is_number(text: str, max_digits: int = 10) -> bool:
+    """ASCII digits only, at most ``max_digits`` of them.  (``str.isdigit`` also
+    accepts "²" and "١", which ``int`` refuses or reads, and any length.)"""
+    return 0 < len(text) <= max_digits and text.isascii() and text.isdigit()
 
 
 def pretty_name(name: str) -> str:
@@ -183,14 +192,16 @@ def _check(message: SipMessage) -> Via:
         raise MalformedMessage(f"CSeq method {method} does not match the request method {message.method}")
     length = message.header("content-length")
     if length is not None:
-        if not length.isdigit():
-            raise MalformedMessage(f"Content-Length {length!r} is not a number")
+        if not is_number(length):
+            raise MalformedMessage(f"Content-Length {length[:20]!r} is not a number")
         if int(length) > len(message.body):
             raise MalformedMessage(
                 f"body is {len(message.body)} bytes but Content-Length says {length}: truncated")
-    mf = message.header("max-forwards")
-    if mf is not None and not (mf.isdigit() and int(mf) <= 255):
-        raise MalformedMessage(f"Max-Forwards {mf!r} is not a number from 0 to 255")
+    for mf in message.all("max-forwards"):
+        if not (is_number(mf, 3) and int(mf) <= 255):
+            raise MalformedMessage(f"Max-Forwards {mf[:20]!r} is not a number from 0 to 255")
+    for name in ("from", "to"):
+        parse_name_addr(message.header(name) or "", pretty_name(name))
     try:
         return parse_via(message.all("via")[0])
     except (IndexError, ValueError) as exc:
@@ -199,8 +210,8 @@ def _check(message: SipMessage) -> Via:
 
 def parse_cseq(value: str) -> tuple[int, str]:
     parts = value.split()
-    if len(parts) != 2 or not parts[0].isdigit() or len(parts[0]) > 10:
-        raise MalformedMessage(f"CSeq {value!r} is not 'number METHOD'")
+    if len(parts) != 2 or not is_number(parts[0]):
+        raise MalformedMessage(f"CSeq {value[:40]!r} is not 'number METHOD'")
     number = int(parts[0])
     if number >= 2**31:
         raise MalformedMessage("CSeq number must be below 2**31")
@@ -254,8 +265,8 @@ def _host_port(text: str) -> tuple[str, int | None]:
     if not host:
         raise ValueError("empty host")
     if port_text:
-        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-            raise ValueError(f"port {port_text!r} is not valid")
+        if not is_number(port_text, 5) or not 0 < int(port_text) < 65536:
+            raise ValueError(f"port {port_text[:20]!r} is not valid")
         return host.lower(), int(port_text)
     return host.lower(), None
 
@@ -288,14 +299,18 @@ def _unescape(text: str) -> str:
     return re.sub(r"%([0-9A-Fa-f]{2})", lambda m: chr(int(m.group(1), 16)), text)
 
 
-def parse_name_addr(value: str) -> NameAddr:
-    """From, To, Contact, Route entries: ``"Name" <uri>;params`` or ``uri;params``."""
+def parse_name_addr(value: str, what: str = "") -> NameAddr:
+    """From, To, Contact, Route entries: ``"Name" <uri>;params`` or ``uri;params``.
+
+    ``what`` names the header in the error ("To: empty URI in ''").
+    """
+    where = f"{what}: " if what else ""
     value = value.strip()
     lt = value.find("<")
     if lt >= 0:
         gt = value.find(">", lt)
         if gt < 0:
-            raise MalformedMessage(f"unterminated <uri> in {value[:60]!r}")
+            raise MalformedMessage(f"{where}unterminated <uri> in {value[:60]!r}")
         display = value[:lt].strip().strip('"')
         uri = value[lt + 1:gt].strip()
         params = parse_params(value[gt + 1:])
@@ -303,8 +318,8 @@ def parse_name_addr(value: str) -> NameAddr:
         display = ""
         uri, _, rest = value.partition(";")   # addr-spec: params after ; belong to the header
         params = parse_params(rest)
-    if not uri:
-        raise MalformedMessage(f"empty URI in {value[:60]!r}")
+    if not uri.strip():
+        raise MalformedMessage(f"{where}empty URI in {value[:60]!r}")
     return NameAddr(display, uri.strip(), params)
 
 

@@ -41,7 +41,16 @@ from router.sip.branch import Action, Branch, Event, Spec, Step
 from router.sip.callrules import best_response, quote, restore, summary
 from router.sip.commands import Log, SaveCall, Send, Source, phrase
 from router.sip.dialogs import DIALOG_TTL, Dialog, Dialogs, Party, Stranger
-from router.sip.forward import Local, forward_request, loop_hash, new_branch, our_via, routes_after_me, strip_top_via
+from router.sip.forward import (
+    Local,
+    forward_request,
+    loop_hash,
+    new_branch,
+    our_via,
+    routes_after_me,
+    strip_top_via,
+    via_destination,
+)
 from router.sip.message import SipMessage, build_response, parse_name_addr, response_destination
 
 NO_ANSWER = frozenset({408, 480, 404, 410, 500, 502, 503, 504})   # fall back on these
@@ -178,10 +187,10 @@ class Proxy:
             return []
         if msg.method != "INVITE":
             return []
-        if len(msg.all("via")) < 2:         # §16.7 step 3: nothing to forward it to
+        problem = _next_hop_problem(msg)     # §16.7 step 3: the Via after ours must lead somewhere
+        if problem is not None:
             return [Log("sip.response.dropped", (("call_id", msg.call_id), ("status", msg.status),
-                                                 ("detail", "only our Via: the sender dropped the others")),
-                        "warning")]
+                                                 ("detail", problem)), "warning")]
         event = Event.PROVISIONAL if msg.status < 200 else \
             Event.SUCCESS if msg.status < 300 else Event.FAILURE
         out: Emit = []
@@ -486,3 +495,15 @@ def _tag(value: str | None) -> str:
         return parse_name_addr(value or "").tag or ""
     except ValueError:
         return ""
+
+
+def _next_hop_problem(msg: SipMessage) -> str | None:
+    """Why a response cannot be forwarded toward the caller, or None."""
+    vias = msg.all("via")
+    if len(vias) < 2:
+        return "only our Via: the sender dropped the others"
+    try:
+        via_destination(vias[1])
+    except ValueError as exc:
+        return f"the Via after ours is not valid: {exc}"
+    return None

@@ -38,7 +38,8 @@ def test_check_lists_every_error_with_file_and_line_and_fails(capsys, config, tm
     assert code == 2
     assert "configuration has 2 error(s)" in err
     assert f"{bad}:21: users[0].devices[2].kind: 'browser'" in err
-    assert f"{bad}:25: users[1].agent_phone: '0987654321' starts with the trunk prefix 0; write it as 84987654321" in err
+    assert (f"{bad}:25: users[1].agent_phone: '0987654321' starts with the trunk prefix 0; "
+            "write it as 84987654321") in err
 
 
 def test_an_admin_sets_an_agents_method_and_the_audit_shows_it(capsys, config):

@@ -150,3 +150,20 @@ def test_a_bad_nameserver_is_an_error():
     (line,) = problems(GOOD.replace("trunk: {address: 127.0.0.1}",
                                     "trunk: {address: carrier.test, nameserver: dns.example}"))
     assert line == "router.yaml:2: trunk.nameserver: 'dns.example' is not an IP address with an optional :port"
+
+
+def test_a_file_that_is_not_utf8_is_refused_with_its_line_and_column(tmp_path):
+    path = tmp_path / "router.yaml"
+    path.write_bytes(b"domain: pbx.test\nusers: []\n# caf\xe9\n")
+    with pytest.raises(ConfigError) as err:
+        load_policy(str(path))
+    assert err.value.problems == [f"{path}:3:6: byte 0xe9 is not UTF-8 text; save the file as UTF-8"]
+
+
+def test_a_control_character_or_a_tab_is_refused_with_its_line_and_a_hint(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        parse_policy("domain: pbx.test\nusers:\x00 []\n", "r.yaml")
+    assert err.value.problems[0].startswith("r.yaml:2: not valid YAML: character")
+    with pytest.raises(ConfigError) as err:
+        parse_policy("domain: pbx.test\nusers:\n\t- id: a\n", "r.yaml")
+    assert err.value.problems[0].startswith("r.yaml:3:") and "indents with spaces" in err.value.problems[0]

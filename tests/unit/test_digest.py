@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from router.sip import digest
 from router.sip.digest import Credentials, NonceBook, Verdict
 
@@ -69,3 +71,19 @@ def test_challenges_list_the_algorithms_in_the_order_given():
     values = digest.challenge("pbx.test", "n1", ("SHA-256", "MD5"), stale=True)
     assert values == ['Digest realm="pbx.test", nonce="n1", algorithm=SHA-256, qop="auth", stale=true',
                       'Digest realm="pbx.test", nonce="n1", algorithm=MD5, qop="auth", stale=true']
+
+
+def test_a_response_with_non_ascii_characters_is_bad_not_an_error():
+    """Found by fuzzing: hmac.compare_digest raised TypeError on a non-ASCII str."""
+    book = NonceBook(ttl=60)
+    c, ha1 = creds(book, book.issue(100.0))
+    for forged in ("\u00e9" * 32, "\u00e9", ""):
+        assert book.check(dataclasses.replace(c, response=forged), "REGISTER", ha1, 101.0) == Verdict.BAD
+
+
+def test_credentials_in_an_algorithm_we_never_offer_are_no_credentials():
+    params = {"username": "dev", "realm": "pbx.test", "nonce": "n", "uri": "sip:pbx.test", "response": "r"}
+    assert Credentials.from_params(params).algorithm == "MD5"
+    assert Credentials.from_params({**params, "algorithm": "sha-256"}).algorithm == "SHA-256"
+    for other in ("SHA-512-256", "MD5-sess", ""):
+        assert Credentials.from_params({**params, "algorithm": other}) is None

@@ -6,7 +6,13 @@ import pytest
 
 from router.errors import MalformedMessage
 from router.sip.message import (
-    auth_params, build_response, parse, parse_name_addr, parse_uri, parse_via, response_destination,
+    auth_params,
+    build_response,
+    parse,
+    parse_name_addr,
+    parse_uri,
+    parse_via,
+    response_destination,
     split_list,
 )
 
@@ -123,3 +129,54 @@ def test_responses_go_to_the_source_with_rport_and_to_the_via_port_without():
     assert response_destination(msg, "192.0.2.7", 40000) == ("192.0.2.7", 40000)
     no_rport = parse(REQUEST.replace(";rport", "").encode())
     assert response_destination(no_rport, "192.0.2.7", 40000) == ("192.0.2.7", 5062)
+
+
+# ------------------------------------------------------------------ found by fuzzing (tests/unit/test_fuzz.py)
+
+@pytest.mark.parametrize("header, value", [
+    ("Content-Length", "\u00b2"),          # str.isdigit() is True, int() raises
+    ("Content-Length", "9" * 5000),        # int() refuses more than 4,300 digits
+    ("Max-Forwards", "\u00b2"),
+    ("Max-Forwards", "9" * 5000),
+    ("Max-Forwards", "\u0661"),            # an Arabic-Indic one: int() reads it, SIP does not
+    ("CSeq", "\u00b2 REGISTER"),
+    ("CSeq", "\u0661 REGISTER"),
+])
+def test_numbers_in_other_scripts_or_too_long_are_malformed_not_an_error(header, value):
+    text = REQUEST.replace("Max-Forwards: 70\r\n", "").replace("Content-Length: 0\r\n", "") \
+        .replace("CSeq: 7 REGISTER\r\n", "")
+    text = text.replace("\r\n\r\n", f"\r\n{header}: {value}\r\n" + ("" if header == "CSeq" else
+                                                                    "CSeq: 7 REGISTER\r\n") + "\r\n")
+    with pytest.raises(MalformedMessage):
+        parse(text.encode())
+
+
+def test_a_second_max_forwards_that_is_not_a_number_is_malformed():
+    with pytest.raises(MalformedMessage, match="Max-Forwards 'abc'"):
+        parse(REQUEST.replace("Max-Forwards: 70\r\n", "Max-Forwards: 70\r\nMax-Forwards: abc\r\n").encode())
+
+
+@pytest.mark.parametrize("via", ["SIP/2.0/UDP host:\u00b2", "SIP/2.0/UDP host:" + "5" * 5000])
+def test_a_via_port_in_other_digits_or_too_long_is_malformed(via):
+    with pytest.raises(MalformedMessage, match="top Via"):
+        parse(REQUEST.replace("Via: SIP/2.0/UDP 10.0.0.5:5062;branch=z9hG4bK77;rport", f"Via: {via}").encode())
+
+
+def test_a_status_code_in_other_digits_is_not_a_status_line():
+    response = build_response(parse(REQUEST.encode()), 200, "OK", ("192.0.2.7", 40000))
+    with pytest.raises(MalformedMessage, match="not a SIP/2.0 request or status line"):
+        parse(response.replace(b"SIP/2.0 200", "SIP/2.0 \u0662\u0660\u0660".encode()))
+
+
+@pytest.mark.parametrize("header, value, reason", [
+    ("To", "", "To: empty URI"),
+    ("To", "<>", "To: empty URI"),
+    ("To", "<sip:1002@pbx.test", "To: unterminated <uri>"),
+    ("From", "", "From: empty URI"),
+    ("From", '"Minh" <sip:1002@pbx.test;tag=abc', "From: unterminated <uri>"),
+])
+def test_a_from_or_to_that_is_not_a_name_addr_is_malformed(header, value, reason):
+    """The core reads the To tag and the From tag of every request: parse checks them once."""
+    line = next(line for line in REQUEST.split("\r\n") if line.startswith(f"{header}:"))
+    with pytest.raises(MalformedMessage, match=reason):
+        parse(REQUEST.replace(line, f"{header}: {value}").encode())

@@ -483,3 +483,7 @@ def test_a_response_that_lost_the_callers_via_is_dropped_not_forwarded_without_o
     broken = "\r\n".join(ln for ln in text if not ln.startswith("Via:") or ln == ours).encode()
     out = core.on_response(broken, Source("10.1.1.1", 7001), 1000.2)
     assert sent(out) == [] and [c.event for c in out if isinstance(c, Log)] == ["sip.response.dropped"]
+
+
+def test_max_forwards_written_with_a_leading_zero_is_still_zero(core):
+    assert [m.status for m in sent(core.on_request(invite(mf="00"), ACD, 1000.0))] == [483]
