@@ -487,3 +487,14 @@ def test_a_response_that_lost_the_callers_via_is_dropped_not_forwarded_without_o
 
 def test_max_forwards_written_with_a_leading_zero_is_still_zero(core):
     assert [m.status for m in sent(core.on_request(invite(mf="00"), ACD, 1000.0))] == [483]
+
+
+def test_an_ended_dialog_is_forgotten_by_housekeeping_even_with_no_call_timer_due(core):
+    _answered(core)
+    core.on_request(_bye(), ACD, 1010.0)                       # ended: kept 32 s for retransmissions
+    core.handle_timer(1035.0)
+    core.handle_timer(1035.5)                                  # the call itself is forgotten by now
+    assert len(core.proxy.dialogs) == 1 and core.proxy.next_timer() is None
+    assert core.next_timer() <= 1036.5                         # housekeeping still wakes the core
+    core.handle_timer(1043.0)
+    assert len(core.proxy.dialogs) == 0
