@@ -17,6 +17,7 @@ to the last.  Every process started here is stopped by its PID.  Loopback only.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import subprocess
 import sys
@@ -151,8 +152,12 @@ def main() -> int:
     parser.add_argument("--users", type=int, default=50)
     parser.add_argument("--warmup", type=float, default=40, help="seconds before the baseline sample")
     parser.add_argument("--sample", type=float, default=10, help="seconds between samples")
+    parser.add_argument("--keep", metavar="DIR", help="work in DIR and keep its logs (default: a temporary one)")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="sip-router-soak-") as name:
+    if args.keep:
+        Path(args.keep).mkdir(parents=True, exist_ok=True)
+    with (contextlib.nullcontext(args.keep) if args.keep
+          else tempfile.TemporaryDirectory(prefix="sip-router-soak-")) as name:
         result = soak(Path(name), args.duration, args.rate, args.users, min(args.warmup, args.duration / 2),
                       args.sample, echo=True)
         print(result.report(samples=False))
