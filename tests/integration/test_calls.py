@@ -7,48 +7,12 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.integration.conftest import Lab
-from tests.integration.peers import SippPeer, device, trunk
+from tests.integration.calllab import CallLab
+from tests.integration.peers import SippPeer
 from tests.integration.sippgen import invite_flow
 from tests.support import SCENARIOS
 
 pytestmark = pytest.mark.integration
-
-PASSWORDS = {"lan-desk": "desk-secret", "lan-app": "app-secret", "lan-web": "web-secret",
-             "minh-desk": "minh-secret", "minh-app": "minh-app-secret"}
-AOR = {"lan": "1001", "minh": "1002"}
-
-
-class CallLab:
-    def __init__(self, lab: Lab) -> None:
-        self.lab = lab
-        self.peers: list[SippPeer] = []
-
-    def phone(self, device_id: str, behaviour: str = "answer") -> SippPeer:
-        user = device_id.split("-")[0]
-        peer = device(self.lab.tmp, self.lab.port, AOR[user], device_id, PASSWORDS[device_id], behaviour)
-        self.peers.append(peer.start())
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if any(b["device"] == device_id for b in self.lab.registrations(user, settle=0.1)):
-                return peer
-        raise AssertionError(f"{device_id} did not register: {peer.messages()[-2000:]}")
-
-    def trunk(self, behaviour: str = "answer") -> SippPeer:
-        peer = trunk(self.lab.tmp, self.lab.trunk_port, behaviour)
-        self.peers.append(peer.start())
-        time.sleep(0.3)
-        return peer
-
-    def call(self, user: str, expect: int, name: str = "caller", timeout: float = 20.0, **kwargs: object):
-        scenario = invite_flow(self.lab.tmp / f"{name}.xml", user, expect, **kwargs)  # type: ignore[arg-type]
-        result = self.lab.sipp(scenario, timeout=timeout)
-        return result, self.lab.sipp_log(scenario)
-
-    def stop(self) -> None:
-        for peer in self.peers:
-            peer.stop()
-
 
 @pytest.fixture
 def calls(lab) -> Iterator[CallLab]:

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.calllab import CallLab
 from tests.integration.conftest import Lab
-from tests.integration.peers import SilentUdp, SippPeer, device, trunk
+from tests.integration.peers import SilentUdp
 from tests.integration.rawsip import UdpPeer
 from tests.integration.sippgen import invite_flow
 from tests.support import ROOT, RegisterBurst, RouterProcess, free_port, write_users_config
@@ -75,9 +76,6 @@ def test_every_registration_acknowledged_before_a_kill_9_is_there_after_the_rest
 
 # --------------------------------------------------------------------------- a world of phones
 
-PASSWORDS = {"lan-desk": "desk-secret", "lan-app": "app-secret", "lan-web": "web-secret",
-             "minh-desk": "minh-secret", "minh-app": "minh-app-secret"}
-AOR = {"lan": "1001", "minh": "1002"}
 RING_TIMEOUT = 3.0
 MARGIN = 3.0          # a loaded 2-core machine; Timer B (32 s) and Timer C (180 s) are far beyond it
 MINH = '    receive_method: ip_phone\n    agent_phone: "84987654321"\n'
@@ -112,41 +110,20 @@ def answer_seconds(log: str) -> float:
     return answered - sent
 
 
-class World:
-    """A lab router with phones, a trunk and callers; every process stopped by PID in ``stop``."""
+class World(CallLab):
+    """The call lab, with silent peers and callers in the background; all stopped by PID in ``stop``."""
+
+    register_timeout = 15.0
+    call_timeout = 30.0
 
     def __init__(self, lab: Lab) -> None:
-        self.lab = lab
-        self.peers: list[SippPeer | SilentUdp] = []
+        super().__init__(lab)
         self.callers: list[subprocess.Popen[str]] = []
-
-    def phone(self, device_id: str, behaviour: str = "answer", answer_delay_ms: int = 200) -> SippPeer:
-        user = device_id.split("-")[0]
-        peer = device(self.lab.tmp, self.lab.port, AOR[user], device_id, PASSWORDS[device_id], behaviour,
-                      answer_delay_ms=answer_delay_ms)
-        self.peers.append(peer.start())
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if any(b["device"] == device_id for b in self.lab.registrations(user, settle=0.1)):
-                return peer
-        raise AssertionError(f"{device_id} did not register: {peer.messages()[-2000:]}")
-
-    def trunk(self, behaviour: str = "answer") -> SippPeer:
-        peer = trunk(self.lab.tmp, self.lab.trunk_port, behaviour)
-        self.peers.append(peer.start())
-        time.sleep(0.3)
-        return peer
 
     def silent_trunk(self, provisional: bool = False) -> SilentUdp:
         peer = SilentUdp(self.lab.trunk_port, provisional)
         self.peers.append(peer.start())
         return peer
-
-    def call(self, user: str, expect: int, name: str = "caller", timeout: float = 30.0,
-             **kwargs: object) -> tuple[subprocess.CompletedProcess[str], str]:
-        scenario = invite_flow(self.lab.tmp / f"{name}.xml", user, expect, **kwargs)  # type: ignore[arg-type]
-        result = self.lab.sipp(scenario, timeout=timeout)
-        return result, self.lab.sipp_log(scenario)
 
     def start_callers(self, name: str, user: str, expect: int, calls: int, timeout: float = 40.0,
                       **kwargs: object) -> tuple[subprocess.Popen[str], Path]:
@@ -169,8 +146,7 @@ class World:
                 proc.communicate(timeout=5)
             except (subprocess.TimeoutExpired, ValueError):
                 pass
-        for peer in self.peers:
-            peer.stop()
+        super().stop()
 
 
 @pytest.fixture
