@@ -25,8 +25,6 @@ import time
 from dataclasses import dataclass
 from types import FrameType
 
-import yaml
-
 from router import log
 from router.config import load_policy
 from router.dns import ResolveError, resolve_trunk
@@ -55,18 +53,6 @@ STATE_BUSY_TIMEOUT = 0.25    # the PJSIP thread waits at most this long for anot
 class Flags:
     stop: bool = False
     reload: bool = False
-
-
-def load(path: str) -> Policy:
-    """``load_policy``, with any failure to read the file as a ``ConfigError``: a file of
-    random bytes or control characters must be refused like any other bad file, never
-    raise out of a reload and stop the router."""
-    try:
-        return load_policy(path)
-    except ConfigError:
-        raise
-    except (ValueError, yaml.YAMLError) as exc:     # UnicodeDecodeError is a ValueError
-        raise ConfigError([f"{path}: cannot be read as YAML text: {exc}"]) from None
 
 
 def _notify(state: str) -> None:
@@ -153,7 +139,7 @@ class Router:
 
     def reload(self, now: float) -> None:
         try:
-            policy = load(self.config_path)
+            policy = load_policy(self.config_path)
         except ConfigError as exc:
             self.log.error("policy.reload.refused", source=self.config_path,
                            errors=exc.problems, detail="keeping the last good policy")
@@ -164,11 +150,9 @@ class Router:
         self.resolved.clear()
         if policy.trunk is not None:
             self.resolve(policy.trunk)
-        previous = self.policy_state.yaml_policy
         try:
-            view = self.policy_state.reload(policy, now)
+            view = self.policy_state.reload(policy, now)     # changes nothing if it fails
         except sqlite3.Error as exc:       # the YAML observations could not be written
-            self.policy_state.yaml_policy = previous
             self.log.error("policy.reload.refused", source=self.config_path, errors=[],
                            detail=f"the state database failed ({describe(exc)}); keeping the last good policy")
             return
@@ -218,7 +202,7 @@ class Router:
 
 
 def run(config_path: str) -> int:
-    policy = load(config_path)
+    policy = load_policy(config_path)
     log.configure(policy.log.level, policy.log.format)
     try:
         router = Router(config_path, policy)

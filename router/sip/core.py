@@ -44,7 +44,6 @@ from router.sip.message import (
     SipMessage,
     build_response,
     parse,
-    parse_name_addr,
     parse_uri,
     response_destination,
 )
@@ -175,7 +174,7 @@ class SipCore:
         return self._reply(msg, source, now, Reply(200, "OK", (("Allow", ALLOW), ("Accept", "application/sdp"))))
 
     def _invite(self, msg: SipMessage, source: Source, now: float) -> list[Command]:
-        if parse_name_addr(msg.header("to") or "").tag:
+        if msg.tag("to"):
             return self._in_dialog(msg, source, now)
         key = transaction_key(msg)
         if self.proxy.has_call(key):
@@ -226,7 +225,7 @@ class SipCore:
         return list(emitted) if emitted else []
 
     def _in_dialog(self, msg: SipMessage, source: Source, now: float) -> list[Command]:
-        if not parse_name_addr(msg.header("to") or "").tag:
+        if not msg.tag("to"):
             if msg.method in KNOWN_NOT_SERVED:
                 return self._reply(msg, source, now, Reply(405, phrase(405), (("Allow", ALLOW),)))
             return self._reply(msg, source, now, Reply(481, phrase(481)))

@@ -34,7 +34,7 @@ from router.records import CallRecord
 from router.sip.callrules import restore, rewrite_headers, summary
 from router.sip.commands import Log, SaveCall, Send, Source
 from router.sip.forward import Local, forward_request, new_branch, strip_top_via, via_destination
-from router.sip.message import SipMessage, parse_name_addr
+from router.sip.message import SipMessage
 
 DIALOG_TTL = 12 * 3600.0
 ENDED_LINGER = 32.0            # an ended dialog still relays the BYE's retransmissions and 200
@@ -92,11 +92,7 @@ class Dialogs:
 
     def find(self, msg: SipMessage) -> tuple[Dialog, bool] | None:
         """The dialog ``msg`` belongs to, and whether it comes from the caller's side."""
-        try:
-            from_tag = parse_name_addr(msg.header("from") or "").tag or ""
-            to_tag = parse_name_addr(msg.header("to") or "").tag or ""
-        except ValueError:
-            return None
+        from_tag, to_tag = msg.tag("from"), msg.tag("to")
         dialog = self.table.get((msg.call_id, to_tag))
         if dialog is not None and dialog.caller_tag == from_tag:
             return dialog, True

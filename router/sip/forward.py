@@ -46,16 +46,9 @@ class Local:
         return parsed.host.strip("[]") == self.host and (parsed.port or 5060) == self.port
 
 
-def _tag(value: str | None) -> str:
-    try:
-        return parse_name_addr(value or "").tag or ""
-    except ValueError:
-        return ""
-
-
 def loop_hash(msg: SipMessage) -> str:
     """§16.6 step 8: a hash of the fields a looping request keeps unchanged."""
-    to_tag, from_tag = _tag(msg.header("to")), _tag(msg.header("from"))
+    to_tag, from_tag = msg.tag("to"), msg.tag("from")
     seed = "|".join((msg.uri, to_tag, from_tag, msg.call_id, str(msg.cseq[0]),
                      ",".join(msg.all("route")), msg.header("proxy-require") or ""))
     return hashlib.blake2b(seed.encode(), digest_size=5).hexdigest()

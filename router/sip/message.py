@@ -96,6 +96,11 @@ class SipMessage:
             return self.via0
         return parse_via(self.all("via")[0])
 
+    def tag(self, name: str) -> str:
+        """The tag of From or To (``name``), "" when there is none; ``parse`` has
+        checked both headers, so this does not fail on a parsed message."""
+        return parse_name_addr(self.header(name) or "").tag or ""
+
 
 @dataclass(frozen=True, slots=True)
 class Via:

@@ -340,7 +340,7 @@ class Proxy:
                     other.superseded = True      # its late answers no longer count for the call
                     self._cancel(call, other, COMPLETED_ELSEWHERE, now, r.out)
         record = self._record(call, None) if first else None
-        if self.dialogs.open(Dialog(call.call_id, _tag(call.invite.header("from")), _tag(msg.header("to")),
+        if self.dialogs.open(Dialog(call.call_id, call.invite.tag("from"), msg.tag("to"),
                                     call.caller, self._callee(branch), now + DIALOG_TTL, record,
                                     call.rewrite, branch.cseq_offset)):
             call.linger_until = now + CALL_LINGER
@@ -488,13 +488,6 @@ class Proxy:
     def _all_bindings(self, user_key: str, now: float) -> list[Binding]:
         user = self.policy().user(user_key)
         return self.bindings(user.id, now) if user is not None else []
-
-
-def _tag(value: str | None) -> str:
-    try:
-        return parse_name_addr(value or "").tag or ""
-    except ValueError:
-        return ""
 
 
 def _next_hop_problem(msg: SipMessage) -> str | None:

@@ -20,7 +20,7 @@ from router.policy.decide import PstnLeg
 from router.policy.model import Policy, Trunk
 from router.sip.branch import Branch, Spec
 from router.sip.commands import Source
-from router.sip.message import SipMessage, parse_name_addr
+from router.sip.message import SipMessage
 from router.sip.uac_auth import credentials_header
 
 LABEL_PREFIX = "pstn:"
@@ -44,7 +44,7 @@ def plan(policy: Policy, invite: SipMessage, leg: PstnLeg, dest: Source) -> LegP
     headers: tuple[tuple[str, str], ...] = ()
     if trunk.caller_id.value == "from":
         original = invite.header("from") or ""
-        tag = parse_name_addr(original).tag
+        tag = invite.tag("from")
         hotline_from = f'"{leg.caller_id}" <sip:{leg.caller_id}@{policy.domain}>' + (f";tag={tag}" if tag else "")
         headers = (("from", hotline_from),)
         rewrite = (original, hotline_from)
