@@ -19,6 +19,7 @@ from router.policy.model import (
     CallerIdMode,
     Device,
     DeviceKind,
+    Edge,
     Listen,
     LogSettings,
     Policy,
@@ -109,13 +110,16 @@ def _build(top: MapReader, filename: str, problems: Problems) -> Policy | None:
                    for i, n in enumerate(top.list("queues")))
     users = tuple(_user(n, f"users[{i}]", problems, country)
                   for i, n in enumerate(top.list("users")))
+    edge = _edge(top.sub("edge"), state_dir, problems)
     _cross_check(top, users, queues, trunk, routing, problems)
+    if edge is not None:
+        _check_edge(top, edge, listen, peers, problems)
     if any(x is None for x in (*listen, *peers, *queues, *users)) or domain is None:
         return None
     return Policy(source=filename, domain=domain, country=country, state_dir=state_dir,
                   database=database, listen=listen, users=users, queues=queues,  # type: ignore[arg-type]
                   trunk=trunk, trusted_peers=peers, routing=routing,  # type: ignore[arg-type]
-                  registrar=registrar, log=log)
+                  registrar=registrar, log=log, edge=edge)
 
 
 def _listen(node: yaml.Node, path: str, problems: Problems) -> Listen | None:
@@ -136,6 +140,127 @@ def _listen(node: yaml.Node, path: str, problems: Problems) -> Listen | None:
                                    "and peers reach this router at (it goes into Via and Record-Route)")
     m.done()
     return result
+
+
+def _edge(m: MapReader | None, state_dir: str, problems: Problems) -> Edge | None:
+    if m is None or not m.ok:
+        return None
+    d = Edge()
+    address = _ip(m, "address", d.address, problems)
+    internal = _ip(m, "internal_address", d.internal_address, problems)
+    certificate = m.str("certificate", "self-signed")
+    self_signed = certificate == "self-signed"
+    if self_signed:       # made by `sip-router edge-config` when missing
+        certificate = os.path.join(state_dir, "edge", "cert.pem")
+        key = os.path.join(state_dir, "edge", "key.pem")
+        if m.has("private_key"):
+            problems.add(m.node_of("private_key"), f"{m.path}.private_key",
+                         "a self-signed certificate comes with its own key: remove private_key, "
+                         "or name both certificate and private_key files")
+            m.str("private_key")
+    else:
+        key = m.str("private_key", required=True) or ""
+        certificate = os.path.join(state_dir, certificate)   # absolute paths stay as they are
+        key = os.path.join(state_dir, key)
+    rtpengine = _hostport(m, "rtpengine", "127.0.0.1:22222", problems)
+    ports = m.list("rtp_ports") if "rtp_ports" in m.items else []
+    low, high = d.rtp_port_min, d.rtp_port_max
+    if ports:
+        values = [scalar_text(n) or "" for n in ports]
+        if len(values) != 2 or not all(v.isdigit() for v in values) \
+                or not 1024 <= int(values[0]) < int(values[1]) <= 65535:
+            problems.add(m.node_of("rtp_ports"), f"{m.path}.rtp_ports",
+                         "must be [first, last]: two port numbers, 1024 <= first < last <= 65535")
+        else:
+            low, high = int(values[0]), int(values[1])
+    media = m.str("media_address")
+    if media is not None:
+        try:
+            ipaddress.ip_address(media)
+        except ValueError:
+            problems.add(m.node_of("media_address"), f"{m.path}.media_address",
+                         f"{media!r} is not an IP address")
+    result = Edge(address=address, advertise=m.str("advertise"),
+                  udp_port=_listener(m, "udp", d.udp_port, problems),
+                  tcp_port=_listener(m, "tcp", d.tcp_port, problems),
+                  tls_port=_listener(m, "tls", d.tls_port, problems),
+                  wss_port=_listener(m, "wss", d.wss_port, problems),
+                  internal_address=internal,
+                  internal_port=m.number("internal_port", d.internal_port, integer=True, minimum=1,
+                                         maximum=65535),
+                  certificate=certificate, private_key=key, self_signed=self_signed,
+                  rtpengine=rtpengine, media_address=media, rtp_port_min=low, rtp_port_max=high)
+    if address in ("0.0.0.0", "::") and result.advertise is None:
+        problems.add(m.node, m.path, f"an edge listening on {address} needs `advertise:`, the address "
+                                     "phones and browsers reach it at")
+    if not any((result.udp_port, result.tcp_port, result.tls_port, result.wss_port)):
+        problems.add(m.node, m.path, "every listener is off: turn on at least one of udp, tcp, tls, wss")
+    m.done()
+    return result
+
+
+def _ip(m: MapReader, key: str, default: str, problems: Problems) -> str:
+    value = m.str(key, default) or default
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        problems.add(m.node_of(key), f"{m.path}.{key}", f"{value!r} is not an IP address")
+    return value
+
+
+def _listener(m: MapReader, key: str, default: int | None, problems: Problems) -> int | None:
+    """A listener's port, or None when it is ``off``."""
+    if key not in m.items:
+        return default
+    node = m.items[key][1]
+    m.used.add(key)
+    text = (scalar_text(node) or "").lower()
+    if text in ("off", "false", "no", "~", "null", ""):
+        return None
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        problems.add(node, f"{m.path}.{key}", f"{text!r} is not a port number (1-65535) or off")
+        return default
+    return int(text)
+
+
+def _hostport(m: MapReader, key: str, default: str, problems: Problems) -> tuple[str, int] | None:
+    """``ip:port`` (``[v6]:port``), or None when ``off``."""
+    if key in m.items and (scalar_text(m.items[key][1]) or "").lower() in ("off", "false", "no", "~", "null", ""):
+        m.used.add(key)
+        return None
+    value = m.str(key, default) or default
+    host, _, port = value.rpartition(":")
+    host = host.strip("[]")
+    try:
+        ipaddress.ip_address(host)
+        if not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError
+    except ValueError:
+        problems.add(m.node_of(key), f"{m.path}.{key}", f"{value!r} is not ip:port (or off)")
+        return None
+    return host, int(port)
+
+
+def _check_edge(top: MapReader, edge: Edge, listen: tuple[Listen | None, ...],
+                peers: tuple[TrustedPeer | None, ...], problems: Problems) -> None:
+    node = top.items["edge"][1]
+    internal = ipaddress.ip_address(edge.internal_address)
+    for peer in peers:
+        if peer is not None and internal in peer.net:
+            problems.add(node, "edge.internal_address",
+                         f"{edge.internal_address} is inside trusted peer {peer.name!r} ({peer.network}): "
+                         "every client of the edge would be trusted; give the edge its own address")
+    udp = [x for x in listen if x is not None and x.transport == "udp"]
+    if not udp:
+        problems.add(node, "edge", "the edge relays to the router over UDP: add a udp entry to `listen:`")
+    taken = {(edge.address, p) for p in (edge.udp_port, edge.tcp_port, edge.tls_port, edge.wss_port) if p}
+    taken.add((edge.internal_address, edge.internal_port))
+    for x in listen:
+        if x is not None and ((x.address, x.port) in taken
+                              or (edge.address in ("0.0.0.0", "::") and x.port in
+                                  (edge.udp_port, edge.tcp_port, edge.tls_port, edge.wss_port))):
+            problems.add(node, "edge", f"the router's listen {x.address}:{x.port} is also an edge "
+                                       "listener: give one of them another port")
 
 
 def _routing(m: MapReader | None, problems: Problems) -> Routing:
@@ -187,6 +312,9 @@ def _registrar(m: MapReader | None, problems: Problems) -> RegistrarSettings:
         algorithms=_algorithms(m, d.algorithms),
         md5_only_agents=tuple(scalar_text(n) or "" for n in m.list("md5_only_agents"))
         if "md5_only_agents" in m.items else d.md5_only_agents,
+        keepalive_interval=m.number("keepalive_interval", d.keepalive_interval, integer=True, minimum=0),
+        keepalive_max_missed=m.number("keepalive_max_missed", d.keepalive_max_missed, integer=True,
+                                      minimum=1, maximum=100),
     )
     if not result.min_expires <= result.default_expires <= result.max_expires:
         problems.add(m.node, m.path, "needs min_expires <= default_expires <= max_expires")

@@ -148,6 +148,11 @@ class RegistrarSettings:
     # they cannot answer instead of skipping it (measured: baresip 1.0 says
     # "Register: Function not implemented" when SHA-256 is offered too).
     md5_only_agents: tuple[str, ...] = ("baresip v0.", "baresip v1.")
+    # NAT keep-alive: a binding reached at its source rather than its Contact gets an
+    # OPTIONS every ``keepalive_interval`` seconds (0: never) and is dropped after
+    # ``keepalive_max_missed`` pings in a row go unanswered.
+    keepalive_interval: int = 30
+    keepalive_max_missed: int = 3
 
 
 @dataclass(frozen=True)
@@ -156,6 +161,40 @@ class Routing:
     queue_header: str = "X-Queue"
     default_fallback: tuple[ReceiveMethod, ...] = ()
     default_ring_timeout: float = 15.0
+
+
+EDGE_CLIENT_HEADER = "X-Edge-Client"   # "host:port;transport=ws": the client the edge relays for
+
+
+@dataclass(frozen=True)
+class Edge:
+    """The Kamailio edge in front of the router: it owns every TCP, TLS and WebSocket
+    connection (and rtpengine the WebRTC media) and relays to the router over UDP.
+
+    The edge is not a trusted peer: its clients authenticate as everywhere else.  The
+    router believes the ``X-Edge-Client`` header (the client's own address) only in
+    requests from ``internal_address``.
+    """
+
+    address: str = "0.0.0.0"               # where the edge listens for phones and browsers
+    advertise: str | None = None           # the public address, when ``address`` is a wildcard
+    udp_port: int | None = 5060            # None: that listener is off
+    tcp_port: int | None = 5060
+    tls_port: int | None = 5061
+    wss_port: int | None = 8443
+    internal_address: str = "127.0.0.2"    # the edge's own address toward the router
+    internal_port: int = 5062
+    certificate: str = ""                  # absolute paths; generated when ``self_signed``
+    private_key: str = ""
+    self_signed: bool = True
+    rtpengine: tuple[str, int] | None = ("127.0.0.1", 22222)   # ng control socket; None: no media relay
+    media_address: str | None = None       # the address rtpengine puts in SDP (default: advertise/address)
+    rtp_port_min: int = 30000
+    rtp_port_max: int = 40000
+
+    @property
+    def public_address(self) -> str:
+        return self.advertise or self.address
 
 
 @dataclass(frozen=True)
@@ -182,6 +221,7 @@ class Policy:
     routing: Routing = field(default_factory=Routing)
     registrar: RegistrarSettings = field(default_factory=RegistrarSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    edge: Edge | None = None
 
     # Lookups are indexed once; the policy is immutable, so the index never goes stale.
     @cached_property
@@ -256,3 +296,26 @@ class Binding:
     registered_at: float = 0.0
     instance: str = ""  # +sip.instance, when the phone sends one
     conn: int = 0       # the TCP connection it registered over, while it lives (never stored)
+    # Via the edge (RFC 3327): the Path the edge put in the REGISTER becomes the Route
+    # of every request to this binding, so it reaches the device over its own flow.
+    path: tuple[str, ...] = ()
+    flow: str = ""      # the device's own transport (ws, wss, tls, tcp, udp); "" = ``transport``
+    client: str = ""    # the device's own "host:port" as the edge saw it; "" = the source
+    nat: bool = False   # the Contact is not reachable as written: send to the source instead
+
+    @property
+    def via_edge(self) -> bool:
+        return bool(self.path)
+
+    @property
+    def device_transport(self) -> str:
+        """How the device itself is connected: ws, wss, tls, tcp or udp."""
+        return self.flow or self.transport
+
+    @property
+    def device_address(self) -> str:
+        """The device's own address: behind an edge, as the edge saw it."""
+        if self.client:
+            return self.client
+        host = f"[{self.source_host}]" if ":" in self.source_host else self.source_host
+        return f"{host}:{self.source_port}"
