@@ -301,7 +301,7 @@ class Binding:
     path: tuple[str, ...] = ()
     flow: str = ""      # the device's own transport (ws, wss, tls, tcp, udp); "" = ``transport``
     client: str = ""    # the device's own "host:port" as the edge saw it; "" = the source
-    nat: bool = False   # the Contact is not reachable as written: send to the source instead
+    at_contact: bool = False   # reachable at the Contact as written (no NAT seen); else at the source
 
     @property
     def via_edge(self) -> bool:

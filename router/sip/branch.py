@@ -142,6 +142,7 @@ class Spec:
     add: tuple[tuple[str, str], ...] = ()
     replace: tuple[tuple[str, str], ...] = ()
     drop: frozenset[str] = frozenset()
+    routes: tuple[str, ...] = ()      # sent before the received Route set: a binding's Path
 
 
 @dataclass

@@ -20,6 +20,24 @@ class Source:
     port: int
     transport: str = "udp"
     conn: int = 0            # opaque handle of the TCP connection, 0 for UDP
+    # Behind the edge: the device's own address and transport, as the edge stamped them
+    # (believed only in requests from the edge's internal address).
+    client_host: str = ""
+    client_port: int = 0
+    client_transport: str = ""
+
+    @property
+    def origin_host(self) -> str:
+        """Who sent it: the edge's client, or the packet's source."""
+        return self.client_host or self.host
+
+    @property
+    def origin_port(self) -> int:
+        return self.client_port if self.client_host else self.port
+
+    @property
+    def via_edge(self) -> bool:
+        return bool(self.client_host)
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,13 +31,14 @@ from collections.abc import Callable
 
 from router.errors import MalformedMessage, sip_status
 from router.policy.decide import CallRequest
-from router.policy.model import Binding, Policy, Trunk
+from router.policy.model import EDGE_CLIENT_HEADER, Binding, Policy, Trunk
 from router.sip.admission import Refused, admit, trusted_peer
 from router.sip.auth import Authenticator
 from router.sip.callrules import called_number, quote
 from router.sip.commands import Command, Log, Reply, Send, Source, phrase
 from router.sip.dialogs import Dialogs, Party, Stranger
 from router.sip.forward import Local, is_loop
+from router.sip.keepalive import Keepalive
 from router.sip.location import Location
 from router.sip.message import (
     COMPACT,
@@ -48,6 +49,7 @@ from router.sip.message import (
     response_destination,
 )
 from router.sip.proxy import Proxy
+from router.sip.reach import edge_source
 from router.sip.registrar import Outcome, Registrar
 from router.sip.transaction import ResponseCache, transaction_key
 
@@ -73,6 +75,10 @@ class SipCore:
         dialogs = Dialogs(local, self._peer_of, self.location.registered_at)
         self.proxy = Proxy(local, lambda: self.policy, lambda user, now: self.location.bindings(now, user),
                            dialogs, resolve)
+        settings = policy.registrar
+        self.keepalive = Keepalive(local, self.location, policy.domain, settings.keepalive_interval,
+                                   settings.keepalive_max_missed)
+        self.keepalive.watch(self.location.bindings(now), now)
         self._housekeeping_at = now + HOUSEKEEPING
         self.handlers: dict[str, Callable[[SipMessage, Source, float], list[Command]]] = {
             "REGISTER": self._register,
@@ -85,6 +91,8 @@ class SipCore:
 
     def set_policy(self, policy: Policy) -> list[Command]:
         self.policy = policy
+        settings = policy.registrar
+        self.keepalive.configure(policy.domain, settings.keepalive_interval, settings.keepalive_max_missed)
         return list(self.registrar.set_policy(policy))
 
     # --------------------------------------------------------------- entry points
@@ -99,6 +107,7 @@ class SipCore:
             key = transaction_key(msg)
         except ValueError as exc:
             return self._malformed(data, source, MalformedMessage(str(exc)))
+        source = edge_source(msg, source, self.policy.edge, EDGE_CLIENT_HEADER)
         cached = self.cache.get(key, now) if msg.method != "ACK" else None
         if cached is not None:
             return [self._send(msg, source, cached)]
@@ -120,6 +129,9 @@ class SipCore:
         if msg.is_request:
             return self.on_request(data, source, now)
         try:
+            if self.keepalive.is_ping(msg):
+                self.keepalive.on_response(msg)
+                return []
             return list(self.proxy.on_response(msg, now))
         except Exception:   # noqa: BLE001 -- one response must not stop the others
             return [Log("sip.core.error", (("call_id", msg.call_id), ("status", msg.status),
@@ -131,7 +143,8 @@ class SipCore:
         transaction timers, the next binding expiry, the next cached response to
         forget, and the periodic housekeeping."""
         due = self._housekeeping_at
-        for part in (self.proxy.next_timer(), self.location.next_timer(), self.cache.next_timer()):
+        for part in (self.proxy.next_timer(), self.location.next_timer(), self.cache.next_timer(),
+                     self.keepalive.next_timer()):
             if part is not None and part < due:
                 due = part
         return due
@@ -148,6 +161,9 @@ class SipCore:
         due = self.cache.next_timer()
         if due is not None and due <= now:
             self.cache.expire(now)
+        due = self.keepalive.next_timer()
+        if due is not None and due <= now:
+            out.extend(self.keepalive.handle_timer(now))
         if now >= self._housekeeping_at:
             self._housekeeping_at = now + HOUSEKEEPING
             self.auth.housekeeping(now)
@@ -164,14 +180,16 @@ class SipCore:
         commands: list[Command] = self._reply(msg, source, now, outcome.reply)
         if outcome.save is not None:
             commands.append(outcome.save)
-        commands.append(Log(outcome.event, (("call_id", msg.call_id), ("source", f"{source.host}:{source.port}"),
+            self.keepalive.watch(outcome.save.bindings, now)
+        commands.append(Log(outcome.event, (("call_id", msg.call_id), ("source", _who(source)),
                                             ("status", outcome.reply.status), *outcome.fields),
                             outcome.level))
         return commands
 
     def _options(self, msg: SipMessage, source: Source, now: float) -> list[Command]:
-        # Supported lists only extensions the router implements (none yet: no Path, no outbound).
-        return self._reply(msg, source, now, Reply(200, "OK", (("Allow", ALLOW), ("Accept", "application/sdp"))))
+        # Supported lists only extensions the router implements: Path (RFC 3327), not outbound.
+        return self._reply(msg, source, now, Reply(200, "OK", (("Allow", ALLOW), ("Accept", "application/sdp"),
+                                                               ("Supported", "path"))))
 
     def _invite(self, msg: SipMessage, source: Source, now: float) -> list[Command]:
         if msg.tag("to"):
@@ -189,7 +207,7 @@ class SipCore:
             status = 416 if msg.uri.partition(":")[0].lower() not in ("sip", "sips", "tel") else 400
             warning = (("Warning", f'399 - "{quote(str(exc))}"'),)
             return self._reply(msg, source, now, Reply(status, phrase(status), warning))
-        verdict = admit(self.policy, msg, source.host, self.auth, self.location.is_registered, now)
+        verdict = admit(self.policy, msg, source.origin_host, self.auth, self.location.is_registered, now)
         if isinstance(verdict, Refused):
             headers: tuple[tuple[str, str], ...] = ()
             if verdict.status == 407:
@@ -243,13 +261,13 @@ class SipCore:
     @staticmethod
     def _stranger_log(msg: SipMessage, source: Source, stranger: Stranger) -> Log:
         return Log("call.in_dialog.refused", (("call_id", msg.call_id), ("method", msg.method),
-                                               ("source", f"{source.host}:{source.port}"),
+                                               ("source", _who(source)),
                                                ("detail", stranger.detail)), "warning")
 
     def _internal_error(self, msg: SipMessage, source: Source, key: tuple[str, ...], now: float,
                         known: bool) -> list[Command]:
         log = Log("sip.core.error", (("call_id", msg.call_id), ("method", msg.method),
-                                     ("source", f"{source.host}:{source.port}"),
+                                     ("source", _who(source)),
                                      ("traceback", traceback.format_exc())), "error")
         if msg.method == "ACK" or known:
             return [log]             # an ACK is never answered; a live call keeps its own answers
@@ -315,3 +333,10 @@ def _lenient(data: bytes) -> SipMessage | None:
     except (ValueError, IndexError):
         return None
     return stub
+
+
+def _who(source: Source) -> str:
+    """Who sent a request, for logs: behind the edge, the device's own address."""
+    if source.via_edge:
+        return f"{source.client_host}:{source.client_port} ({source.client_transport} via edge)"
+    return f"{source.host}:{source.port}"

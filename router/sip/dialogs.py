@@ -16,8 +16,8 @@ the end its tags say it comes from; it is forwarded to the other end, never
 to an address the request names.  A request from anyone else is a
 ``Stranger``: the core answers 403 and nothing is forwarded, so knowing a
 Call-ID and the tags is not enough to hang up or redirect someone's call.
-(Behind an edge proxy every phone speaks from the edge's address; the edge
-then names the client's own flow, and ``Party`` is where that check goes.)
+Behind the edge every phone speaks from the edge's address; the edge names
+the device's own address in ``X-Edge-Client`` and that is what is compared.
 
 The caller-ID rewrite and the CSeq step of an authenticated PSTN leg are
 applied to requests toward the trunk and undone on responses coming back.
@@ -139,12 +139,14 @@ class Dialogs:
         return out
 
     def speaks_for(self, party: Party, source: Source, now: float) -> bool:
-        """Is a request from ``source`` from ``party``?"""
-        if source.host == party.source.host:
+        """Is a request from ``source`` from ``party``?  Behind the edge every request comes
+        from the edge's address, so the device's own address (``origin``) is compared."""
+        if source.origin_host == party.source.origin_host and source.via_edge == party.source.via_edge:
             return True
-        if party.peer is not None and self.peer_of(source.host) == party.peer:
+        if party.peer is not None and self.peer_of(source.origin_host) == party.peer:
             return True
-        return party.device is not None and self.device_at(party.device, source.host, source.port, now)
+        return party.device is not None and \
+            self.device_at(party.device, source.origin_host, source.origin_port, now)
 
     # ------------------------------------------------------------------ responses
     def on_response(self, msg: SipMessage) -> Emit:

@@ -14,6 +14,7 @@ import ipaddress
 import secrets
 from dataclasses import dataclass
 
+from router.policy.model import EDGE_CLIENT_HEADER
 from router.sip.message import (
     SipMessage,
     is_number,
@@ -25,6 +26,7 @@ from router.sip.message import (
 )
 
 BRANCH_PREFIX = "z9hG4bKsr"
+EDGE_CLIENT = EDGE_CLIENT_HEADER.lower()
 
 
 @dataclass(frozen=True)
@@ -89,17 +91,23 @@ def forward_request(msg: SipMessage, uri: str, local: Local, branch: str, transp
                     source: tuple[str, int], *, record_route: bool = True,
                     drop: frozenset[str] = frozenset(),
                     add: tuple[tuple[str, str], ...] = (),
-                    replace: dict[str, str] | None = None) -> bytes:
-    """The bytes of ``msg`` forwarded to ``uri`` through this proxy."""
+                    replace: dict[str, str] | None = None,
+                    routes: tuple[str, ...] | None = None) -> bytes:
+    """The bytes of ``msg`` forwarded to ``uri`` through this proxy.  ``routes``: the
+    Route set to send (a binding's Path first); None: the received one, less our entries.
+    The edge's ``X-Edge-Client`` stamp is for this router only and never travels on."""
     replace = replace or {}
     headers: list[tuple[str, str]] = [("via", our_via(local, branch, transport))]
     if record_route:
         headers.append(("record-route", f"<sip:{local.hostport};lr>"))
+    route_set = list(routes) if routes is not None else None
+    if route_set is not None and not msg.all("route"):
+        headers.extend(("route", r) for r in route_set)
     first_via = True
     route_seen = False
     max_forwards_done = False
     for name, value in msg.headers:
-        if name in drop or name in replace:
+        if name in drop or name in replace or name == EDGE_CLIENT:
             continue
         if name == "via":
             if first_via:
@@ -110,7 +118,8 @@ def forward_request(msg: SipMessage, uri: str, local: Local, branch: str, transp
             continue
         if name == "route":
             if not route_seen:
-                headers.extend(("route", r) for r in routes_after_me(msg, local))
+                headers.extend(("route", r) for r in
+                               (route_set if route_set is not None else routes_after_me(msg, local)))
                 route_seen = True
             continue
         if name == "max-forwards":

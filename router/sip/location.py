@@ -66,8 +66,10 @@ class Location:
         return any(b.expires_at > now for b in self.by_device.get(device_id, ()))
 
     def registered_at(self, device_id: str, host: str, port: int, now: float) -> bool:
-        """Does ``device_id`` hold a live binding registered from ``host:port``?"""
-        return any(b.expires_at > now and b.source_host == host and b.source_port == port
+        """Does ``device_id`` hold a live binding registered from ``host:port`` (behind the
+        edge: the device's own address, as the edge saw it)?"""
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return any(b.expires_at > now and b.device_address == address
                    for b in self.by_device.get(device_id, ()))
 
     # ------------------------------------------------------------------ time

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from router.policy.decide import CallRequest, Decision, Fork, PstnLeg, Redirect, Reject, decide
 from router.policy.model import Binding, Policy, Trunk
 from router.records import CallRecord
-from router.sip import pstn
+from router.sip import pstn, reach
 from router.sip.branch import Action, Branch, Event, Spec, Step
 from router.sip.callrules import best_response, quote, restore, summary
 from router.sip.commands import Log, SaveCall, Send, Source, phrase
@@ -53,7 +53,9 @@ from router.sip.forward import (
 )
 from router.sip.message import SipMessage, build_response, parse_name_addr, response_destination
 
-NO_ANSWER = frozenset({408, 480, 404, 410, 500, 502, 503, 504})   # fall back on these
+# Fall back on these.  430 Flow Failed and 477 come from the edge when the device's
+# connection is gone (RFC 5626 §5.3): that device cannot ring, so the next step runs now.
+NO_ANSWER = frozenset({408, 480, 404, 410, 430, 477, 500, 502, 503, 504})
 COMPLETED_ELSEWHERE = 'SIP;cause=200;text="Call completed elsewhere"'
 CALL_LINGER = 32.0
 SERVER = "sip-router/0.1"
@@ -270,8 +272,9 @@ class Proxy:
             for target in decision.targets:
                 binding = target.binding
                 assert binding is not None
-                dest = Source(binding.source_host, binding.source_port, binding.transport, binding.conn)
-                self._branch(call, Spec(target.uri, target.device_id or target.uri, dest), now, out)
+                dest, path = reach.destination(binding)
+                self._branch(call, Spec(target.uri, target.device_id or target.uri, dest, routes=path),
+                             now, out)
         else:
             host, port = self.resolve(decision.trunk)
             leg = pstn.plan(self.policy(), call.invite, decision, Source(host, port, decision.trunk.transport))
@@ -290,10 +293,11 @@ class Proxy:
         if cseq_offset:
             headers["cseq"] = f"{call.invite.cseq[0] + cseq_offset} INVITE"
         dest = spec.dest
+        routes = (*spec.routes, *routes_after_me(call.invite, self.local))
         data = forward_request(call.invite, spec.uri, self.local, key, dest.transport,
                                (call.source.host, call.source.port),
                                drop=spec.drop | {"proxy-authorization", "authorization"}, add=spec.add,
-                               replace=headers)
+                               replace=headers, routes=routes)
         if "from" in headers:     # the hop-by-hop ACK/CANCEL must match what we sent
             original = SipMessage(call.invite.method, call.invite.uri, 0, "",
                                   tuple((n, headers["from"] if n == "from" else v)
@@ -301,8 +305,7 @@ class Proxy:
         else:
             original = call.invite
         branch = Branch(key, call.call_id, spec.label, spec.uri, dest, data,
-                        our_via(self.local, key, dest.transport), original,
-                        tuple(routes_after_me(call.invite, self.local)), now, spec, cseq_offset)
+                        our_via(self.local, key, dest.transport), original, routes, now, spec, cseq_offset)
         branch.arm(now)
         call.branches[key] = branch
         self.by_branch[key] = (call, branch)

@@ -13,7 +13,8 @@ binding; a device keeps at most ``max_bindings_per_device`` (oldest dropped,
 as Asterisk's remove_existing does) and a user at most
 ``max_bindings_per_aor``, so the 200 OK listing every binding always fits in
 one 4,000-byte datagram.  Bindings remember where the REGISTER came from
-(host, port, transport), which is where calls are sent.  The bindings
+(host, port, transport), the edge's Path and client when it came through the edge, and
+whether a NAT was seen; ``reach`` turns that into where calls are sent.  The bindings
 themselves live in the location service (``location.Location``).
 """
 
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 
 from router.errors import MalformedMessage
 from router.policy.model import Binding, Device, Policy, User
-from router.sip import digest
+from router.sip import digest, reach
 from router.sip.auth import Authenticator, Gate
 from router.sip.commands import Reply, SaveBindings, Source, phrase
 from router.sip.location import Location
@@ -83,7 +84,7 @@ class Registrar:
 
     # ------------------------------------------------------------------ REGISTER
     def register(self, msg: SipMessage, source: Source, now: float) -> Outcome:
-        check = self.auth.check(msg, "authorization", source.host, now)
+        check = self.auth.check(msg, "authorization", source.origin_host, now)
         status = AUTH_OUTCOMES[check.gate]
         if status is not None:
             headers: tuple[tuple[str, str], ...] = ()
@@ -119,6 +120,8 @@ class Registrar:
                 f'399 - "device {device.id} belongs to {user.id} and may register only that user"'),)),
                 None, "register.refused", (("device", device.id), ("aor", to_uri.user)), "warning")
         contacts = msg.all("contact")
+        path = tuple(msg.all("path"))
+        nat = "" if path else None
         header_expires = _int_or_none(msg.header("expires"))
         existing = {b.contact: b for b in self.location.of_device(device.id)}
         call_id, (cseq, _) = msg.call_id, msg.cseq
@@ -129,7 +132,7 @@ class Registrar:
                 if b.call_id == call_id and cseq <= b.cseq:
                     raise MalformedMessage("CSeq out of order for this Call-ID")
             self.location.put(user.id, device.id, [])
-            return self._ok(user, device, now, SaveBindings(user.id, device.id, ()), "unregister_all")
+            return self._ok(msg, user, device, now, SaveBindings(user.id, device.id, ()), "unregister_all")
         updated = dict(existing)
         for value in contacts:
             addr = parse_name_addr(value)
@@ -156,13 +159,19 @@ class Registrar:
             if expires == 0:
                 updated.pop(addr.uri, None)
                 continue
+            reason = None if path else reach.nat_reason(parse_uri(addr.uri), msg.top_via, source)
+            if reason is not None:
+                nat = reason
             updated[addr.uri] = Binding(
                 user_id=user.id, device_id=device.id, kind=device.kind, contact=addr.uri,
                 expires_at=now + expires, q=q, call_id=call_id, cseq=cseq,
                 source_host=source.host, source_port=source.port, transport=source.transport,
                 user_agent=(msg.header("user-agent") or "")[:120],
                 registered_at=old.registered_at if old else now, instance=instance,
-                conn=source.conn if source.transport == "tcp" else 0)
+                conn=source.conn if source.transport == "tcp" else 0,
+                path=path, flow=source.client_transport,
+                client=_hostport(source.client_host, source.client_port) if source.via_edge else "",
+                at_contact=not path and reason is None)
         kept = sorted(updated.values(), key=lambda b: b.registered_at)[-settings.max_bindings_per_device:]
         others = [b for b in self.location.bindings(now, user.id) if b.device_id != device.id]
         if len(others) + len(kept) > settings.max_bindings_per_aor:
@@ -170,21 +179,40 @@ class Registrar:
                 f'399 - "{user.id} already has {len(others)} bindings; the limit is '
                 f'{settings.max_bindings_per_aor}"'),)), None, "register.refused", (), "warning")
         if kept == list(existing.values()) and not contacts:
-            return self._ok(user, device, now, None, "query")
+            return self._ok(msg, user, device, now, None, "query")
         self.location.put(user.id, device.id, kept)
-        return self._ok(user, device, now, SaveBindings(user.id, device.id, tuple(kept)),
-                        "update" if kept else "unregister")
+        extra: tuple[tuple[str, object], ...] = ()
+        if path:
+            extra = (("via_edge", True), ("transport", source.client_transport or source.transport),
+                     ("client", _hostport(source.origin_host, source.origin_port)))
+        elif nat:
+            extra = (("nat", nat),)
+        return self._ok(msg, user, device, now, SaveBindings(user.id, device.id, tuple(kept)),
+                        "update" if kept else "unregister", extra)
 
-    def _ok(self, user: User, device: Device, now: float,
-            save: SaveBindings | None, action: str) -> Outcome:
+    def _ok(self, msg: SipMessage, user: User, device: Device, now: float,
+            save: SaveBindings | None, action: str, extra: tuple[tuple[str, object], ...] = ()) -> Outcome:
         headers = [("Contact", f"<{b.contact}>;expires={max(int(b.expires_at - now), 0)}"
                     + (f";q={b.q:g}" if b.q != 1.0 else ""))
                    for b in self.location.bindings(now, user.id)]
+        count = len(headers)
+        # RFC 3327 §5.3: the Path is returned only to a UA that said it supports path.
+        if "path" in _tokens(msg.header("supported")):
+            headers.extend(("Path", p) for p in msg.all("path"))
+        headers.append(("Supported", "path"))
         headers.append(("Date", time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now))))
         return Outcome(Reply(200, "OK", tuple(headers)), save, "register.ok",
                        (("user", user.id), ("device", device.id), ("kind", device.kind.value),
-                        ("action", action), ("bindings", len(headers) - 1)),
+                        ("action", action), ("bindings", count), *extra),
                        "info" if save is not None else "debug")
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _tokens(value: str | None) -> set[str]:
+    return {t.strip().lower() for t in (value or "").split(",") if t.strip()}
 
 
 def _int_or_none(value: str | None) -> int | None:

@@ -34,6 +34,8 @@ CREATE TABLE IF NOT EXISTS bindings (
     expires_at REAL NOT NULL, q REAL NOT NULL, call_id TEXT NOT NULL, cseq INTEGER NOT NULL,
     source_host TEXT NOT NULL, source_port INTEGER NOT NULL, transport TEXT NOT NULL,
     user_agent TEXT NOT NULL, registered_at REAL NOT NULL, instance TEXT NOT NULL,
+    path TEXT NOT NULL DEFAULT '', flow TEXT NOT NULL DEFAULT '', client TEXT NOT NULL DEFAULT '',
+    at_contact INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (device_id, contact));
 CREATE TABLE IF NOT EXISTS calls (
     call_id TEXT PRIMARY KEY, caller TEXT, user_id TEXT, queue_id TEXT, method TEXT,
@@ -83,6 +85,7 @@ def connect(path: str, *, durable: bool = False, busy_timeout: float = 10.0,
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
             conn.executescript(SCHEMA)
+            _migrate(conn)
             if check_writable:
                 with conn:
                     conn.execute("BEGIN IMMEDIATE")
@@ -94,6 +97,23 @@ def connect(path: str, *, durable: bool = False, busy_timeout: float = 10.0,
     except (OSError, sqlite3.Error) as exc:
         raise StateError(path, describe(exc)) from None
     return conn
+
+
+# Columns added since the first release: (table, column, definition).  A database made by
+# an older version gains them on open; old rows take the defaults (reached at their source).
+_ADDED_COLUMNS = (
+    ("bindings", "path", "TEXT NOT NULL DEFAULT ''"),
+    ("bindings", "flow", "TEXT NOT NULL DEFAULT ''"),
+    ("bindings", "client", "TEXT NOT NULL DEFAULT ''"),
+    ("bindings", "at_contact", "INTEGER NOT NULL DEFAULT 0"),
+)
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    for table, column, definition in _ADDED_COLUMNS:
+        present = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if column not in present:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
 
 
 def _settle(conn: sqlite3.Connection) -> None:
@@ -168,7 +188,8 @@ def _change(r: tuple) -> Change:  # type: ignore[type-arg]
 
 
 _BINDING_COLUMNS = ("user_id, device_id, kind, contact, expires_at, q, call_id, cseq, "
-                    "source_host, source_port, transport, user_agent, registered_at, instance")
+                    "source_host, source_port, transport, user_agent, registered_at, instance, "
+                    "path, flow, client, at_contact")
 
 
 class SqliteBindingStore:
@@ -179,7 +200,8 @@ class SqliteBindingStore:
         rows = self.conn.execute(
             f"SELECT {_BINDING_COLUMNS} FROM bindings WHERE expires_at > ?", (now,))
         return [Binding(r[0], r[1], DeviceKind(r[2]), r[3], r[4], r[5], r[6], r[7], r[8], r[9],
-                        r[10], r[11], r[12], r[13]) for r in rows]
+                        r[10], r[11], r[12], r[13], path=tuple(json.loads(r[14])) if r[14] else (),
+                        flow=r[15], client=r[16], at_contact=bool(r[17])) for r in rows]
 
     def replace_many(self, sets: Iterable[DeviceBindings]) -> None:
         """Several devices' binding sets in one transaction."""
@@ -190,10 +212,12 @@ class SqliteBindingStore:
                 self.conn.execute("DELETE FROM bindings WHERE device_id = ?", (item.device_id,))
                 self.conn.executemany(
                     f"INSERT INTO bindings ({_BINDING_COLUMNS}) VALUES "
-                    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [(b.user_id, b.device_id, b.kind.value, b.contact, b.expires_at, b.q,
                       b.call_id, b.cseq, b.source_host, b.source_port, b.transport,
-                      b.user_agent, b.registered_at, b.instance) for b in item.bindings])
+                      b.user_agent, b.registered_at, b.instance,
+                      json.dumps(list(b.path)) if b.path else "", b.flow, b.client, int(b.at_contact))
+                     for b in item.bindings])
 
     def purge_expired(self, now: float) -> int:
         with self.conn:

@@ -103,5 +103,5 @@ def test_a_save_command_is_emitted_on_a_successful_register(core):
 
 def test_options_advertises_only_what_the_router_implements(core):
     (reply,) = sends(core.on_request(req("OPTIONS"), SRC, 1000.0))
-    assert reply.status == 200 and reply.header("supported") is None     # neither Path nor outbound yet
+    assert reply.status == 200 and reply.header("supported") == "path"     # Path (RFC 3327), not outbound
     assert "INVITE" in reply.header("allow")

@@ -321,7 +321,7 @@ def test_a_phone_ringing_longer_than_timer_b_is_not_timed_out(tmp_path):
     for name, port in (("desk", 7001), ("app", 7002)):
         core.on_response(answer(branches[name], 180, "Ringing", tag=name), Source("10.1.1.1", port), 1000.2)
     out = core.handle_timer(1040.0)                            # past 64*T1 = 32 s, before the ring timeout
-    assert sent(out) == []                                     # no CANCEL, no 408 to the caller
+    assert [m for m in sent(out) if m.method != "OPTIONS"] == []   # no CANCEL, no 408 to the caller
     out = core.handle_timer(1060.0)
     assert len([m for m in sent(out) if m.method == "CANCEL"]) == 2
 
