@@ -48,22 +48,25 @@ class UdpPeer:
             self.sock.settimeout(2.0)
 
     def register(self, aor: str, cseq: int, call_id: str, authorization: str = "",
-                 expires: int = 300, domain: str = "pbx.test", to: str | None = None) -> SipMessage:
+                 expires: int = 300, domain: str = "pbx.test", to: str | None = None,
+                 contact: str | None = None, sent_by: str | None = None) -> SipMessage:
+        """``contact``/``sent_by``: what a phone behind NAT writes (its private address)."""
         n = next(_counter)
         text = (f"REGISTER sip:{domain} SIP/2.0\r\n"
-                f"Via: SIP/2.0/UDP 127.0.0.1:{self.port};branch=z9hG4bK-raw-{n};rport\r\n"
+                f"Via: SIP/2.0/UDP {sent_by or f'127.0.0.1:{self.port}'};branch=z9hG4bK-raw-{n};rport\r\n"
                 f"From: <sip:{aor}@{domain}>;tag=raw{n}\r\nTo: {to or f'<sip:{aor}@{domain}>'}\r\n"
                 f"Call-ID: {call_id}\r\nCSeq: {cseq} REGISTER\r\n"
-                f"Contact: <sip:{aor}-raw@127.0.0.1:{self.port}>\r\nExpires: {expires}\r\n"
+                f"Contact: <{contact or f'sip:{aor}-raw@127.0.0.1:{self.port}'}>\r\nExpires: {expires}\r\n"
                 f"{authorization}Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n")
         self.send(text.encode())
         return self.recv()
 
     def register_with(self, algorithm: str, aor: str, username: str, password: str,
-                      domain: str = "pbx.test", to: str | None = None) -> SipMessage:
+                      domain: str = "pbx.test", to: str | None = None,
+                      contact: str | None = None, sent_by: str | None = None) -> SipMessage:
         """The whole digest exchange, answering the challenge of ``algorithm``."""
         call_id = f"raw-{next(_counter)}@127.0.0.1"
-        challenge = self.register(aor, 1, call_id, to=to)
+        challenge = self.register(aor, 1, call_id, to=to, contact=contact, sent_by=sent_by)
         assert challenge.status == 401, challenge
         offers = {auth_params(v)[1].get("algorithm"): auth_params(v)[1]
                   for v in challenge.all("www-authenticate")}
@@ -75,4 +78,4 @@ class UdpPeer:
         header = (f'Authorization: Digest username="{username}", realm="{params["realm"]}", '
                   f'nonce="{params["nonce"]}", uri="{uri}", response="{response}", '
                   f'algorithm={algorithm}, qop=auth, nc=00000001, cnonce="c0ffee"\r\n')
-        return self.register(aor, 2, call_id, header, to=to)
+        return self.register(aor, 2, call_id, header, to=to, contact=contact, sent_by=sent_by)

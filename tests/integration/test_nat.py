@@ -1,0 +1,91 @@
+"""Phones behind NAT, and Contacts reachable as written: the real router, raw UDP peers.
+
+A phone behind NAT writes its private address (192.168.77.10) in Via and
+Contact while its packets arrive from the NAT's mapping (here: its loopback
+socket).  The router reaches it at the mapping, pings it there every second
+(the lab's interval), and drops it after two pings go unanswered.  A phone
+that registers a Contact it can be reached at as written (a third-party
+registration from another socket) is called there and never pinged.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from router.sip.message import SipMessage
+from tests.integration.rawsip import UdpPeer
+
+pytestmark = pytest.mark.integration
+
+FAST_PINGS = "  keepalive_interval: 1\n  keepalive_max_missed: 2\n  algorithms:"
+
+
+def _fast(text: str) -> str:
+    return text.replace("  algorithms:", FAST_PINGS, 1)
+
+
+def _invite(acd: UdpPeer, router_port: int, n: int) -> bytes:
+    return (f"INVITE sip:1002@127.0.0.1:{router_port} SIP/2.0\r\n"
+            f"Via: SIP/2.0/UDP 127.0.0.1:{acd.port};branch=z9hG4bK-nat-{n};rport\r\n"
+            "From: <sip:0909123456@acd.test>;tag=acd1\r\nTo: <sip:1002@pbx.test>\r\n"
+            f"Call-ID: nat-call-{n}\r\nCSeq: 1 INVITE\r\nContact: <sip:acd@127.0.0.1:{acd.port}>\r\n"
+            "Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n").encode()
+
+
+def _answer(request: SipMessage, status: int = 200) -> bytes:
+    vias = "".join(f"Via: {v}\r\n" for v in request.all("via"))
+    return (f"SIP/2.0 {status} OK\r\n{vias}From: {request.header('from')}\r\n"
+            f"To: {request.header('to')};tag=ph\r\nCall-ID: {request.call_id}\r\n"
+            f"CSeq: {request.header('cseq')}\r\nContent-Length: 0\r\n\r\n").encode()
+
+
+def _wait_for(peer: UdpPeer, method: str, seconds: float) -> SipMessage:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        msg = peer.recv()
+        if msg.is_request and msg.method == method:
+            return msg
+    raise AssertionError(f"no {method} within {seconds} s")
+
+
+def test_a_phone_behind_nat_is_reached_at_its_source_and_kept_alive_by_pings(make_lab):
+    lab = make_lab(edit=_fast)
+    with UdpPeer(lab.port) as phone, UdpPeer(lab.port) as acd:
+        ok = phone.register_with("MD5", "1002", "minh-desk", "minh-secret",
+                                 contact="sip:1002@192.168.77.10:5060", sent_by="192.168.77.10:5060")
+        assert ok.status == 200
+        for _ in range(3):                               # pinged at its mapping, and it answers
+            ping = _wait_for(phone, "OPTIONS", 3.0)
+            assert ping.uri == "sip:1002@192.168.77.10:5060"
+            phone.send(_answer(ping))
+        (row,) = lab.registrations("minh")
+        assert row["contact"] == "sip:1002@192.168.77.10:5060"
+        acd.send(_invite(acd, lab.port, 1))
+        ringing = _wait_for(phone, "INVITE", 3.0)        # the call reaches the mapping, not 192.168.77.10
+        assert ringing.uri == "sip:1002@192.168.77.10:5060"
+    assert not lab.router.events("register.keepalive.dropped")
+
+
+def test_a_phone_behind_nat_that_stops_answering_pings_is_dropped(make_lab):
+    lab = make_lab(edit=_fast)
+    with UdpPeer(lab.port) as phone:
+        assert phone.register_with("MD5", "1002", "minh-desk", "minh-secret",
+                                   contact="sip:1002@192.168.77.10:5060", sent_by="192.168.77.10:5060").status == 200
+        assert len(lab.registrations("minh")) == 1
+        (dropped,) = lab.router.wait_for("register.keepalive.dropped", timeout=8.0)   # silent: 2 pings missed
+        assert dropped["device"] == "minh-desk" and dropped["missed"] == 2
+        assert lab.registrations("minh") == []
+
+
+def test_a_contact_reachable_as_written_is_called_there_and_not_pinged(make_lab):
+    lab = make_lab(edit=_fast)
+    with UdpPeer(lab.port) as registrar_client, UdpPeer(lab.port) as phone, UdpPeer(lab.port) as acd:
+        # one socket registers, the phone listens on another: RFC 3261 third-party style
+        assert registrar_client.register_with("MD5", "1002", "minh-desk", "minh-secret",
+                                              contact=f"sip:1002@127.0.0.1:{phone.port}").status == 200
+        acd.send(_invite(acd, lab.port, 2))
+        ringing = _wait_for(phone, "INVITE", 3.0)
+        assert ringing.uri == f"sip:1002@127.0.0.1:{phone.port}"
+        assert registrar_client.nothing_within(2.5)      # no pings: nothing to keep open
