@@ -50,6 +50,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     devices = sum(len(u.devices) for u in policy.users)
     print(f"{path}: OK ({len(policy.users)} users, {devices} devices, "
           f"{len(policy.queues)} queues, trunk {'yes' if policy.trunk else 'no'})")
+    if policy.edge is not None:
+        from router.edge.cli import describe_edge
+        print(f"edge: {describe_edge(policy.edge)} (render it with `sip-router edge-config`)")
     return 0
 
 
@@ -150,12 +153,18 @@ def cmd_registrations(args: argparse.Namespace) -> int:
         if user is None:
             raise NotFound(f"no user or extension {args.user!r}")
         bindings = [b for b in bindings if b.user_id == user.id]
+    # source/transport: the device's own address and transport (behind the edge, as the edge
+    # saw it); via: "edge" when calls reach it through the edge's Path; reached_at: how calls
+    # find it ("path", "contact" as written, or "source" when a NAT was seen).
     rows = [{"user": b.user_id, "device": b.device_id, "kind": b.kind.value, "contact": b.contact,
-             "source": f"{b.source_host}:{b.source_port}", "transport": b.transport,
+             "source": b.device_address, "transport": b.device_transport,
+             "via": "edge" if b.via_edge else "direct",
+             "reached_at": "path" if b.via_edge else "contact" if b.at_contact else "source",
+             "path": list(b.path) or None,
              "expires_in": int(b.expires_at - now), "q": b.q, "user_agent": b.user_agent or None}
             for b in sorted(bindings, key=lambda b: (b.user_id, b.device_id, b.contact))]
-    _emit(args, rows, _table(rows, ["user", "device", "kind", "contact", "source", "transport",
-                                    "expires_in", "user_agent"]))
+    _emit(args, rows, _table(rows, ["user", "device", "kind", "contact", "source", "transport", "via",
+                                    "reached_at", "expires_in", "user_agent"]))
     return 0
 
 
@@ -174,6 +183,11 @@ def cmd_calls(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_edge_config(args: argparse.Namespace) -> int:
+    from router.edge.cli import edge_config
+    return edge_config(args.config, as_json=args.json)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from router.app import run
     return run(args.config)
@@ -189,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", nargs="?")
     p.set_defaults(func=cmd_check)
     sub.add_parser("run", help="run the router").set_defaults(func=cmd_run)
+    sub.add_parser("edge-config", help="render the Kamailio edge and rtpengine set-up of the `edge:` section "
+                                       "into the state directory, and check it").set_defaults(func=cmd_edge_config)
     sub.add_parser("users", help="users, their receive method and where it comes from").set_defaults(func=cmd_users)
     p = sub.add_parser("explain", help="what a call for USER would do right now, and why")
     p.add_argument("user")

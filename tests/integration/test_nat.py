@@ -61,7 +61,8 @@ def test_a_phone_behind_nat_is_reached_at_its_source_and_kept_alive_by_pings(mak
             assert ping.uri == "sip:1002@192.168.77.10:5060"
             phone.send(_answer(ping))
         (row,) = lab.registrations("minh")
-        assert row["contact"] == "sip:1002@192.168.77.10:5060"
+        assert row["contact"] == "sip:1002@192.168.77.10:5060" and row["reached_at"] == "source"
+        assert row["source"] == f"127.0.0.1:{phone.port}" and row["via"] == "direct"
         acd.send(_invite(acd, lab.port, 1))
         ringing = _wait_for(phone, "INVITE", 3.0)        # the call reaches the mapping, not 192.168.77.10
         assert ringing.uri == "sip:1002@192.168.77.10:5060"
@@ -88,4 +89,5 @@ def test_a_contact_reachable_as_written_is_called_there_and_not_pinged(make_lab)
         acd.send(_invite(acd, lab.port, 2))
         ringing = _wait_for(phone, "INVITE", 3.0)
         assert ringing.uri == f"sip:1002@127.0.0.1:{phone.port}"
+        assert [r["reached_at"] for r in lab.registrations("minh")] == ["contact"]
         assert registrar_client.nothing_within(2.5)      # no pings: nothing to keep open
