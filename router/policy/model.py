@@ -147,7 +147,8 @@ class RegistrarSettings:
     # User-Agent prefixes challenged with MD5 alone: these abort on a challenge
     # they cannot answer instead of skipping it (measured: baresip 1.0 says
     # "Register: Function not implemented" when SHA-256 is offered too).
-    md5_only_agents: tuple[str, ...] = ("baresip v0.", "baresip v1.")
+    # JsSIP (browser softphones) keeps only the last WWW-Authenticate and aborts unless it is MD5.
+    md5_only_agents: tuple[str, ...] = ("baresip v0.", "baresip v1.", "JsSIP")
     # NAT keep-alive: a binding reached at its source rather than its Contact gets an
     # OPTIONS every ``keepalive_interval`` seconds (0: never) and is dropped after
     # ``keepalive_max_missed`` pings in a row go unanswered.

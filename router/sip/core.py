@@ -212,7 +212,7 @@ class SipCore:
             headers: tuple[tuple[str, str], ...] = ()
             if verdict.status == 407:
                 headers = tuple(("Proxy-Authenticate", c) for c in self.auth.challenge(
-                    now, self.policy.registrar.algorithms, stale=verdict.stale))
+                    now, self.registrar.algorithms_for(msg), stale=verdict.stale))
             log = Log("call.refused", (("call_id", msg.call_id), ("status", verdict.status),
                                        ("detail", verdict.detail)),
                       "debug" if verdict.status == 407 else "warning")

@@ -90,7 +90,7 @@ class Registrar:
             headers: tuple[tuple[str, str], ...] = ()
             if status == 401:
                 headers = tuple(("WWW-Authenticate", c) for c in
-                                self.auth.challenge(now, self._algorithms_for(msg), check.gate is Gate.STALE))
+                                self.auth.challenge(now, self.algorithms_for(msg), check.gate is Gate.STALE))
             quiet = check.gate in (Gate.CHALLENGE, Gate.STALE)     # the normal first leg
             reason = THROTTLED_PHRASE if check.gate is Gate.THROTTLED else phrase(status)
             return Outcome(Reply(status, reason, headers), None, "register.auth",
@@ -104,7 +104,8 @@ class Registrar:
             return Outcome(Reply(400, "Bad Request", (("Warning", f'399 - "{exc}"'),)),
                            None, "register.refused", (("detail", str(exc)),), "warning")
 
-    def _algorithms_for(self, msg: SipMessage) -> tuple[str, ...]:
+    def algorithms_for(self, msg: SipMessage) -> tuple[str, ...]:
+        """The digest algorithms to challenge this UA with (REGISTER's 401 and INVITE's 407)."""
         settings = self.policy.registrar
         agent = msg.header("user-agent") or ""
         if agent and any(agent.startswith(prefix) for prefix in settings.md5_only_agents if prefix):

@@ -253,3 +253,19 @@ def test_a_phone_reached_at_its_contact_is_not_pinged(core):
 def test_a_browser_on_a_websocket_is_left_to_the_edge_to_keep_alive(core):
     register(core, EDGE, extra=through_edge())
     assert sent(core.handle_timer(1100.0)) == []
+
+
+def test_a_browser_softphone_is_challenged_with_md5_alone_on_register_and_invite(core):
+    """JsSIP keeps only the last challenge and gives up unless it is MD5."""
+    register_401 = ("REGISTER sip:pbx.test SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.2:5062;branch=z9hG4bKj1\r\n"
+                    "From: <sip:minh@pbx.test>;tag=j\r\nTo: <sip:minh@pbx.test>\r\nCall-ID: j1\r\n"
+                    "CSeq: 1 REGISTER\r\nContact: <sip:x@y.invalid;transport=ws>\r\nUser-Agent: JsSIP 3.11.1\r\n"
+                    "Content-Length: 0\r\n\r\n").encode()
+    (challenge,) = sent(core.on_request(register_401, EDGE, 1000.0))
+    assert [v.count("algorithm=MD5") for v in challenge.all("www-authenticate")] == [1]
+    out = core.on_request(invite(user="lan", via="127.0.0.2:5062",
+                                 extra=("User-Agent: JsSIP 3.11.1",
+                                        "X-Edge-Client: 203.0.113.50:51000;transport=wss")), EDGE, 1001.0)
+    (proxy_challenge,) = sent(out)
+    assert proxy_challenge.status == 407
+    assert [v.count("algorithm=MD5") for v in proxy_challenge.all("proxy-authenticate")] == [1]
