@@ -257,10 +257,10 @@ def test_a_browser_on_a_websocket_is_left_to_the_edge_to_keep_alive(core):
 
 def test_a_browser_softphone_is_challenged_with_md5_alone_on_register_and_invite(core):
     """JsSIP keeps only the last challenge and gives up unless it is MD5."""
-    register_401 = ("REGISTER sip:pbx.test SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.2:5062;branch=z9hG4bKj1\r\n"
-                    "From: <sip:minh@pbx.test>;tag=j\r\nTo: <sip:minh@pbx.test>\r\nCall-ID: j1\r\n"
-                    "CSeq: 1 REGISTER\r\nContact: <sip:x@y.invalid;transport=ws>\r\nUser-Agent: JsSIP 3.11.1\r\n"
-                    "Content-Length: 0\r\n\r\n").encode()
+    register_401 = (b"REGISTER sip:pbx.test SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.2:5062;branch=z9hG4bKj1\r\n"
+                    b"From: <sip:minh@pbx.test>;tag=j\r\nTo: <sip:minh@pbx.test>\r\nCall-ID: j1\r\n"
+                    b"CSeq: 1 REGISTER\r\nContact: <sip:x@y.invalid;transport=ws>\r\nUser-Agent: JsSIP 3.11.1\r\n"
+                    b"Content-Length: 0\r\n\r\n")
     (challenge,) = sent(core.on_request(register_401, EDGE, 1000.0))
     assert [v.count("algorithm=MD5") for v in challenge.all("www-authenticate")] == [1]
     out = core.on_request(invite(user="lan", via="127.0.0.2:5062",
