@@ -174,6 +174,8 @@ def values(policy: Policy, directory: str | None = None) -> dict[str, str]:
         "tls_config": os.path.join(where, TLS_CFG),
         "certificate": edge.certificate,
         "private_key": edge.private_key,
+        # 0.0.0.0/32 is never a packet's source: with no trusted peers, nobody skips pike.
+        "trusted_networks": ",".join(str(p.net) for p in policy.trusted_peers) or "0.0.0.0/32",
         "features": "\n".join(_feature_lines(edge, policy)),
         "listeners": "\n".join(_listen_lines(edge)),
     }

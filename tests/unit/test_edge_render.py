@@ -192,3 +192,13 @@ def test_the_routing_script_honours_the_contract():
                    "ws_handle_handshake()", "tcp_accept_no_cl=yes", "pike_check_req()", "sanity_check(",
                    "rtpengine_offer(", "rtpengine_answer(", "rtpengine_delete("):
         assert needle in cfg, needle
+
+
+def test_trusted_peers_skip_flood_limiting_and_nobody_does_without_them():
+    with_peers = parse_policy(EDGE.format(edge="".join(f"  {k}: {v}\n" for k, v in DEFAULTS.items()),
+                                          router="127.0.0.1", advertise="")
+                              .replace("users: []", "users: []\ntrusted_peers: [{name: acd, address: 10.0.0.5}, "
+                                                    "{name: trunk, address: 192.0.2.0/24}]"),
+                              "/etc/test/router.yaml")
+    assert defines(render(with_peers)[KAMAILIO_CFG])["TRUSTED_NETWORKS"] == '"10.0.0.5/32,192.0.2.0/24"'
+    assert defines(render(policy())[KAMAILIO_CFG])["TRUSTED_NETWORKS"] == '"0.0.0.0/32"'
