@@ -250,6 +250,11 @@ def _check_edge(top: MapReader, edge: Edge, listen: tuple[Listen | None, ...],
             problems.add(node, "edge.internal_address",
                          f"{edge.internal_address} is inside trusted peer {peer.name!r} ({peer.network}): "
                          "every client of the edge would be trusted; give the edge its own address")
+    if internal.is_loopback:        # the edge is on this host: nobody else should reach the router
+        for x in listen:
+            if x is not None and not _is_loopback(x.address):
+                problems.add(node, "edge", f"with the edge on this host the router listens on loopback only, "
+                                           f"not {x.address}: phones and browsers reach it through the edge")
     udp = [x for x in listen if x is not None and x.transport == "udp"]
     if not udp:
         problems.add(node, "edge", "the edge relays to the router over UDP: add a udp entry to `listen:`")
@@ -261,6 +266,13 @@ def _check_edge(top: MapReader, edge: Edge, listen: tuple[Listen | None, ...],
                                   (edge.udp_port, edge.tcp_port, edge.tls_port, edge.wss_port))):
             problems.add(node, "edge", f"the router's listen {x.address}:{x.port} is also an edge "
                                        "listener: give one of them another port")
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return True          # not an address at all: reported where it is read
 
 
 def _routing(m: MapReader | None, problems: Problems) -> Routing:

@@ -167,3 +167,57 @@ def test_a_control_character_or_a_tab_is_refused_with_its_line_and_a_hint(tmp_pa
     with pytest.raises(ConfigError) as err:
         parse_policy("domain: pbx.test\nusers:\n\t- id: a\n", "r.yaml")
     assert err.value.problems[0].startswith("r.yaml:3:") and "indents with spaces" in err.value.problems[0]
+
+
+# ---------------------------------------------------------------------------- the edge section
+EDGE_BASE = GOOD + "listen: [{address: 127.0.0.1, port: 5070}]\ntrusted_peers: [{name: acd, address: 10.0.0.5}]\n"
+
+
+def _edge_problems(section: str, base: str = EDGE_BASE) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        parse_policy(base + section, "router.yaml")
+    return caught.value.problems
+
+
+def test_an_edge_section_with_defaults_names_a_self_signed_pair_under_the_state_dir(tmp_path):
+    policy = parse_policy(EDGE_BASE + f"state_dir: {tmp_path}\nedge:\n  address: 127.0.0.1\n  tcp: off\n",
+                          str(tmp_path / "router.yaml"))
+    edge = policy.edge
+    assert edge is not None and edge.tcp_port is None and (edge.udp_port, edge.tls_port, edge.wss_port) == (
+        5060, 5061, 8443)
+    assert edge.self_signed and edge.certificate == str(tmp_path / "edge" / "cert.pem")
+    assert edge.rtpengine == ("127.0.0.1", 22222) and edge.internal_address == "127.0.0.2"
+
+
+def test_no_edge_section_means_no_edge():
+    assert parse_policy(EDGE_BASE, "router.yaml").edge is None
+
+
+def test_an_edge_inside_a_trusted_network_is_refused_it_would_trust_every_client():
+    (problem,) = _edge_problems("edge: {address: 127.0.0.1, internal_address: 10.0.0.5}\n")
+    assert problem.startswith("router.yaml:") and "inside trusted peer 'acd'" in problem
+
+
+def test_with_the_edge_on_this_host_the_router_listens_on_loopback_only():
+    base = EDGE_BASE.replace("address: 127.0.0.1, port: 5070", "address: 0.0.0.0, port: 5070, advertise: 192.0.2.1")
+    (problem,) = _edge_problems("edge: {address: 192.0.2.1}\n", base)
+    assert "loopback only, not 0.0.0.0" in problem
+
+
+def test_the_edge_and_the_router_cannot_share_a_port():
+    (problem,) = _edge_problems("edge: {address: 127.0.0.1, udp: 5070, tcp: 5070}\n")
+    assert "127.0.0.1:5070 is also an edge listener" in problem
+
+
+@pytest.mark.parametrize("section, words", [
+    ("edge: {address: 127.0.0.1, wss: 99999}\n", "not a port number"),
+    ("edge: {address: 127.0.0.1, rtp_ports: [5000, 4000]}\n", "rtp_ports"),
+    ("edge: {address: 127.0.0.1, rtpengine: nowhere}\n", "not ip:port"),
+    ("edge: {address: 127.0.0.1, udp: off, tcp: off, tls: off, wss: off}\n", "every listener is off"),
+    ("edge: {address: 0.0.0.0}\n", "needs `advertise:`"),
+    ("edge: {address: 127.0.0.1, certificate: site.pem}\n", "private_key: is required"),
+    ("edge: {address: 127.0.0.1, colour: blue}\n", "colour"),
+])
+def test_a_bad_edge_section_says_what_is_wrong_with_file_and_line(section, words):
+    problems = _edge_problems(section)
+    assert any(words in p and p.startswith("router.yaml:") for p in problems), problems
