@@ -147,7 +147,8 @@ def test_ipv6_addresses_are_bracketed():
 
 
 def test_the_router_address_is_its_first_udp_listener():
-    p = policy(router="0.0.0.0", advertise="192.0.2.20")
+    # the edge on another host (a wildcard router is refused with the edge on loopback)
+    p = policy("internal_address: 192.0.2.30", router="0.0.0.0", advertise="192.0.2.20")
     assert router_address(p) == ("192.0.2.20", 5070)
     d = defines(render(p)[KAMAILIO_CFG])
     assert d["ROUTER_URI"] == '"sip:192.0.2.20:5070"'
