@@ -71,6 +71,18 @@ def options_ping(port: int, timeout: float = 0.2) -> bool:
     return data.startswith(b"SIP/2.0 200")
 
 
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> int | None:
+    """Stop a child by its PID: SIGTERM, then SIGKILL if it does not stop in time."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    return proc.returncode
+
+
 class RouterProcess:
     """``sip-router run`` as a child process; logs in JSON to a file."""
 
@@ -114,15 +126,9 @@ class RouterProcess:
         """SIGTERM, then SIGKILL if it does not stop in time; returns the exit code."""
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        code = stop_process(self.proc, timeout)
         self._log.close()
-        return self.proc.returncode
+        return code
 
     def kill(self) -> None:
         assert self.proc is not None

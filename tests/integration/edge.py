@@ -31,7 +31,7 @@ from router.edge.render import KAMAILIO_CFG, kamailio_command, render, rtpengine
 from router.edge.write import kamailio_binary, write_files
 from router.policy.model import Policy
 from router.sip.message import SipMessage, build_response, parse
-from tests.support import free_port
+from tests.support import free_port, stop_process
 
 INTERNAL_ADDRESS = "127.0.0.2"     # not 127.0.0.1: tests trust 127.0.0.1/32 as a peer
 
@@ -124,13 +124,7 @@ class _Daemon:
     def stop(self, timeout: float = 10.0) -> int | None:
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc, timeout)
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)     # any child left behind by the main process
         except (ProcessLookupError, PermissionError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import socket
+import time
 
 from router.sip import digest
 from router.sip.message import SipMessage, auth_params, parse
@@ -67,15 +68,26 @@ class UdpPeer:
         """The whole digest exchange, answering the challenge of ``algorithm``."""
         call_id = f"raw-{next(_counter)}@127.0.0.1"
         challenge = self.register(aor, 1, call_id, to=to, contact=contact, sent_by=sent_by)
-        assert challenge.status == 401, challenge
-        offers = {auth_params(v)[1].get("algorithm"): auth_params(v)[1]
-                  for v in challenge.all("www-authenticate")}
-        params = offers[algorithm]
-        uri = f"sip:{domain}"
-        ha1 = digest.ha1(algorithm, username, params["realm"], password)
-        response = digest.response(algorithm, ha1, params["nonce"], "REGISTER", uri,
-                                   "auth", "00000001", "c0ffee")
-        header = (f'Authorization: Digest username="{username}", realm="{params["realm"]}", '
-                  f'nonce="{params["nonce"]}", uri="{uri}", response="{response}", '
-                  f'algorithm={algorithm}, qop=auth, nc=00000001, cnonce="c0ffee"\r\n')
+        header = authorization(challenge, algorithm, username, password, f"sip:{domain}")
         return self.register(aor, 2, call_id, header, to=to, contact=contact, sent_by=sent_by)
+
+    def wait_request(self, method: str, seconds: float = 5.0) -> SipMessage:
+        """The next request of ``method`` (responses and other requests passed over)."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            msg = self.recv()
+            if msg.is_request and msg.method == method:
+                return msg
+        raise AssertionError(f"no {method} within {seconds} s")
+
+
+def authorization(challenge: SipMessage, algorithm: str, username: str, password: str, uri: str) -> str:
+    """The Authorization header line answering a REGISTER's 401 with ``algorithm``."""
+    assert challenge.status == 401, challenge
+    offers = {auth_params(v)[1].get("algorithm"): auth_params(v)[1] for v in challenge.all("www-authenticate")}
+    params = offers[algorithm]
+    ha1 = digest.ha1(algorithm, username, params["realm"], password)
+    response = digest.response(algorithm, ha1, params["nonce"], "REGISTER", uri, "auth", "00000001", "c0ffee")
+    return (f'Authorization: Digest username="{username}", realm="{params["realm"]}", '
+            f'nonce="{params["nonce"]}", uri="{uri}", response="{response}", '
+            f'algorithm={algorithm}, qop=auth, nc=00000001, cnonce="c0ffee"\r\n')

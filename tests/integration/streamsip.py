@@ -9,9 +9,9 @@ from __future__ import annotations
 import itertools
 import time
 
-from router.sip import digest
-from router.sip.message import SipMessage, auth_params, parse
+from router.sip.message import SipMessage, parse
 from tests.integration.edge import StreamClient
+from tests.integration.rawsip import authorization
 
 _counter = itertools.count(1)
 
@@ -73,16 +73,7 @@ class StreamPeer:
                       algorithm: str = "MD5") -> SipMessage:
         call_id = f"st-{next(_counter)}@{self.local_host}"
         challenge = self.register(aor, 1, call_id, domain=domain)
-        assert challenge.status == 401, challenge
-        offers = {auth_params(v)[1].get("algorithm"): auth_params(v)[1]
-                  for v in challenge.all("www-authenticate")}
-        params = offers[algorithm]
-        uri = f"sip:{domain}"
-        ha1 = digest.ha1(algorithm, username, params["realm"], password)
-        response = digest.response(algorithm, ha1, params["nonce"], "REGISTER", uri, "auth", "00000001", "feed")
-        header = (f'Authorization: Digest username="{username}", realm="{params["realm"]}", '
-                  f'nonce="{params["nonce"]}", uri="{uri}", response="{response}", '
-                  f'algorithm={algorithm}, qop=auth, nc=00000001, cnonce="feed"\r\n')
+        header = authorization(challenge, algorithm, username, password, f"sip:{domain}")
         return self.register(aor, 2, call_id, header, domain=domain)
 
     def answer(self, request: SipMessage, status: int, reason: str, tag: str = "app",

@@ -75,15 +75,6 @@ def _final(peer: UdpPeer, seconds: float = 5.0) -> SipMessage:
     raise AssertionError("no final response")
 
 
-def _wait_request(peer: UdpPeer, method: str, seconds: float = 5.0) -> SipMessage:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        msg = peer.recv()
-        if msg.is_request and msg.method == method:
-            return msg
-    raise AssertionError(f"no {method}")
-
-
 def test_an_app_over_tls_registers_through_the_edge_and_receives_a_call(edged):
     lab, edge = edged.lab, edged.edge
     with StreamPeer("127.0.0.1", edge.tls_port, tls=True) as app, UdpPeer(lab.port) as acd:
@@ -114,7 +105,7 @@ def test_a_call_to_an_app_whose_connection_is_gone_falls_back_at_once(edged):
         assert {r["device"] for r in lab.registrations("minh")} == {"minh-app", "minh-desk"}
         started = time.monotonic()
         acd.send(_invite(acd, lab.port, "edge-gone-1"))
-        ringing = _wait_request(desk, "INVITE")                 # the fallback: ip_phone
+        ringing = desk.wait_request("INVITE")                 # the fallback: ip_phone
         waited = time.monotonic() - started
         assert waited < 2.0, f"the fallback waited {waited:.1f} s (ring timeout 15 s)"
         assert ringing.call_id == "edge-gone-1"
@@ -158,5 +149,5 @@ def test_a_tcp_storm_and_a_smuggled_request_stay_at_the_edge(edged):
     with UdpPeer(lab.port) as desk, UdpPeer(lab.port) as acd:   # and calls still route
         assert desk.register_with("MD5", "1001", "lan-desk", "desk-secret").status == 200
         acd.send(_invite(acd, lab.port, "after-storm-1", user="1001"))
-        assert _wait_request(desk, "INVITE").call_id == "after-storm-1"
+        assert desk.wait_request("INVITE").call_id == "after-storm-1"
     assert lab.registrations("lan")[0]["device"] == "lan-desk"

@@ -10,8 +10,6 @@ registration from another socket) is called there and never pinged.
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from router.sip.message import SipMessage
@@ -41,15 +39,6 @@ def _answer(request: SipMessage, status: int = 200) -> bytes:
             f"CSeq: {request.header('cseq')}\r\nContent-Length: 0\r\n\r\n").encode()
 
 
-def _wait_for(peer: UdpPeer, method: str, seconds: float) -> SipMessage:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        msg = peer.recv()
-        if msg.is_request and msg.method == method:
-            return msg
-    raise AssertionError(f"no {method} within {seconds} s")
-
-
 def test_a_phone_behind_nat_is_reached_at_its_source_and_kept_alive_by_pings(make_lab):
     lab = make_lab(edit=_fast)
     with UdpPeer(lab.port) as phone, UdpPeer(lab.port) as acd:
@@ -57,14 +46,14 @@ def test_a_phone_behind_nat_is_reached_at_its_source_and_kept_alive_by_pings(mak
                                  contact="sip:1002@192.168.77.10:5060", sent_by="192.168.77.10:5060")
         assert ok.status == 200
         for _ in range(3):                               # pinged at its mapping, and it answers
-            ping = _wait_for(phone, "OPTIONS", 3.0)
+            ping = phone.wait_request("OPTIONS", 3.0)
             assert ping.uri == "sip:1002@192.168.77.10:5060"
             phone.send(_answer(ping))
         (row,) = lab.registrations("minh")
         assert row["contact"] == "sip:1002@192.168.77.10:5060" and row["reached_at"] == "source"
         assert row["source"] == f"127.0.0.1:{phone.port}" and row["via"] == "direct"
         acd.send(_invite(acd, lab.port, 1))
-        ringing = _wait_for(phone, "INVITE", 3.0)        # the call reaches the mapping, not 192.168.77.10
+        ringing = phone.wait_request("INVITE", 3.0)        # the call reaches the mapping, not 192.168.77.10
         assert ringing.uri == "sip:1002@192.168.77.10:5060"
     assert not lab.router.events("register.keepalive.dropped")
 
@@ -87,7 +76,7 @@ def test_a_contact_reachable_as_written_is_called_there_and_not_pinged(make_lab)
         assert registrar_client.register_with("MD5", "1002", "minh-desk", "minh-secret",
                                               contact=f"sip:1002@127.0.0.1:{phone.port}").status == 200
         acd.send(_invite(acd, lab.port, 2))
-        ringing = _wait_for(phone, "INVITE", 3.0)
+        ringing = phone.wait_request("INVITE", 3.0)
         assert ringing.uri == f"sip:1002@127.0.0.1:{phone.port}"
         assert [r["reached_at"] for r in lab.registrations("minh")] == ["contact"]
         assert registrar_client.nothing_within(2.5)      # no pings: nothing to keep open
