@@ -135,7 +135,7 @@ class Router:
             self.state_read_failing = False
         if changed:
             self.log.info("policy.runtime_change", marker=self.policy_state.view.marker)
-            self.engine.execute(self.core.set_policy(self.policy_state.view.policy))
+            self.engine.execute(self.core.set_policy(self.policy_state.view.policy, now))
 
     def reload(self, now: float) -> None:
         try:
@@ -156,7 +156,7 @@ class Router:
             self.log.error("policy.reload.refused", source=self.config_path, errors=[],
                            detail=f"the state database failed ({describe(exc)}); keeping the last good policy")
             return
-        self.engine.execute(self.core.set_policy(view.policy))
+        self.engine.execute(self.core.set_policy(view.policy, now))
         self.engine.set_trunk(policy.trunk, self.resolve(policy.trunk) if policy.trunk else None)
         self.log.info("policy.reloaded", source=self.config_path, users=len(policy.users))
 

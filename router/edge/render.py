@@ -130,7 +130,7 @@ def _listen_lines(edge: Edge) -> list[str]:
     return lines
 
 
-def _feature_lines(edge: Edge, policy: Policy) -> list[str]:
+def _feature_lines(edge: Edge) -> list[str]:
     features = []
     if edge.udp_port is not None:
         features.append("WITH_UDP")
@@ -140,11 +140,6 @@ def _feature_lines(edge: Edge, policy: Policy) -> list[str]:
         features.append("WITH_WSS")
     if edge.rtpengine is not None:
         features.append("WITH_RTPENGINE")
-    # Only requests from the router's own address are taken on the internal socket;
-    # a router on a wildcard address may send from any of its addresses.
-    router = next((x for x in policy.listen if x.transport == "udp"), None)
-    if router is not None and router.address not in _WILDCARDS:
-        features.append("ROUTER_SOURCE_CHECK")
     return [f"#!define {name}" for name in features]
 
 
@@ -176,7 +171,7 @@ def values(policy: Policy, directory: str | None = None) -> dict[str, str]:
         "private_key": edge.private_key,
         # 0.0.0.0/32 is never a packet's source: with no trusted peers, nobody skips pike.
         "trusted_networks": ",".join(str(p.net) for p in policy.trusted_peers) or "0.0.0.0/32",
-        "features": "\n".join(_feature_lines(edge, policy)),
+        "features": "\n".join(_feature_lines(edge)),
         "listeners": "\n".join(_listen_lines(edge)),
     }
 

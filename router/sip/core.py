@@ -89,11 +89,15 @@ class SipCore:
             **{m: self._in_dialog for m in IN_DIALOG},
         }
 
-    def set_policy(self, policy: Policy) -> list[Command]:
+    def set_policy(self, policy: Policy, now: float) -> list[Command]:
         self.policy = policy
         settings = policy.registrar
+        was_on = self.keepalive.interval > 0
         self.keepalive.configure(policy.domain, settings.keepalive_interval, settings.keepalive_max_missed)
-        return list(self.registrar.set_policy(policy))
+        saves: list[Command] = list(self.registrar.set_policy(policy))
+        if not was_on and settings.keepalive_interval > 0:     # turned on: watch who is registered now
+            self.keepalive.watch(self.location.bindings(now), now)
+        return saves
 
     # --------------------------------------------------------------- entry points
     def on_request(self, data: bytes, source: Source, now: float) -> list[Command]:

@@ -6,7 +6,7 @@ mapping that closes after a minute or so of silence.  Every such binding gets
 an OPTIONS every ``interval`` seconds, sent where its calls would go (through
 the edge's Path when it has one).  Any answer from the device keeps it; a 408,
 430 or 477 is the edge saying the device did not answer, which counts as
-silence.  After ``max_missed`` pings in a row without an answer the binding is
+silence (the ping stays outstanding).  After ``max_missed`` pings in a row without an answer the binding is
 dropped (logged ``register.keepalive.dropped``): calls stop ringing a device
 that is gone instead of waiting out its registration.
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import heapq
 import secrets
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -71,7 +72,10 @@ class Keepalive:
             watch = self.watched.get(key)
             if watch is None:
                 self.watched[key] = Watch()
-                heapq.heappush(self.heap, (now + self.interval, b.device_id, b.contact))
+                # spread the first pings over the interval: bindings loaded at start-up
+                # must not all be pinged in the same tick, and stay in step ever after
+                spread = 0.5 + (zlib.crc32(f"{b.device_id}|{b.contact}".encode()) % 1000) / 2000
+                heapq.heappush(self.heap, (now + self.interval * spread, b.device_id, b.contact))
             else:
                 watch.missed = 0
                 self._forget_ping(watch)
@@ -99,7 +103,13 @@ class Keepalive:
                     del self.watched[key]
                     out.extend(self._drop(binding, watch.missed, now))
                     continue
-            out.append(self._ping(binding, watch))
+            try:
+                out.append(self._ping(binding, watch))
+            except ValueError as exc:       # a stored route that no longer parses: stop pinging it
+                del self.watched[key]
+                out.append(Log("register.keepalive.error", (("device", device_id), ("contact", contact),
+                                                             ("detail", str(exc))), "warning"))
+                continue
             heapq.heappush(self.heap, (now + self.interval, device_id, contact))
         return out
 
@@ -113,11 +123,10 @@ class Keepalive:
                 self.by_branch[response.top_via.branch] = key     # a provisional: wait for the final
             return
         watch = self.watched.get(key)
-        if watch is None:
-            return
+        if watch is None or response.status in SILENT:
+            return          # the ping stays outstanding: the next tick counts it as missed
         watch.outstanding = None
-        if response.status not in SILENT:
-            watch.missed = 0
+        watch.missed = 0
 
     # ------------------------------------------------------------------ helpers
     def _binding(self, key: Key, now: float) -> Binding | None:

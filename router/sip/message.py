@@ -32,7 +32,7 @@ PRETTY = {"call-id": "Call-ID", "cseq": "CSeq", "www-authenticate": "WWW-Authent
           "proxy-authenticate": "Proxy-Authenticate", "proxy-authorization": "Proxy-Authorization",
           "p-asserted-identity": "P-Asserted-Identity", "content-type": "Content-Type"}
 # Headers whose value may be a comma-separated list of several entries (§7.3.1).
-LIST_HEADERS = frozenset({"via", "contact", "route", "record-route", "allow", "supported",
+LIST_HEADERS = frozenset({"via", "contact", "route", "record-route", "path", "allow", "supported",
                           "require", "proxy-require", "unsupported"})
 REQUIRED = ("via", "from", "to", "call-id", "cseq")
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9\-.!%*_+`'~]+$")

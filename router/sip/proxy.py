@@ -272,7 +272,12 @@ class Proxy:
             for target in decision.targets:
                 binding = target.binding
                 assert binding is not None
-                dest, path = reach.destination(binding)
+                try:
+                    dest, path = reach.destination(binding)
+                except ValueError as exc:      # a stored binding that no longer parses: ring the others
+                    out.append(Log("call.branch.unreachable", (("call_id", call.call_id),
+                                   ("device", binding.device_id), ("detail", str(exc))), "warning"))
+                    continue
                 self._branch(call, Spec(target.uri, target.device_id or target.uri, dest, routes=path),
                              now, out)
         else:

@@ -57,6 +57,13 @@ def _is_ip(host: str) -> bool:
     return True
 
 
+def _same_address(a: str, b: str) -> bool:
+    try:
+        return ipaddress.ip_address(a.strip("[]")) == ipaddress.ip_address(b.strip("[]"))
+    except ValueError:
+        return False
+
+
 def nat_reason(contact: Uri, via: Via, source: Source) -> str | None:
     """Why the Contact cannot be used as written (None: it can)."""
     host = contact.host.strip("[]")
@@ -101,7 +108,9 @@ def needs_keepalive(binding: Binding) -> bool:
 
 def edge_source(msg: SipMessage, source: Source, edge: Edge | None, header: str) -> Source:
     """``source`` with the edge's client stamped in, when the request came from the edge."""
-    if edge is None or source.host != edge.internal_address or source.port != edge.internal_port:
+    # Only the edge's UDP socket: its address and port over TCP are anyone's to bind.
+    if edge is None or source.transport != "udp" or source.port != edge.internal_port \
+            or not _same_address(source.host, edge.internal_address):
         return source
     value = msg.header(header.lower())
     if not value:

@@ -121,7 +121,7 @@ class Registrar:
                 f'399 - "device {device.id} belongs to {user.id} and may register only that user"'),)),
                 None, "register.refused", (("device", device.id), ("aor", to_uri.user)), "warning")
         contacts = msg.all("contact")
-        path = tuple(msg.all("path"))
+        path = _path(msg) if source.via_edge else ()     # only the edge may route us through itself
         nat = "" if path else None
         header_expires = _int_or_none(msg.header("expires"))
         existing = {b.contact: b for b in self.location.of_device(device.id)}
@@ -198,7 +198,7 @@ class Registrar:
                    for b in self.location.bindings(now, user.id)]
         count = len(headers)
         # RFC 3327 §5.3: the Path is returned only to a UA that said it supports path.
-        if "path" in _tokens(msg.header("supported")):
+        if "path" in _tokens(msg.header("supported")) and any(b.path for b in self.location.of_device(device.id)):
             headers.extend(("Path", p) for p in msg.all("path"))
         headers.append(("Supported", "path"))
         headers.append(("Date", time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now))))
@@ -206,6 +206,25 @@ class Registrar:
                        (("user", user.id), ("device", device.id), ("kind", device.kind.value),
                         ("action", action), ("bindings", count), *extra),
                        "info" if save is not None else "debug")
+
+
+MAX_PATH = 4                  # Path entries: the edge adds one
+MAX_PATH_LENGTH = 512         # characters in all: the 200 echoes it and every INVITE carries it
+
+
+def _path(msg: SipMessage) -> tuple[str, ...]:
+    """The REGISTER's Path (RFC 3327), each entry a sip: or sips: URI; else MalformedMessage."""
+    entries = tuple(e.strip() for e in msg.all("path") if e.strip())
+    if len(entries) > MAX_PATH or sum(len(e) for e in entries) > MAX_PATH_LENGTH:
+        raise MalformedMessage(f"Path longer than {MAX_PATH} entries or {MAX_PATH_LENGTH} characters")
+    for entry in entries:
+        try:
+            uri = parse_uri(parse_name_addr(entry, "Path").uri)
+        except ValueError:
+            uri = None
+        if uri is None or uri.scheme not in ("sip", "sips") or not uri.host:
+            raise MalformedMessage(f"Path entry {entry[:60]!r} is not a sip: URI")
+    return entries
 
 
 def _hostport(host: str, port: int) -> str:

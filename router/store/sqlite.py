@@ -113,7 +113,11 @@ def _migrate(conn: sqlite3.Connection) -> None:
     for table, column, definition in _ADDED_COLUMNS:
         present = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
         if column not in present:
-            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+            try:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+            except sqlite3.OperationalError as exc:
+                if "duplicate column" not in str(exc):
+                    raise       # else another process (the CLI, the router) added it first
 
 
 def _settle(conn: sqlite3.Connection) -> None:

@@ -261,8 +261,10 @@ def read_sip(buffer: bytearray, recv: object, timeout: float = 3.0) -> bytes:
 class StreamClient:
     """A SIP client over TCP (or TLS with ``tls=True``, any certificate accepted)."""
 
-    def __init__(self, host: str, port: int, tls: bool = False, timeout: float = 3.0) -> None:
-        raw = socket.create_connection((host, port), timeout=timeout)
+    def __init__(self, host: str, port: int, tls: bool = False, timeout: float = 3.0,
+                 source_host: str | None = None) -> None:
+        raw = socket.create_connection((host, port), timeout=timeout,
+                                       source_address=(source_host, 0) if source_host else None)
         if tls:
             context = ssl.create_default_context()
             context.check_hostname = False

@@ -81,13 +81,16 @@ class UdpPeer:
         raise AssertionError(f"no {method} within {seconds} s")
 
 
-def authorization(challenge: SipMessage, algorithm: str, username: str, password: str, uri: str) -> str:
-    """The Authorization header line answering a REGISTER's 401 with ``algorithm``."""
-    assert challenge.status == 401, challenge
-    offers = {auth_params(v)[1].get("algorithm"): auth_params(v)[1] for v in challenge.all("www-authenticate")}
+def authorization(challenge: SipMessage, algorithm: str, username: str, password: str, uri: str,
+                  method: str = "REGISTER") -> str:
+    """The header line answering a 401 (Authorization) or 407 (Proxy-Authorization) with ``algorithm``."""
+    proxy = challenge.status == 407
+    assert challenge.status in (401, 407), challenge
+    offers = {auth_params(v)[1].get("algorithm"): auth_params(v)[1]
+              for v in challenge.all("proxy-authenticate" if proxy else "www-authenticate")}
     params = offers[algorithm]
     ha1 = digest.ha1(algorithm, username, params["realm"], password)
-    response = digest.response(algorithm, ha1, params["nonce"], "REGISTER", uri, "auth", "00000001", "c0ffee")
-    return (f'Authorization: Digest username="{username}", realm="{params["realm"]}", '
-            f'nonce="{params["nonce"]}", uri="{uri}", response="{response}", '
+    response = digest.response(algorithm, ha1, params["nonce"], method, uri, "auth", "00000001", "c0ffee")
+    return (f'{"Proxy-Authorization" if proxy else "Authorization"}: Digest username="{username}", '
+            f'realm="{params["realm"]}", nonce="{params["nonce"]}", uri="{uri}", response="{response}", '
             f'algorithm={algorithm}, qop=auth, nc=00000001, cnonce="c0ffee"\r\n')

@@ -19,8 +19,8 @@ _counter = itertools.count(1)
 class StreamPeer:
     """``edge.StreamClient`` (TCP or TLS framing) playing a registered app."""
 
-    def __init__(self, host: str, port: int, tls: bool = False) -> None:
-        self.client = StreamClient(host, port, tls=tls, timeout=5.0)
+    def __init__(self, host: str, port: int, tls: bool = False, source_host: str | None = None) -> None:
+        self.client = StreamClient(host, port, tls=tls, timeout=5.0, source_host=source_host)
         self.transport = "tls" if tls else "tcp"
         self.local_host, self.local_port = self.client.local
 

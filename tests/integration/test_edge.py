@@ -19,7 +19,7 @@ import pytest
 from router.edge.write import kamailio_binary
 from router.sip.message import SipMessage
 from tests.integration.edge import EdgeLab, StreamClient
-from tests.integration.rawsip import UdpPeer
+from tests.integration.rawsip import UdpPeer, authorization
 from tests.integration.streamsip import StreamPeer
 from tests.support import free_port
 
@@ -111,6 +111,51 @@ def test_a_call_to_an_app_whose_connection_is_gone_falls_back_at_once(edged):
         assert ringing.call_id == "edge-gone-1"
     (fallback,) = lab.router.wait_for("call.fallback")
     assert fallback["why"] == "430 from every branch"         # the edge: Flow Failed
+
+
+def _app_invite(app: StreamPeer, call_id: str, cseq: int, auth: str = "", method: str = "INVITE") -> bytes:
+    return (f"{method} sip:1001@pbx.test SIP/2.0\r\n"
+            f"Via: SIP/2.0/TLS {app.local_host}:{app.local_port};branch=z9hG4bK-{call_id}-{cseq};rport\r\n"
+            f"From: <sip:1002@pbx.test>;tag=app-{call_id}\r\nTo: <sip:1001@pbx.test>\r\n"
+            f"Call-ID: {call_id}\r\nCSeq: {cseq} {method}\r\nContact: <{app.contact}>\r\n"
+            f"{auth}Max-Forwards: 70\r\nUser-Agent: stream-app\r\nContent-Length: 0\r\n\r\n").encode()
+
+
+def _final_on(app: StreamPeer, cseq_method: str) -> SipMessage:
+    while True:
+        msg = app.recv()
+        if not msg.is_request and msg.status >= 200 and (msg.header("cseq") or "").endswith(cseq_method):
+            return msg
+
+
+def test_an_app_calling_through_the_edge_is_challenged_and_its_cancel_stops_the_ringing(edged):
+    lab, edge = edged.lab, edged.edge
+    # the app connects from 127.0.0.5: 127.0.0.1 is the lab's trusted ACD
+    with StreamPeer("127.0.0.1", edge.tls_port, tls=True, source_host="127.0.0.5") as app, \
+            UdpPeer(lab.port) as desk:
+        assert app.register_with("1002", "minh-app", "minh-app-secret").status == 200
+        assert desk.register_with("MD5", "1001", "lan-desk", "desk-secret").status == 200
+        app.send(_app_invite(app, "app-call-1", 1))
+        challenge = _final_on(app, "INVITE")
+        assert challenge.status == 407                        # the edge is not a trusted peer
+        app.send(_app_invite(app, "app-call-1", 1, method="ACK"))
+        auth = authorization(challenge, "MD5", "minh-app", "minh-app-secret", "sip:1001@pbx.test", "INVITE")
+        app.send(_app_invite(app, "app-call-1", 2, auth))
+        ringing = desk.wait_request("INVITE")
+        desk.send(_answer(ringing, 180, "Ringing"))
+        app.send(_app_invite(app, "app-call-1", 2, method="CANCEL"))
+        assert _final_on(app, "CANCEL").status == 200
+        assert desk.wait_request("CANCEL").call_id == "app-call-1"   # the ringing stops
+        assert _final_on(app, "INVITE").status == 487
+    assert not lab.router.events("call.in_dialog.refused")
+
+
+def _answer(request: SipMessage, status: int, reason: str) -> bytes:
+    vias = "".join(f"Via: {v}\r\n" for v in request.all("via"))
+    rr = "".join(f"Record-Route: {r}\r\n" for r in request.all("record-route"))
+    return (f"SIP/2.0 {status} {reason}\r\n{vias}{rr}From: {request.header('from')}\r\n"
+            f"To: {request.header('to')};tag=desk\r\nCall-ID: {request.call_id}\r\n"
+            f"CSeq: {request.header('cseq')}\r\nContent-Length: 0\r\n\r\n").encode()
 
 
 def _smuggling(port: int) -> bytes:

@@ -269,3 +269,67 @@ def test_a_browser_softphone_is_challenged_with_md5_alone_on_register_and_invite
     (proxy_challenge,) = sent(out)
     assert proxy_challenge.status == 407
     assert [v.count("algorithm=MD5") for v in proxy_challenge.all("proxy-authenticate")] == [1]
+
+
+# ---------------------------------------------------------------------------- what only the edge may do
+def test_a_path_from_anyone_but_the_edge_is_ignored_calls_go_where_the_contact_says(core):
+    src = Source("198.51.100.30", 40000)
+    out = register(core, src, user="lan-desk", password="l", aor="lan", contact="sip:lan@198.51.100.30:40000",
+                   via="198.51.100.30:40000", extra=("Path: " + PATH, "Supported: path"))
+    (ok,) = sent(out)
+    assert ok.status == 200 and ok.all("path") == []
+    (b,) = bindings_of(core, "lan-desk")
+    assert b.path == () and not b.via_edge
+    out = core.on_request(invite(user="lan"), ACD, 1001.0)
+    (branch,) = sent(out, "198.51.100.30", 40000)
+    assert branch.all("route") == []
+
+
+@pytest.mark.parametrize("path", ["garbage", "<mailto:x@y>", "<sip:a@b;lr>, " * 5 + "<sip:c@d;lr>",
+                                  "<sip:127.0.0.2:5062;lr;x=" + "y" * 600 + ">"])
+def test_a_malformed_or_oversized_path_from_the_edge_is_refused_with_400_and_nothing_is_stored(core, path):
+    extra = ("Path: " + path, "X-Edge-Client: 203.0.113.50:51000;transport=wss")
+    (reply,) = sent(register(core, EDGE, extra=extra))
+    assert reply.status == 400 and "Path" in reply.header("warning")
+    assert bindings_of(core, "minh-web") == []
+
+
+def test_the_edge_stamp_over_tcp_from_the_edge_address_is_not_believed(core):
+    tcp = Source("127.0.0.2", 5062, "tcp", conn=7)
+    register(core, tcp, extra=through_edge(), contact="sip:minh@127.0.0.2:5062;transport=tcp")
+    (b,) = bindings_of(core, "minh-web")
+    assert b.client == "" and b.path == ()
+
+
+def test_a_cancel_through_the_edge_is_accepted_only_from_the_client_that_called(core):
+    register(core, Source("10.1.1.7", 5060), user="lan-desk", password="l", aor="lan",
+             contact="sip:lan@10.1.1.7:5060", via="10.1.1.7:5060")
+    stamp = "X-Edge-Client: 10.9.9.9:5060;transport=tls"     # the ACD, through the edge
+    data = invite(user="lan", via="127.0.0.2:5062", extra=(stamp,), call_id="c-cancel")
+    core.on_request(data, EDGE, 1001.0)
+    cancel = (data.decode().replace("INVITE sip:", "CANCEL sip:", 1).replace("CSeq: 1 INVITE", "CSeq: 1 CANCEL"))
+    other = cancel.replace(stamp, "X-Edge-Client: 203.0.113.99:4444;transport=wss")
+    assert [m.status for m in sent(core.on_request(other.encode(), EDGE, 1001.5))] == [403]
+    out = core.on_request(cancel.encode(), EDGE, 1002.0)
+    assert sorted(m.status for m in sent(out, "127.0.0.2", 5062)) == [200, 487]   # the CANCEL's 200, then 487
+
+
+def test_a_ping_the_edge_answers_for_a_silent_device_counts_as_missed(core):
+    register(core, EDGE, extra=through_edge(transport="udp"))
+    dropped = []
+    for i in range(1, 6):
+        out = core.handle_timer(1000.0 + 20 * i)
+        dropped += [c for c in out if isinstance(c, Log) and c.event == "register.keepalive.dropped"]
+        for ping in sent(out, "127.0.0.2", 5062):
+            assert ping.all("route") == [PATH]
+            core.on_response(_answer(ping, 408), EDGE, 1000.0 + 20 * i + 0.1)   # the edge: nobody answered
+    assert len(dropped) == 1 and bindings_of(core, "minh-web") == []
+
+
+def test_turning_keepalive_on_by_reload_pings_phones_already_registered(core):
+    off = POLICY.replace("keepalive_interval: 20", "keepalive_interval: 0")
+    core.set_policy(parse_policy(off, core.policy.source), 1000.0)
+    _nat_phone(core)
+    assert sent(core.handle_timer(1100.0)) == []
+    core.set_policy(parse_policy(POLICY, core.policy.source), 1100.0)
+    assert [m.method for m in sent(core.handle_timer(1125.0))] == ["OPTIONS"]

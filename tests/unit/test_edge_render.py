@@ -59,7 +59,8 @@ def test_the_defines_carry_the_yaml_values():
     assert d["UDP_SOCKET"] == '"udp:127.0.0.1:5080"' and d["WSS_PORT"] == "8443"
     assert d["RTPENGINE_SOCKET"] == '"udp:127.0.0.1:22223"'
     assert d["TLS_CONFIG"] == '"/var/lib/test-router/edge/tls.cfg"'
-    assert {"WITH_UDP", "WITH_TLS", "WITH_WSS", "WITH_RTPENGINE", "ROUTER_SOURCE_CHECK"} <= set(d)
+    assert {"WITH_UDP", "WITH_TLS", "WITH_WSS", "WITH_RTPENGINE"} <= set(d)
+    assert (d["ROUTER_ADDRESS"], d["ROUTER_PORT"]) == ('"127.0.0.1"', "5070")   # only it speaks on the inside
     assert listens(cfg) == ["listen=udp:127.0.0.1:5080", "listen=tcp:127.0.0.1:5081", "listen=tls:127.0.0.1:5082",
                             "listen=tls:127.0.0.1:8443", "listen=udp:127.0.0.2:5062"]
     assert "{{" not in cfg and "}}" not in cfg
@@ -152,8 +153,7 @@ def test_the_router_address_is_its_first_udp_listener():
     assert router_address(p) == ("192.0.2.20", 5070)
     d = defines(render(p)[KAMAILIO_CFG])
     assert d["ROUTER_URI"] == '"sip:192.0.2.20:5070"'
-    # a router on a wildcard may send from any of its addresses: no source check then
-    assert "ROUTER_SOURCE_CHECK" not in d
+    assert d["ROUTER_ADDRESS"] == '"192.0.2.20"'       # the internal socket takes only its advertised address
 
 
 def test_clashing_internal_socket_is_refused():
