@@ -32,6 +32,7 @@ from router.policy.model import (
     Trunk,
     TrustedPeer,
     User,
+    WebSettings,
 )
 from router.policy.numbers import canonical
 from router.yamlnodes import MapReader, Problems, scalar_text
@@ -111,6 +112,7 @@ def _build(top: MapReader, filename: str, problems: Problems) -> Policy | None:
     users = tuple(_user(n, f"users[{i}]", problems, country)
                   for i, n in enumerate(top.list("users")))
     edge = _edge(top.sub("edge"), state_dir, problems)
+    web = _web(top.sub("web"), state_dir, problems)
     _cross_check(top, users, queues, trunk, routing, problems)
     if edge is not None:
         _check_edge(top, edge, listen, peers, problems)
@@ -119,7 +121,7 @@ def _build(top: MapReader, filename: str, problems: Problems) -> Policy | None:
     return Policy(source=filename, domain=domain, country=country, state_dir=state_dir,
                   database=database, listen=listen, users=users, queues=queues,  # type: ignore[arg-type]
                   trunk=trunk, trusted_peers=peers, routing=routing,  # type: ignore[arg-type]
-                  registrar=registrar, log=log, edge=edge)
+                  registrar=registrar, log=log, edge=edge, web=web)
 
 
 def _listen(node: yaml.Node, path: str, problems: Problems) -> Listen | None:
@@ -477,9 +479,41 @@ def _user(node: yaml.Node, path: str, problems: Problems, country: str) -> User 
         default_queue=m.str("default_queue"),
         devices=tuple(d for d in devices if d is not None),
         fallback=_methods(m, "fallback", problems),
-        ring_timeout=m.number("ring_timeout", None, minimum=MIN_RING_TIMEOUT))
+        ring_timeout=m.number("ring_timeout", None, minimum=MIN_RING_TIMEOUT),
+        password_hash=_password_hash(m, path, problems))
     m.done()
     return result if uid is not None else None
+
+
+def _password_hash(m: MapReader, path: str, problems: Problems) -> str | None:
+    value = m.str("password_hash")
+    if value is not None and not value.startswith("$argon2id$"):
+        problems.add(m.node_of("password_hash"), f"{path}.password_hash",
+                     "is not an argon2id hash: make one with `sip-router hash-password` "
+                     "(never put the password itself here)")
+        return None
+    return str(value) if value is not None else None
+
+
+def _web(m: MapReader | None, state_dir: str, problems: Problems) -> WebSettings:
+    if m is None or not m.ok:
+        return WebSettings()
+    d = WebSettings()
+    certificate, key = m.str("certificate"), m.str("private_key")
+    if (certificate is None) != (key is None):
+        problems.add(m.node, m.path, "HTTPS needs both certificate and private_key")
+        certificate = key = None
+    result = WebSettings(
+        address=_ip(m, "address", d.address, problems),
+        port=m.number("port", d.port, integer=True, minimum=1, maximum=65535),
+        certificate=os.path.join(state_dir, certificate) if certificate else None,
+        private_key=os.path.join(state_dir, key) if key else None,
+        session_lifetime=m.number("session_lifetime", d.session_lifetime, integer=True, minimum=60),
+        max_login_failures=m.number("max_login_failures", d.max_login_failures, integer=True, minimum=1),
+        address_failures_per_minute=m.number("address_failures_per_minute", d.address_failures_per_minute,
+                                             integer=True, minimum=1))
+    m.done()
+    return result
 
 
 def _duplicates(problems: Problems, what: str, values: list[tuple[str, yaml.Node, str]]) -> None:

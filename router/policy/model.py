@@ -82,6 +82,7 @@ class User:
     devices: tuple[Device, ...] = ()
     fallback: tuple[ReceiveMethod, ...] | None = None  # None: use the default
     ring_timeout: float | None = None                  # None: use the queue's
+    password_hash: str | None = None                   # the web app's login (argon2id), None: none in the YAML
 
 
 @dataclass(frozen=True)
@@ -199,6 +200,23 @@ class Edge:
 
 
 @dataclass(frozen=True)
+class WebSettings:
+    """The agents' and admins' web app (``sip-router web``)."""
+
+    address: str = "127.0.0.1"
+    port: int = 8080
+    certificate: str | None = None         # with private_key: HTTPS, and Secure cookies
+    private_key: str | None = None
+    session_lifetime: int = 8 * 3600       # seconds a login lasts (cookie and bearer token)
+    max_login_failures: int = 5            # bad passwords for one user in 15 minutes before it must wait
+    address_failures_per_minute: int = 20  # bad logins from one address per minute before it must wait
+
+    @property
+    def tls(self) -> bool:
+        return self.certificate is not None
+
+
+@dataclass(frozen=True)
 class LogSettings:
     level: str = "info"
     format: str = "auto"  # auto | json | console
@@ -223,6 +241,7 @@ class Policy:
     registrar: RegistrarSettings = field(default_factory=RegistrarSettings)
     log: LogSettings = field(default_factory=LogSettings)
     edge: Edge | None = None
+    web: WebSettings = field(default_factory=WebSettings)
 
     # Lookups are indexed once; the policy is immutable, so the index never goes stale.
     @cached_property
