@@ -17,11 +17,13 @@ from typing import Any
 
 from router.config import DEFAULT_CONFIG, load_policy
 from router.errors import ConfigError, NotFound, RouterError
+from router.policy import authz
 from router.policy.decide import CallRequest, Fork, PstnLeg, Redirect, Reject, chain_of, decide
 from router.policy.model import Binding, RoutingMode
 from router.policy.numbers import dialled
 from router.runtime import PolicyState
 from router.store.sqlite import SqliteBindingStore, SqliteCallStore, SqlitePolicyStore, connect
+from router.web.password_cli import PasswordInputError, new_hash
 
 
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -135,10 +137,37 @@ def cmd_set_phone(args: argparse.Namespace) -> int:
     return _change(args, "agent_phone", args.number)
 
 
+def cmd_hash_password(_args: argparse.Namespace) -> int:
+    try:
+        print(new_hash())
+    except PasswordInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_set_password(args: argparse.Namespace) -> int:
+    try:
+        hashed = new_hash()
+    except PasswordInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    state, _ = _state(args)
+    change = state.change(args.actor, args.user, "password_hash", hashed, via="cli", now=time.time())
+    _emit(args, {"user": change.user_id, "field": "password", "by": change.actor, "via": change.via},
+          f"{change.user_id}: web password set (by {change.actor})")
+    return 0
+
+
+def _shown(field: str, value: str | None) -> str | None:
+    """An audited value as shown: a password hash only as "(set)"."""
+    return ("(set)" if value else None) if field in authz.HIDDEN else value
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     state, _ = _state(args)
     rows = [{"id": c.id, "at": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c.at)),
-             "user": c.user_id, "field": c.field, "old": c.old, "new": c.new,
+             "user": c.user_id, "field": c.field, "old": _shown(c.field, c.old), "new": _shown(c.field, c.new),
              "by": c.actor, "via": c.via} for c in state.store.audit(args.user, args.limit)]
     _emit(args, rows, _table(rows, ["id", "at", "user", "field", "old", "new", "by", "via"]))
     return 0
@@ -221,6 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(field, metavar=meta)
         p.add_argument("--as", dest="actor", required=True, help="who makes the change (user id)")
         p.set_defaults(func=func)
+    sub.add_parser("hash-password", help="print the argon2id hash of a password, for password_hash in the YAML "
+                                         "(asked on a terminal, else one line of stdin)"
+                   ).set_defaults(func=cmd_hash_password)
+    p = sub.add_parser("set-password", help="set a user's web app password at run time (audited)")
+    p.add_argument("user")
+    p.add_argument("--as", dest="actor", required=True, help="who makes the change (user id)")
+    p.set_defaults(func=cmd_set_password)
     p = sub.add_parser("registrations", help="registered devices: contact, source, transport, expiry")
     p.add_argument("user", nargs="?")
     p.set_defaults(func=cmd_registrations)

@@ -10,7 +10,8 @@ from router.errors import Forbidden, InvalidChange, NotFound
 from router.policy.model import Policy, ReceiveMethod, Role, User
 from router.policy.numbers import canonical
 
-FIELDS = ("receive_method", "agent_phone")
+FIELDS = ("receive_method", "agent_phone", "password_hash")
+HIDDEN = frozenset({"password_hash"})       # shown as "(set)" in audits, never the value
 
 
 def authorize(actor: User | None, actor_key: str, target: User) -> None:
@@ -52,4 +53,8 @@ def normalize(policy: Policy, target: User, field: str, value: str) -> str:
         return method.value
     if field == "agent_phone":
         return canonical(value, policy.country)
+    if field == "password_hash":             # the caller hashed the password (router.web.passwords)
+        if not value.startswith("$argon2id$"):
+            raise InvalidChange("a password is stored only as an argon2id hash")
+        return value
     raise InvalidChange(f"{field!r} cannot be changed at run time; use one of {', '.join(FIELDS)}")

@@ -1,6 +1,6 @@
 """Precedence between the YAML file and run-time changes: last writer wins.
 
-Each user's ``receive_method`` and ``agent_phone`` has two writers: the
+Each user's ``receive_method``, ``agent_phone`` and web ``password_hash`` has two writers: the
 operator editing the YAML, and run-time changes (CLI or API, by an admin or
 the user).  The state database remembers when each YAML value was first seen
 with its current content; a run-time change made after that wins, and a later
@@ -39,11 +39,17 @@ class Effective:
     since: float  # when that writer wrote it
 
 
+# Every per-user value with two writers, the YAML and run-time changes.
+FIELDS = ("receive_method", "agent_phone", "password_hash")
+
+
 def yaml_value(user: User, field: str) -> str | None:
     if field == "receive_method":
         return user.receive_method.value
     if field == "agent_phone":
         return user.agent_phone
+    if field == "password_hash":
+        return user.password_hash
     raise KeyError(field)
 
 
@@ -61,7 +67,7 @@ def apply(policy: Policy, yaml_seen: Mapping[Key, float],
     users: list[User] = []
     for user in policy.users:
         values: dict[str, str | None] = {}
-        for field in ("receive_method", "agent_phone"):
+        for field in FIELDS:
             key = (user.id, field)
             eff = effective(yaml_value(user, field), yaml_seen.get(key, 0.0), latest.get(key))
             sources[key] = eff
@@ -70,5 +76,5 @@ def apply(policy: Policy, yaml_seen: Mapping[Key, float],
         users.append(dataclasses.replace(
             user,
             receive_method=ReceiveMethod(method) if method else user.receive_method,
-            agent_phone=values["agent_phone"]))
+            agent_phone=values["agent_phone"], password_hash=values["password_hash"]))
     return dataclasses.replace(policy, users=tuple(users)), sources

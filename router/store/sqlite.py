@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterable
 
 from router.errors import RouterError
-from router.policy.effective import Change, Key, yaml_value
+from router.policy.effective import FIELDS, Change, Key, yaml_value
 from router.policy.model import Binding, DeviceKind, Policy
 from router.records import CallRecord
 from router.store.interfaces import DeviceBindings
@@ -137,7 +137,7 @@ class SqlitePolicyStore:
         seen: dict[Key, float] = {}
         updates: list[tuple[str, str, str | None, float]] = []
         for user in policy.users:
-            for field in ("receive_method", "agent_phone"):
+            for field in FIELDS:
                 value = yaml_value(user, field)
                 old = stored.get((user.id, field))
                 if old is not None and old[0] == value:
