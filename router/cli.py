@@ -222,6 +222,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run(args.config)
 
 
+def cmd_web(args: argparse.Namespace) -> int:
+    from router.web.server import run
+    return run(args.config)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sip-router", description=__doc__.splitlines()[0])
     parser.add_argument("-c", "--config", default=os.environ.get("SIP_ROUTER_CONFIG", DEFAULT_CONFIG),
@@ -232,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", nargs="?")
     p.set_defaults(func=cmd_check)
     sub.add_parser("run", help="run the router").set_defaults(func=cmd_run)
+    sub.add_parser("web", help="run the agents' and admins' web app and its JSON API (the YAML's `web:` section)"
+                   ).set_defaults(func=cmd_web)
     sub.add_parser("edge-config", help="render the Kamailio edge and rtpengine set-up of the `edge:` section "
                                        "into the state directory, and check it").set_defaults(func=cmd_edge_config)
     sub.add_parser("users", help="users, their receive method and where it comes from").set_defaults(func=cmd_users)

@@ -220,6 +220,11 @@ class Browser:
         self.phones.append(phone)
         return phone
 
+    def new_context(self, **options: Any) -> Any:
+        """A new browser context (its own cookies and storage) for any other page, such as the web app's; it is
+        closed with the browser."""
+        return self._browser.new_context(**options)
+
     def close(self) -> None:
         # A watchdog kills Chromium by PID when closing it hangs: Playwright's close then returns, as it sees the
         # browser's pipe close.
