@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException
 
 from router import log
 from router.errors import RouterError
-from router.web import api, pages
+from router.web import api, pages, softphone
 from router.web.auth import CsrfRefused, NotLoggedIn
 from router.web.backend import Backend, LoginFailed
 from router.web.problems import FieldRefused, http_status
@@ -60,7 +60,7 @@ def create_app(backend: Backend, tls: bool) -> FastAPI:
     app.state.tls = tls
     app.include_router(api.router)
     app.include_router(pages.router)
-    # The agent page's softphone (its script in static/) adds its own routes here when it lands.
+    app.include_router(softphone.router)     # the agent page as the agent's web device
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
     _install_handlers(app)
 

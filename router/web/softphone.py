@@ -11,10 +11,21 @@ binding instead of adding a stale one.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse
+
+from router.errors import Forbidden, NotFound
 from router.policy.model import DeviceKind, Policy, User
 from router.sip import digest
+from router.web import auth
+from router.web.sessions import COOKIE
+
+# JsSIP from npm (router/web/jssip/package.json, pinned; scripts/run and scripts/test install it)
+JSSIP = Path(__file__).resolve().parent / "jssip" / "node_modules" / "jssip" / "dist" / "jssip.min.js"
+router = APIRouter()
 
 _INSTANCE_NAMESPACE = uuid.UUID("7d0c3f5e-2b1a-4c8e-9f61-5a2d8b3e4c10")
 
@@ -53,3 +64,24 @@ def softphone_for(policy: Policy, user: User) -> SoftphoneSettings | None:
         auth_user=device.auth_username, realm=policy.domain, ha1=ha1,
         display_name=user.display_name or user.id,
         instance=f"urn:uuid:{uuid.uuid5(_INSTANCE_NAMESPACE, device.id)}", device_id=device.id)
+
+
+@router.get("/api/me/softphone", tags=["me"])
+def my_softphone(request: Request, identity: auth.Me) -> dict[str, str]:
+    """What the agent page needs to register as the user's `web` device (cookie sessions only:
+    a bearer client is a softphone of its own, with its own credentials)."""
+    if identity.session.kind != COOKIE:
+        raise Forbidden("the web phone's settings go only to the user's own page")
+    policy = auth.backend_of(request).policy
+    settings = softphone_for(policy, identity.user)
+    if settings is None:
+        raise NotFound("no web phone: the edge has no WSS listener, or the user has no web device "
+                       "with MD5 credentials")
+    return asdict(settings)
+
+
+@router.get("/vendor/jssip.min.js", include_in_schema=False)
+def jssip() -> FileResponse:
+    if not JSSIP.exists():
+        raise NotFound("JsSIP is not installed: run `npm ci` in router/web/jssip (scripts/run does)")
+    return FileResponse(JSSIP, media_type="text/javascript")

@@ -93,8 +93,8 @@
       if (!reply.ok) throw new Error(`${reply.status}`);
       settings = await reply.json();
     } catch (error) {
-      st.error = text('NoSettings', 'no web device or no edge configured');
-      show();
+      st.error = 'no web device, or no edge with WSS';   // nothing to register: the panel is hidden
+      panel.hidden = true;
       return;
     }
     const socket = new window.JsSIP.WebSocketInterface(settings.wss_url);
