@@ -51,10 +51,10 @@ def _user_row(backend: Backend, user: User, now: float) -> dict[str, Any]:
 
 def _visible(identity: Identity, backend: Backend, user_key: str) -> User:
     """The user ``user_key`` names, if ``identity`` may see them: an admin anyone, an agent themself."""
-    target = authz.find_user(backend.policy, user_key)
-    if not identity.is_admin and target.id != identity.user_id:
-        raise Forbidden(f"{identity.user_id} is an agent and may see only their own settings, not {target.id}'s")
-    return target
+    if not identity.is_admin and user_key not in (identity.user_id, identity.user.extension):
+        # the same answer for every other name, known or not: an agent cannot list who exists
+        raise Forbidden(f"{identity.user_id} is an agent and may see only their own settings")
+    return authz.find_user(backend.policy, user_key)
 
 
 def _method_out(backend: Backend, user_id: str, changes: list[Change], now: float) -> s.ReceiveMethodOut:
@@ -140,6 +140,9 @@ def put_method(user_id: str, body: s.ReceiveMethodIn, request: Request,
                identity: auth.Changer) -> s.ReceiveMethodOut:
     """Change a user's receive method and/or agent phone (admin: anyone; agent: only themself)."""
     backend, now = _backend(request), time.time()
+    if not identity.is_admin and user_id not in (identity.user_id, identity.user.extension):
+        # before any lookup: the same refusal for every other name, known or not
+        raise Forbidden(f"{identity.user_id} is an agent and may change only their own settings; ask an admin")
     changes = backend.set_receive_method(identity, user_id, body.method, body.agent_phone, now)
     target = backend.policy.user(user_id)
     assert target is not None

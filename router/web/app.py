@@ -37,6 +37,7 @@ SECURITY_HEADERS = {
 }
 
 DOCS_PAGES = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc"})
+MAX_BODY = 64 * 1024
 
 _log = log.get("sip-router.web")
 
@@ -67,6 +68,10 @@ def create_app(backend: Backend, tls: bool) -> FastAPI:
     @app.middleware("http")
     async def headers_and_log(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         started = time.monotonic()
+        length = request.headers.get("content-length", "0")
+        if not length.isdigit() or int(length) > MAX_BODY or "chunked" in request.headers.get("transfer-encoding", ""):
+            # every form and JSON body here is small: a big one is refused before it is read
+            return _problem(413, f"request body larger than {MAX_BODY} bytes (or not sized)")
         response = await call_next(request)
         for name, value in SECURITY_HEADERS.items():
             if name == "Content-Security-Policy" and request.url.path in DOCS_PAGES:

@@ -98,7 +98,7 @@ async def require_change(request: Request) -> Identity:
         if content_type.startswith(("application/x-www-form-urlencoded", "multipart/form-data")):
             value = (await request.form()).get(CSRF_FIELD)
             sent = value if isinstance(value, str) else None
-    if not sent or not hmac.compare_digest(sent, identity.session.csrf):
+    if not sent or not hmac.compare_digest(sent.encode(), identity.session.csrf.encode()):
         raise CsrfRefused()
     return identity
 

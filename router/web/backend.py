@@ -151,7 +151,7 @@ class Backend:
             # the name as typed is logged only when it is a user: people type passwords into name fields
             _log.warning("web.login.failed", user=user.id if user else None, address=address)
             raise LoginFailed()
-        self.throttle.succeeded(throttle_key)
+        self.throttle.succeeded(throttle_key, address)
         with self.lock:
             self.sessions.purge_expired(now)
             session = self.sessions.create(user.id, kind, credential_of(stored), now,

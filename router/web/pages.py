@@ -107,7 +107,7 @@ def login_submit(request: Request, user: str = Form(""), password: str = Form(""
                  next: str = Form(HOME)) -> Response:
     t = translator(request)
     expected = request.cookies.get(LOGIN_CSRF_COOKIE)
-    if not expected or not hmac.compare_digest(csrf, expected):
+    if not expected or not hmac.compare_digest(csrf.encode(), expected.encode()):
         return _login_page(request, 400, t("login_expired"), user, next)
     backend = auth.backend_of(request)
     try:
@@ -194,16 +194,17 @@ def _staff_member(request: Request, user_id: str) -> User:
 
 @router.get("/staff/{user_id}")
 def staff_member(request: Request, user_id: str, identity: auth.Me) -> Response:
-    subject = _staff_member(request, user_id)
-    if subject.id == identity.user_id:
+    if user_id in (identity.user_id, identity.user.extension):
         return _redirect(HOME)
-    auth.require_admin(request)
-    return settings_page(request, subject)
+    auth.require_admin(request)          # before the lookup: an agent learns nothing of who exists
+    return settings_page(request, _staff_member(request, user_id))
 
 
 @router.post("/staff/{user_id}")
 def save_staff_member(request: Request, identity: auth.Changer, user_id: str, method: str = Form(""),
                       agent_phone: str = Form("")) -> Response:
+    if user_id not in (identity.user_id, identity.user.extension):
+        auth.require_admin(request)      # before the lookup, as for the page itself
     subject = _staff_member(request, user_id)
     return _save_settings(request, identity, subject, method, agent_phone, f"/staff/{subject.id}")
 

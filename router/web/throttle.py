@@ -1,4 +1,4 @@
-"""Failed-login throttling: per user name and per client address, in sliding windows.
+"""Failed-login throttling: per user name from one client, and per client, in sliding windows.
 
 Kept in memory: the web app is one process, and a restart forgetting the counts
 costs an attacker a restart, not the throttle.  A name that is not a user is
@@ -7,6 +7,7 @@ counted exactly like a real one, so the answers never tell the two apart.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import threading
 from collections import deque
@@ -53,9 +54,12 @@ class _Window:
     def add(self, key: str, now: float) -> None:
         times = self._live(key, now)
         if times is None:
-            if len(self.failures) >= MAX_TRACKED:
+            if len(self.failures) >= MAX_TRACKED:      # forget the key whose last failure is oldest
                 self.failures.pop(next(iter(self.failures)))
-            times = self.failures[key] = deque()
+            times = deque()
+        else:
+            del self.failures[key]                      # re-inserted last: the dict is ordered by last failure
+        self.failures[key] = times
         times.append(now)
 
     def clear(self, key: str) -> None:
@@ -69,21 +73,40 @@ class LoginThrottle:
         self._lock = threading.Lock()
 
     def check(self, user_key: str, address: str, now: float) -> None:
-        """Raise ``Throttled`` when either the name or the address must wait."""
+        """Raise ``Throttled`` when either the name (from this address) or the address must wait."""
         with self._lock:
-            wait = self._users.wait(user_key.lower(), now)
+            wait = self._users.wait(_pair(user_key, address), now)
             if wait:
                 raise Throttled(wait, "user")
-            wait = self._addresses.wait(address, now)
+            wait = self._addresses.wait(network_of(address), now)
             if wait:
                 raise Throttled(wait, "address")
 
     def failed(self, user_key: str, address: str, now: float) -> None:
         with self._lock:
-            self._users.add(user_key.lower(), now)
-            self._addresses.add(address, now)
+            self._users.add(_pair(user_key, address), now)
+            self._addresses.add(network_of(address), now)
 
-    def succeeded(self, user_key: str) -> None:
-        """A good password clears the name's count (not the address's)."""
+    def succeeded(self, user_key: str, address: str) -> None:
+        """A good password clears the name's count from that address (not the address's)."""
         with self._lock:
-            self._users.clear(user_key.lower())
+            self._users.clear(_pair(user_key, address))
+
+
+def network_of(address: str) -> str:
+    """Who is counted as one client: an IPv4 address, or an IPv6 /64 (one host's share)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
+def _pair(user_key: str, address: str) -> str:
+    # Per user *and* client: someone guessing lan's password from one place must not
+    # lock lan out everywhere; guessing from many places runs into each place's limit.
+    return f"{user_key.lower()}|{network_of(address)}"

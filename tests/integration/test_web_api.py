@@ -35,9 +35,12 @@ class World:
         self.web = web
         self.clients: list[httpx.Client] = []
 
-    def client(self, token: str | None = None) -> httpx.Client:
+    def client(self, token: str | None = None, source: str | None = None) -> httpx.Client:
+        """``source``: the loopback address the client connects from (another "machine")."""
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        client = httpx.Client(base_url=self.web.url, headers=headers, timeout=10, follow_redirects=False)
+        transport = httpx.HTTPTransport(local_address=source) if source else None
+        client = httpx.Client(base_url=self.web.url, headers=headers, timeout=10, follow_redirects=False,
+                              transport=transport)
         self.clients.append(client)
         return client
 
@@ -151,6 +154,10 @@ def test_an_agent_changes_only_themself_and_a_refusal_writes_nothing(world: Worl
     assert minh.get("/api/users").status_code == 403
     assert minh.get("/api/audit").status_code == 403
     assert minh.get("/api/users/lan/receive-method").status_code == 403
+    assert minh.post("/api/login", content=b"{" + b" " * 100_000 + b"}",
+                     headers={"content-type": "application/json"}).status_code == 413
+    assert minh.get("/api/users/nobody/receive-method").status_code == 403     # no "who exists" for agents
+    assert minh.put("/api/users/nobody/receive-method", json={"method": "app"}).status_code == 403
 
     reply = minh.put("/api/me/receive-method", json={"method": "app"})
     assert reply.status_code == 200, reply.text
@@ -176,7 +183,7 @@ def test_a_bad_number_or_method_is_422_with_the_field_and_the_hint_and_writes_no
     assert reply.status_code == 422
     assert reply.json()["field"] == "method" and "agent_phone" in reply.json()["hint"]
     assert minh.put("/api/me/receive-method", json={}).status_code == 422
-    assert minh.put("/api/users/nobody/receive-method", json={"method": "app"}).status_code == 404
+    assert world.login("lan").put("/api/users/nobody/receive-method", json={"method": "app"}).status_code == 404
     assert world.audit() == []
 
     # the right form: the phone is written first, then the method
@@ -200,6 +207,9 @@ def test_a_cookie_session_needs_the_csrf_token_for_every_change(world: World) ->
     assert browser.put("/api/me/receive-method", json={"method": "app"}).status_code == 403
     assert browser.post("/me", data={"method": "app"}).status_code == 403
     assert browser.post("/me", data={"method": "app", "csrf": "guess"}).status_code == 403
+    assert browser.post("/me", data={"method": "app", "csrf": "é"}).status_code == 403        # not a 500
+    assert browser.put("/api/me/receive-method", json={"method": "app"},
+                       headers={"X-CSRF-Token": b"\xe9"}).status_code == 403         # raw bytes on the wire
     assert browser.post("/logout").status_code == 403
     assert world.audit() == []
 
@@ -244,7 +254,7 @@ def test_a_password_change_ends_other_logins_and_the_new_password_works(world: W
     assert "web.login.ok" in log
 
 
-def test_failed_logins_are_throttled_per_user_then_per_address(strict_world: World) -> None:
+def test_failed_logins_are_throttled_per_user_and_client_then_per_address(strict_world: World) -> None:
     world = strict_world
     anonymous = world.client()
     bad = [anonymous.post("/api/login", json={"user": "minh", "password": f"wrong-{i}"}) for i in range(3)]
@@ -259,6 +269,9 @@ def test_failed_logins_are_throttled_per_user_then_per_address(strict_world: Wor
     assert "too many failed logins" in locked.json()["error"] and locked.json()["retry_after"] > 0
     assert time.monotonic() - started < 1.0
     assert anonymous.post("/api/login", json={"user": "1002", "password": PASSWORDS["minh"]}).status_code == 429
+    # minh himself, elsewhere, is not locked out by someone guessing his password from here
+    elsewhere = world.client(source="127.0.0.3")
+    assert elsewhere.post("/api/login", json={"user": "minh", "password": PASSWORDS["minh"]}).status_code == 200
 
     # another user may still log in, until the address itself has failed too often
     assert anonymous.post("/api/login", json={"user": "lan", "password": PASSWORDS["lan"]}).status_code == 200
