@@ -1,10 +1,33 @@
-"""The router process: wires config, stores and the SIP engine; signals; systemd notify.
+"""The router process: wires config, stores, the SIP engine, the control socket and the metrics.
 
 SIGTERM/SIGINT ask the loop to stop (pending binding writes are flushed,
 the module is unregistered, PJSIP is destroyed).  SIGHUP asks it to reload the
 YAML: a file that fails validation is refused with its file:line errors and
 the last good policy stays in force; registrations are untouched.  Signal
 handlers only set flags; the PJSIP thread acts on them between polls.
+
+Reloads.  SIGHUP and ``sip-router reload`` (the control socket) take one path:
+the YAML is read and validated and the trunk looked up on a thread of their
+own -- a large file or a slow DNS server must not stall the SIP loop -- and
+the PJSIP thread then adopts the new policy in one step.
+
+The live view.  The control socket (``router.control``) and the metrics
+endpoint (``router.metrics``) each run on a thread of their own and never make
+the PJSIP thread wait.  Metrics come from counters the PJSIP thread bumps and
+gauges it republishes once a second.  A control command that needs the SIP
+state (status, calls, unregister, adopting a reload) is put on the engine's
+inbox and answered by the PJSIP thread between two polls, at most ``POLL_MS``
+later; the control thread waits for it at most ``CONTROL_TIMEOUT``.  A request
+queue rather than a published snapshot: ``unregister`` and ``reload`` change
+state only the PJSIP thread may touch, ``calls`` lists the calls of this very
+moment, and one pass over the live calls when someone asks costs less than a
+snapshot built every second whether anyone asks or not.
+
+systemd (only when ``NOTIFY_SOCKET`` is set): ``READY=1`` once listening;
+``WATCHDOG=1`` from the PJSIP loop itself every second when the unit has
+``WatchdogSec`` (a stuck loop stops sending and is restarted); ``STATUS=`` with
+registrations and calls every few seconds; ``RELOADING=1`` ... ``READY=1``
+around a reload; ``STOPPING=1``.
 
 Exit status: 0 stopped cleanly; 1 PJSIP could not start (port in use...);
 2 invalid configuration (from the CLI); 3 this PJSIP build's layout differs;
@@ -19,16 +42,23 @@ from __future__ import annotations
 import gc
 import os
 import signal
-import socket
 import sqlite3
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
+from typing import Any
 
 from router import log
 from router.config import load_policy
+from router.control import views
+from router.control.server import ControlError, ControlServer, OnLoop
+from router.control.systemd import Notifier
 from router.dns import ResolveError, resolve_trunk
 from router.errors import ConfigError
+from router.metrics import MetricsServer, Tally, registry_for
+from router.policy import authz
 from router.policy.model import Policy, Trunk
 from router.runtime import PolicyState
 from router.sip.core import SipCore
@@ -47,6 +77,9 @@ from router.store.sqlite import (
 
 EXIT_OK, EXIT_START_FAILED, EXIT_LAYOUT, EXIT_STATE = 0, 1, 3, 4
 STATE_BUSY_TIMEOUT = 0.25    # the PJSIP thread waits at most this long for another writer's lock
+CONTROL_TIMEOUT = 5.0        # seconds a control command waits for the PJSIP thread
+STATUS_INTERVAL = 5.0        # seconds between systemd STATUS= lines
+LOGGED_CHANGES = 200         # run-time changes logged one by one per refresh; beyond, a count
 
 
 @dataclass
@@ -55,19 +88,13 @@ class Flags:
     reload: bool = False
 
 
-def _notify(state: str) -> None:
-    """sd_notify(3) without a dependency: one datagram to $NOTIFY_SOCKET."""
-    path = os.environ.get("NOTIFY_SOCKET")
-    if not path:
-        return
-    if path.startswith("@"):
-        path = "\0" + path[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        try:
-            sock.connect(path)
-            sock.sendall(state.encode())
-        except OSError:
-            pass
+@dataclass(frozen=True)
+class Prepared:
+    """A reload read and checked off the PJSIP thread: the policy, or why it was refused."""
+
+    policy: Policy | None
+    errors: list[str]
+    resolved: dict[Trunk, tuple[str, int]]
 
 
 class Router:
@@ -75,6 +102,7 @@ class Router:
         self.config_path = config_path
         self.log = log.get("router")
         now = time.time()
+        self.started_at = now
         self.conn = connect(policy.database, durable=True, check_writable=True)
         try:
             self.policy_state = PolicyState(policy, SqlitePolicyStore(self.conn), now)
@@ -87,41 +115,53 @@ class Router:
             self.conn.close()
             raise StateError(policy.database, describe(exc)) from None
         self.state_read_failing = False
+        self.logged_through = self.policy_state.view.marker    # run-time changes already logged
         first = policy.listen[0]
         self.resolved: dict[Trunk, tuple[str, int]] = {}
         self.core = SipCore(self.policy_state.view.policy, loaded, now,
                             local=Local(first.advertise or first.address, first.port),
                             resolve=self.resolve)
+        self.tally = Tally()
+        self.tally.bindings_loaded(loaded)
         # Writes are batched on the PJSIP thread itself: a writer thread was measured
         # to cost throughput (it competes for the GIL) without improving latency.
         calls: CallStore = SqliteCallStore(self.conn)
         self.engine = Engine(policy.listen, self.core, self.bindings, calls,
-                             pj_log_level=policy.log.pjsip_level)
+                             pj_log_level=policy.log.pjsip_level, tally=self.tally)
         if policy.trunk is not None:
             self.resolve(policy.trunk)           # look names up before the first call, not during it
         self.flags = Flags()
+        self.notifier = Notifier()
+        self.on_loop = OnLoop(self.engine.inbox)
+        self.identity = views.identity(config_path, now)
+        self.reload_lock = threading.Lock()
+        self.next_status = 0.0
         self.log.info("router.state", database=policy.database, bindings=len(loaded),
                       expired_purged=purged)
 
     def resolve(self, trunk: Trunk) -> tuple[str, int]:
         """The trunk's address: looked up at start and on reload, never during a call."""
         found = self.resolved.get(trunk)
-        if found is not None:
-            return found
+        if found is None:
+            found = self.resolved[trunk] = self._look_up(trunk)
+        return found
+
+    def _look_up(self, trunk: Trunk) -> tuple[str, int]:
         try:
             found = resolve_trunk(trunk)
         except ResolveError as exc:
             self.log.error("trunk.resolve.failed", host=trunk.host, srv=trunk.srv, detail=str(exc))
-            found = (trunk.host, trunk.port)
-        else:
-            self.log.info("trunk.resolved", host=trunk.host, srv=trunk.srv, address=found[0], port=found[1])
-        self.resolved[trunk] = found
+            return trunk.host, trunk.port
+        self.log.info("trunk.resolved", host=trunk.host, srv=trunk.srv, address=found[0], port=found[1])
         return found
 
+    # ------------------------------------------------------------------ the PJSIP thread, once a second
     def on_idle(self, now: float) -> None:
+        self.notifier.watchdog()          # first: whatever fails below, the loop itself is alive
+        self.publish(now)
         if self.flags.reload:
             self.flags.reload = False
-            self.reload(now)
+            threading.Thread(target=self._reload_on_signal, name="reload", daemon=True).start()
         try:
             changed = self.policy_state.refresh()
         except sqlite3.Error as exc:       # run-time changes wait; routing goes on
@@ -134,32 +174,122 @@ class Router:
             self.log.warning("state.read.recovered")
             self.state_read_failing = False
         if changed:
-            self.log.info("policy.runtime_change", marker=self.policy_state.view.marker)
             self.engine.execute(self.core.set_policy(self.policy_state.view.policy, now))
+            try:
+                self._log_changes()
+            except sqlite3.Error as exc:  # the changes are in force; only their log lines are missing
+                self.log.warning("policy.runtime_change.unlogged", error=describe(exc),
+                                 marker=self.policy_state.view.marker)
 
-    def reload(self, now: float) -> None:
+    def publish(self, now: float) -> None:
+        """The gauges the metrics show, and systemd's status line every few seconds."""
+        gauges = views.gauges(self.core, self.engine)
+        self.tally.gauges = gauges
+        self.tally.sweep(now)
+        if now >= self.next_status:
+            self.next_status = now + STATUS_INTERVAL
+            kinds = self.tally.registrations_by_kind()
+            self.notifier.send(f"STATUS={sum(kinds.values())} registrations "
+                               f"({', '.join(f'{n} {k}' for k, n in kinds.items())}); "
+                               f"{gauges.ringing} calls ringing, {gauges.answered} answered")
+
+    def _log_changes(self) -> None:
+        """One line per run-time change since the last refresh: who changed what, from what to what."""
+        found = [c for c in self.policy_state.store.audit(limit=LOGGED_CHANGES) if c.id > self.logged_through]
+        if len(found) == LOGGED_CHANGES and found[-1].id > self.logged_through + 1:
+            self.log.warning("policy.runtime_change.unlogged", count=found[-1].id - self.logged_through - 1,
+                             detail="more changes than are logged one by one; `sip-router audit` lists them")
+        for change in reversed(found):
+            self.log.info("policy.runtime_change", user=change.user_id, field=change.field,
+                          old=_shown(change.field, change.old), new=_shown(change.field, change.new),
+                          actor=change.actor, via=change.via, change_id=change.id)
+            self.tally.runtime_changes[change.field] = self.tally.runtime_changes.get(change.field, 0) + 1
+        if found:
+            self.logged_through = found[0].id
+
+    # ------------------------------------------------------------------ reloads
+    def _reload_on_signal(self) -> None:
+        try:
+            self.reload_from_file()
+        except ControlError as exc:       # the loop ended (stopping) or is stuck
+            self.log.warning("policy.reload.abandoned", source=self.config_path, detail=str(exc))
+
+    def reload_from_file(self) -> dict[str, Any]:
+        """Read, validate and adopt the YAML (any thread but the PJSIP one); one at a time."""
+        with self.reload_lock:
+            self.notifier.send("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+            try:
+                prepared = self.prepare_reload()
+                return self.on_loop.call(lambda: self.adopt(prepared, time.time()), CONTROL_TIMEOUT)
+            finally:
+                self.notifier.send("READY=1")
+
+    def prepare_reload(self) -> Prepared:
         try:
             policy = load_policy(self.config_path)
         except ConfigError as exc:
-            self.log.error("policy.reload.refused", source=self.config_path,
-                           errors=exc.problems, detail="keeping the last good policy")
-            return
-        if policy.listen != self.policy_state.yaml_policy.listen:
-            self.log.warning("policy.reload.listen_ignored",
-                             detail="listen addresses change only on restart")
-        self.resolved.clear()
-        if policy.trunk is not None:
-            self.resolve(policy.trunk)
+            return Prepared(None, exc.problems, {})
+        resolved = {policy.trunk: self._look_up(policy.trunk)} if policy.trunk is not None else {}
+        return Prepared(policy, [], resolved)
+
+    def adopt(self, prepared: Prepared, now: float) -> dict[str, Any]:
+        """The PJSIP thread takes a prepared reload in (or counts its refusal)."""
+        current = self.policy_state.yaml_policy
+        policy = prepared.policy
+        if policy is None:
+            return self._refused(prepared.errors, "keeping the last good policy", current)
+        if policy.listen != current.listen:
+            self.log.warning("policy.reload.listen_ignored", detail="listen addresses change only on restart")
+        if (policy.metrics, policy.control_socket) != (current.metrics, current.control_socket):
+            self.log.warning("policy.reload.restart_needed",
+                             detail="the metrics and control settings change only on restart")
         try:
             view = self.policy_state.reload(policy, now)     # changes nothing if it fails
         except sqlite3.Error as exc:       # the YAML observations could not be written
-            self.log.error("policy.reload.refused", source=self.config_path, errors=[],
-                           detail=f"the state database failed ({describe(exc)}); keeping the last good policy")
-            return
+            return self._refused([], f"the state database failed ({describe(exc)}); keeping the last good policy",
+                                 current)
+        self.resolved = dict(prepared.resolved)
         self.engine.execute(self.core.set_policy(view.policy, now))
         self.engine.set_trunk(policy.trunk, self.resolve(policy.trunk) if policy.trunk else None)
         self.log.info("policy.reloaded", source=self.config_path, users=len(policy.users))
+        self.tally.reloads["reloaded"] = self.tally.reloads.get("reloaded", 0) + 1
+        return {"reloaded": True, "errors": [], "users": len(policy.users)}
 
+    def _refused(self, errors: list[str], detail: str, current: Policy) -> dict[str, Any]:
+        self.log.error("policy.reload.refused", source=self.config_path, errors=errors, detail=detail)
+        self.tally.reloads["refused"] = self.tally.reloads.get("refused", 0) + 1
+        return {"reloaded": False, "errors": errors or [detail], "users": len(current.users)}
+
+    # ------------------------------------------------------------------ the control socket's commands
+    def handlers(self) -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:
+        def status(_args: dict[str, Any]) -> dict[str, Any]:
+            return self.on_loop.call(lambda: views.status(
+                self.identity, self.core, self.engine, self.tally, self.policy_state.view.marker, time.time()),
+                CONTROL_TIMEOUT)
+
+        def calls(_args: dict[str, Any]) -> dict[str, Any]:
+            return self.on_loop.call(lambda: views.calls(self.core), CONTROL_TIMEOUT)
+
+        def reload(_args: dict[str, Any]) -> dict[str, Any]:
+            return self.reload_from_file()
+
+        return {"status": status, "calls": calls, "unregister": self.unregister, "reload": reload}
+
+    def unregister(self, args: dict[str, Any]) -> dict[str, Any]:
+        device = args.get("device")
+        if not isinstance(device, str) or not device:
+            raise ControlError('unregister needs the device id: {"device": "minh-desk"}')
+        if not views.device_exists(self.core.policy, device):      # a frozen policy: safe to read here
+            raise ControlError(f"no device {device!r} in {self.identity.config}; "
+                               "`sip-router registrations` lists the registered devices")
+
+        def remove() -> dict[str, Any]:
+            result = views.unregister(self.core, self.engine, device)
+            self.log.info("registration.removed", device=device, removed=result["removed"], via="control")
+            return result
+        return self.on_loop.call(remove, CONTROL_TIMEOUT)
+
+    # ------------------------------------------------------------------ life cycle
     def run(self) -> int:
         def on_stop(_signum: int, _frame: FrameType | None) -> None:
             self.flags.stop = True
@@ -173,7 +303,7 @@ class Router:
         try:
             self.engine.start()
         except EngineError as exc:
-            self.log.error("router.start.failed", detail=str(exc))
+            self.log.error("router.start.failed", detail=str(exc), **exc.where)
             return EXIT_START_FAILED
         except LayoutMismatch as exc:
             self.log.error("router.layout.mismatch", detail=str(exc))
@@ -182,10 +312,17 @@ class Router:
         # of the cyclic collector's sight so per-packet garbage collections stay cheap.
         gc.collect()
         gc.freeze()
-        trunk = self.policy_state.yaml_policy.trunk
-        self.engine.set_trunk(trunk, self.resolve(trunk) if trunk else None)
+        policy = self.policy_state.yaml_policy
+        self.engine.set_trunk(policy.trunk, self.resolve(policy.trunk) if policy.trunk else None)
+        control = ControlServer(policy.control_socket, self.handlers(), log.get("control"))
+        control.start()                   # without it the router still routes: the failure is logged
+        metrics: MetricsServer | None = None
+        if policy.metrics.enabled:
+            metrics = MetricsServer(registry_for(self.tally, self.engine.stats, self.started_at),
+                                    policy.metrics.address, policy.metrics.port, log.get("metrics"))
+            metrics.start()
         self.log.info("router.started", pid=os.getpid())
-        _notify("READY=1")
+        self.notifier.send("READY=1")
         code = EXIT_OK
         try:
             self.engine.run(lambda: self.flags.stop, self.on_idle)
@@ -194,11 +331,23 @@ class Router:
                            hint="this PJSIP build differs from pjsua2-python==2.15.1.post1")
             code = EXIT_LAYOUT
         finally:                      # also on an unexpected error: write what is pending first
-            _notify("STOPPING=1")
+            self.notifier.send("STOPPING=1")
+            self.on_loop.close()
+            control.close()
+            if metrics is not None:
+                metrics.close()
             self.engine.close()
             self.conn.close()
+            self.notifier.close()
         self.log.info("router.stopped", **self.engine.stats)
         return code
+
+
+def _shown(field: str, value: str | None) -> str | None:
+    """A value as logs may show it: a password hash only as "(set)"."""
+    if field in authz.HIDDEN and value is not None:
+        return "(set)"
+    return value
 
 
 def run(config_path: str) -> int:

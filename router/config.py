@@ -17,11 +17,13 @@ import yaml
 from router.errors import ConfigError, InvalidNumber
 from router.policy.model import (
     CallerIdMode,
+    ControlSettings,
     Device,
     DeviceKind,
     Edge,
     Listen,
     LogSettings,
+    MetricsSettings,
     Policy,
     Queue,
     ReceiveMethod,
@@ -69,16 +71,12 @@ def parse_policy(text: str, filename: str = "<config>") -> Policy:
     try:
         root = yaml.compose(text, Loader=_LOADER)
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark is not None else 1
-        hint = ""
-        lines = text.split("\n")
-        if mark is not None and mark.line < len(lines) and lines[mark.line][mark.column:mark.column + 1] == "\t":
-            hint = " (a tab: YAML indents with spaces only)"
-        raise ConfigError([f"{filename}:{line}: not valid YAML: {exc.problem}{hint}"]) from None
+        raise ConfigError([_yaml_error(text, filename, exc)]) from None
     except yaml.reader.ReaderError as exc:      # a control character, before any token
         line = text[:exc.position].count("\n") + 1
-        raise ConfigError([f"{filename}:{line}: not valid YAML: character {exc.character!r} "
+        column = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
+        code = exc.character if isinstance(exc.character, int) else ord(exc.character)   # libyaml: a number
+        raise ConfigError([f"{filename}:{line}:{column}: not valid YAML: character U+{code:04X} "
                            "is not allowed in the file"]) from None
     if root is None:
         raise ConfigError([f"{filename}:1: the file is empty"])
@@ -90,6 +88,24 @@ def parse_policy(text: str, filename: str = "<config>") -> Policy:
     if problems.lines or policy is None:
         raise ConfigError(problems.lines)
     return policy
+
+
+def _yaml_error(text: str, filename: str, exc: yaml.MarkedYAMLError) -> str:
+    """``file:line:column: not valid YAML: ...``, pointing at a tab when one is the cause:
+    PyYAML and libyaml name a tab in indentation only as a character that "cannot start
+    any token", or mark the token before it."""
+    mark = exc.problem_mark or exc.context_mark
+    if mark is None:
+        return f"{filename}:1: not valid YAML: {exc.problem}"
+    line, column = mark.line, mark.column
+    lines = text.split("\n")
+    here = lines[line] if line < len(lines) else ""
+    indent = here[:len(here) - len(here.lstrip(" \t"))]
+    tab = here[column:column + 1] == "\t" or "\t" in indent or "tab" in (exc.problem or "")
+    if tab and here[column:column + 1] != "\t" and "\t" in indent:
+        column = indent.index("\t")
+    hint = " (a tab: YAML indents with spaces only; replace it with spaces)" if tab else ""
+    return f"{filename}:{line + 1}:{column + 1}: not valid YAML: {exc.problem}{hint}"
 
 
 def _build(top: MapReader, filename: str, problems: Problems) -> Policy | None:
@@ -113,6 +129,8 @@ def _build(top: MapReader, filename: str, problems: Problems) -> Policy | None:
                   for i, n in enumerate(top.list("users")))
     edge = _edge(top.sub("edge"), state_dir, problems)
     web = _web(top.sub("web"), state_dir, problems)
+    metrics = _metrics(top.sub("metrics"), problems)
+    control = _control(top.sub("control"))
     _cross_check(top, users, queues, trunk, routing, problems)
     if edge is not None:
         _check_edge(top, edge, listen, peers, problems)
@@ -121,7 +139,7 @@ def _build(top: MapReader, filename: str, problems: Problems) -> Policy | None:
     return Policy(source=filename, domain=domain, country=country, state_dir=state_dir,
                   database=database, listen=listen, users=users, queues=queues,  # type: ignore[arg-type]
                   trunk=trunk, trusted_peers=peers, routing=routing,  # type: ignore[arg-type]
-                  registrar=registrar, log=log, edge=edge, web=web)
+                  registrar=registrar, log=log, edge=edge, web=web, metrics=metrics, control=control)
 
 
 def _listen(node: yaml.Node, path: str, problems: Problems) -> Listen | None:
@@ -512,6 +530,26 @@ def _web(m: MapReader | None, state_dir: str, problems: Problems) -> WebSettings
         max_login_failures=m.number("max_login_failures", d.max_login_failures, integer=True, minimum=1),
         address_failures_per_minute=m.number("address_failures_per_minute", d.address_failures_per_minute,
                                              integer=True, minimum=1))
+    m.done()
+    return result
+
+
+def _metrics(m: MapReader | None, problems: Problems) -> MetricsSettings:
+    if m is None or not m.ok:
+        return MetricsSettings()
+    d = MetricsSettings()
+    result = MetricsSettings(
+        enabled=m.choice("enabled", ["true", "false", "yes", "no", "on", "off"], "true") in ("true", "yes", "on"),
+        address=_ip(m, "address", d.address, problems),
+        port=m.number("port", d.port, integer=True, minimum=1, maximum=65535))
+    m.done()
+    return result
+
+
+def _control(m: MapReader | None) -> ControlSettings:
+    if m is None or not m.ok:
+        return ControlSettings()
+    result = ControlSettings(socket=m.str("socket", ControlSettings.socket))
     m.done()
     return result
 

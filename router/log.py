@@ -2,17 +2,51 @@
 
 Under systemd stdout is the journal, not a TTY, so the router logs one JSON
 object per line there; an operator at a terminal gets readable colour lines.
+
+When the output *is* the journal -- ``JOURNAL_STREAM`` names the device and
+inode of the stream systemd connected, and they match ours -- each line starts
+with its sd-daemon priority (``<3>`` error, ``<4>`` warning, ``<6>`` info,
+``<7>`` debug), so ``journalctl -p err -u sip-router`` shows the errors.  The
+device and inode are compared, not merely the variable's presence: a process
+started from a unit inherits ``JOURNAL_STREAM`` even when its output goes to a
+pipe or a file, where a ``<6>`` would be noise.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from collections.abc import Mapping
 
 import structlog
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO,
            "warning": logging.WARNING, "error": logging.ERROR}
+# sd-daemon(3) priorities, by the level structlog's add_log_level writes.
+PRIORITIES = {"critical": 2, "exception": 3, "error": 3, "warning": 4, "warn": 4,
+              "info": 6, "debug": 7}
+
+
+def is_journal(stream: object, environ: Mapping[str, str] = os.environ) -> bool:
+    """Is ``stream`` the journal stream systemd gave this process?"""
+    expected = environ.get("JOURNAL_STREAM", "")
+    device, _, inode = expected.partition(":")
+    if not (device.isdigit() and inode.isdigit()):
+        return False
+    try:
+        st = os.fstat(stream.fileno())  # type: ignore[attr-defined]
+    except (AttributeError, OSError, ValueError):
+        return False
+    return (st.st_dev, st.st_ino) == (int(device), int(inode))
+
+
+def _with_priority(renderer: structlog.typing.Processor) -> structlog.typing.Processor:
+    def render(logger: object, method_name: str, event_dict: structlog.typing.EventDict) -> str:
+        priority = PRIORITIES.get(str(event_dict.get("level", method_name)), 6)
+        line = renderer(logger, method_name, event_dict)
+        return f"<{priority}>" + (line.decode() if isinstance(line, bytes) else str(line))
+    return render
 
 
 def configure(level: str = "info", fmt: str = "auto", stream: object = None) -> None:
@@ -21,6 +55,8 @@ def configure(level: str = "info", fmt: str = "auto", stream: object = None) -> 
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer() if use_json
         else structlog.dev.ConsoleRenderer(colors=getattr(out, "isatty", lambda: False)()))
+    if is_journal(out):
+        renderer = _with_priority(renderer)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

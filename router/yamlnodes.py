@@ -1,14 +1,16 @@
 """Reading a composed YAML node tree with file:line errors.
 
 ``yaml.compose`` keeps every node's position.  ``MapReader`` walks a mapping
-node, converts values, and records each problem as ``file:line: path: message``
-instead of stopping at the first, so an operator sees every mistake at once.
-Keys nobody asked for are reported as unknown: a typo must not pass silently.
+node, converts values, and records each problem as ``file:line:column: path: message``
+instead of stopping at the first, so an operator sees every mistake at once, in the
+order of the file.  Keys nobody asked for are reported as unknown, with the closest
+known key: a typo must not pass silently.
 """
 
 from __future__ import annotations
 
 import builtins
+import difflib
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -20,16 +22,25 @@ _MISSING = object()
 
 
 class Problems:
-    """Collects ``file:line: path: message`` lines."""
+    """Collects ``file:line:column: path: message`` lines (``file:1:`` when no node is known)."""
 
     def __init__(self, filename: str) -> None:
         self.filename = filename
-        self.lines: list[str] = []
+        self._found: list[tuple[int, int, str]] = []
 
     def add(self, node: yaml.Node | None, path: str, message: str) -> None:
-        line = node.start_mark.line + 1 if node is not None else 1
         where = f"{path}: " if path else ""
-        self.lines.append(f"{self.filename}:{line}: {where}{message}")
+        if node is None:
+            self._found.append((1, 0, f"{self.filename}:1: {where}{message}"))
+            return
+        line, column = node.start_mark.line + 1, node.start_mark.column + 1
+        self._found.append((line, column, f"{self.filename}:{line}:{column}: {where}{message}"))
+
+    @property
+    def lines(self) -> list[str]:
+        """Every problem in the order of the file (checks run section by section, so
+        they are found out of order); problems at one place keep the order found."""
+        return [text for _, _, text in sorted(self._found, key=lambda found: found[:2])]
 
 
 def scalar_text(node: yaml.Node) -> str | None:
@@ -153,5 +164,8 @@ class MapReader:
         for key, (key_node, _) in self.items.items():
             if key not in self.used:
                 known = ", ".join(sorted(self.used))
+                lowered = {k.lower(): k for k in self.used}      # `Domain` is a typo of `domain` too
+                close = difflib.get_close_matches(key.lower(), sorted(lowered), n=1)
+                guess = f"; did you mean {lowered[close[0]]!r}?" if close else ""
                 self.problems.add(key_node, self._sub(key),
-                                  f"unknown key (known here: {known})")
+                                  f"unknown key{guess} (known here: {known})")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import os.path
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -224,6 +225,23 @@ class LogSettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    """The Prometheus endpoint the router serves from its own thread (``/metrics``)."""
+
+    enabled: bool = True
+    address: str = "127.0.0.1"
+    port: int = 9060
+
+
+@dataclass(frozen=True)
+class ControlSettings:
+    """The control socket that ``sip-router status``, ``calls --live``, ``unregister``
+    and ``reload`` talk to."""
+
+    socket: str = "control.sock"           # relative to state_dir, or absolute
+
+
+@dataclass(frozen=True)
 class Policy:
     """The whole validated configuration, as loaded from one YAML file."""
 
@@ -242,6 +260,13 @@ class Policy:
     log: LogSettings = field(default_factory=LogSettings)
     edge: Edge | None = None
     web: WebSettings = field(default_factory=WebSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    control: ControlSettings = field(default_factory=ControlSettings)
+
+    @property
+    def control_socket(self) -> str:
+        """Where the running router serves its control socket."""
+        return os.path.join(self.state_dir, self.control.socket)
 
     # Lookups are indexed once; the policy is immutable, so the index never goes stale.
     @cached_property

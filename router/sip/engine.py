@@ -13,9 +13,12 @@ Running the Python core over a batch, instead of once inside each callback,
 keeps the interpreter's caches warm: measured, it
 raised the registrations a second with digest from about 2,000 to about 3,800.
 Other threads never call pjsua2: they put callables on ``self.inbox`` and the
-loop runs them between polls.  Signal handlers only set flags; the loop looks
-at them.  Every SWIG object (endpoint, log writer, transports) is owned here
-and released in ``close`` in reverse order.
+loop runs them between polls (the control socket's commands come this way).
+Every message and command is also counted in ``self.tally`` -- plain ints, no
+lock -- which the metrics thread reads when scraped (``router.metrics``).
+Signal handlers only set flags; the loop looks at them.  Every SWIG object
+(endpoint, log writer, transports) is owned here and released in ``close`` in
+reverse order.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import pjsua2 as pj
 
 from router import log
 from router.errors import MalformedMessage, RouterError
+from router.metrics import Tally
 from router.policy.model import Listen, Trunk
 from router.sip.commands import Command, Log, SaveBindings, SaveCall, Send, Source
 from router.sip.commit import FLUSH_INTERVAL, GroupCommit
@@ -99,16 +103,25 @@ class PjLogWriter(pj.LogWriter):  # type: ignore[misc]
 
 
 class TrunkAccount(pj.Account):  # type: ignore[misc]
-    """The router's registration to the PSTN trunk (a pjsua2 Account: what it is for)."""
+    """The router's registration to the PSTN trunk (a pjsua2 Account: what it is for).
 
-    def __init__(self) -> None:
+    ``registered`` and ``detail`` are what ``sip-router status`` and the trunk gauge
+    show: None until the trunk first answers."""
+
+    def __init__(self, registrar: str) -> None:
         super().__init__()
         self.log = log.get("trunk")
+        self.registrar = registrar
+        self.registered: bool | None = None
+        self.detail = f"registering at {registrar}"
 
     def onRegState(self, prm: Any) -> None:
-        level = "info" if prm.code // 100 == 2 else "warning"
-        getattr(self.log, level)("trunk.registration", code=prm.code, reason=prm.reason,
-                                 expires=prm.expiration)
+        ok = prm.code // 100 == 2
+        self.registered = ok and prm.expiration > 0
+        self.detail = f"{prm.code} {prm.reason} from {self.registrar}" + (
+            f", expires in {prm.expiration} s" if self.registered else "")
+        getattr(self.log, "info" if ok else "warning")("trunk.registration", code=prm.code, reason=prm.reason,
+                                                       expires=prm.expiration, registrar=self.registrar)
 
 
 def trunk_account_config(trunk: Trunk, address: tuple[str, int]) -> Any:
@@ -124,15 +137,21 @@ def trunk_account_config(trunk: Trunk, address: tuple[str, int]) -> Any:
 
 
 class EngineError(RouterError):
-    """PJSIP refused to start (port in use, bad address...)."""
+    """PJSIP refused to start (port in use, bad address...); ``where`` names the
+    listener that failed, for the log line."""
+
+    def __init__(self, detail: str, where: dict[str, object] | None = None) -> None:
+        super().__init__(detail)
+        self.where = where or {}
 
 
 class Engine:
     def __init__(self, listen: tuple[Listen, ...], core: SipCore, store: BindingWriter,
-                 calls: CallWriter, pj_log_level: int = 2) -> None:
+                 calls: CallWriter, pj_log_level: int = 2, tally: Tally | None = None) -> None:
         self.listen = listen
         self.core = core
         self.store = store
+        self.tally = tally if tally is not None else Tally()     # counted here, scraped elsewhere
         self.log = log.get("sip")
         self.inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self.held_by_device: dict[str, set[int]] = {}
@@ -181,7 +200,11 @@ class Engine:
             kind = pj.PJSIP_TRANSPORT_TCP if item.transport == "tcp" else pj.PJSIP_TRANSPORT_UDP
             if ":" in item.address:
                 kind = pj.PJSIP_TRANSPORT_TCP6 if item.transport == "tcp" else pj.PJSIP_TRANSPORT_UDP6
-            self.transports.append(self.ep.transportCreate(kind, tc))
+            try:
+                self.transports.append(self.ep.transportCreate(kind, tc))
+            except pj.Error as exc:       # the one error an operator meets most: name the address
+                raise EngineError(exc.info(), {"address": item.address, "port": item.port,
+                                               "transport": item.transport}) from None
             if item.transport == "udp":
                 sock = _find_udp_socket(item.address, item.port)
                 if sock is not None:
@@ -206,13 +229,21 @@ class Engine:
         self.trunk = wanted
         if wanted is None:
             return
-        account = TrunkAccount()
+        host, port = address or (wanted.host, wanted.port)
+        account = TrunkAccount(f"{host}:{port}")
         try:
-            account.create(trunk_account_config(wanted, address or (wanted.host, wanted.port)))
+            account.create(trunk_account_config(wanted, (host, port)))
         except pj.Error as exc:
-            self.log.error("trunk.registration.failed", detail=exc.info())
+            self.log.error("trunk.registration.failed", address=host, port=port, transport=wanted.transport,
+                           detail=exc.info())
             return
         self.account = account
+
+    def trunk_state(self) -> tuple[bool | None, str]:
+        """Registered to the trunk?  None with why when there is no answer to give."""
+        if self.account is None:
+            return None, "no trunk registration configured" if self.trunk is None else "registration failed"
+        return self.account.registered, self.account.detail
 
     def close(self) -> None:
         self.commit.flush(time.time(), force=True)
@@ -293,6 +324,7 @@ class Engine:
         source = Source(packet.host, packet.port, packet.transport, packet.conn)
         handler = self.core.on_response if is_response else self.core.on_request
         self.stats["responses" if is_response else "requests"] += 1
+        self.tally.received(packet.data)
         try:
             commands = handler(packet.data, source, time.time())
         except Exception:   # noqa: BLE001 -- one bad message must not stop the router
@@ -316,15 +348,19 @@ class Engine:
             elif isinstance(command, SaveBindings):
                 self.commit.save(command)
                 self._hold_connections(command)
+                self.tally.bindings_saved(command)
             elif isinstance(command, SaveCall):
                 self.commit.save_call(command.record)
+                self.tally.call_saved(command.record)
             elif isinstance(command, Log):
+                self.tally.event(command)
                 getattr(self.log, command.level)(command.event, **dict(command.fields))
 
     def _dispatch(self, command: Send) -> None:
         status = self._send(command)
         if status == 0:
             self.stats["sent"] += 1
+            self.tally.sent(command.data)
         else:
             self.stats["send_errors"] += 1
             if status > 0 and self.module is not None:
@@ -356,7 +392,8 @@ class Engine:
                     sock.sendto(command.data, (command.host, command.port))
                     return 0
                 except OSError as exc:
-                    self.log.debug("sip.send.direct_failed", detail=str(exc))
+                    self.log.debug("sip.send.direct_failed", host=command.host, port=command.port,
+                                   detail=str(exc))
         assert self.module is not None
         return self.module.send(command.data, command.host, command.port,
                                 command.transport, command.conn)

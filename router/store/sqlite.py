@@ -5,6 +5,10 @@ YAML observations that decide precedence, registrations, and call records.
 WAL mode lets the CLI read and write while the router runs.  A database that
 cannot be opened, read or written is a ``StateError`` naming the file and why
 (the router exits with its own status; the CLI prints one line).
+
+The file carries its schema version in ``PRAGMA user_version``; opening it runs the
+migrations it lacks, in order, in one transaction.  A file made by a newer sip-router
+is refused rather than guessed at.
 """
 
 from __future__ import annotations
@@ -12,38 +16,16 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import struct
 import time
-from collections.abc import Iterable
+import urllib.parse
+from collections.abc import Callable, Iterable
 
 from router.errors import RouterError
 from router.policy.effective import FIELDS, Change, Key, yaml_value
 from router.policy.model import Binding, DeviceKind, Policy
 from router.records import CallRecord
 from router.store.interfaces import DeviceBindings
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS yaml_values (
-    user_id TEXT NOT NULL, field TEXT NOT NULL, value TEXT, seen_at REAL NOT NULL,
-    PRIMARY KEY (user_id, field));
-CREATE TABLE IF NOT EXISTS changes (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, user_id TEXT NOT NULL, field TEXT NOT NULL,
-    old TEXT, new TEXT, actor TEXT NOT NULL, via TEXT NOT NULL, at REAL NOT NULL);
-CREATE INDEX IF NOT EXISTS changes_user ON changes (user_id, field, id);
-CREATE TABLE IF NOT EXISTS bindings (
-    user_id TEXT NOT NULL, device_id TEXT NOT NULL, kind TEXT NOT NULL, contact TEXT NOT NULL,
-    expires_at REAL NOT NULL, q REAL NOT NULL, call_id TEXT NOT NULL, cseq INTEGER NOT NULL,
-    source_host TEXT NOT NULL, source_port INTEGER NOT NULL, transport TEXT NOT NULL,
-    user_agent TEXT NOT NULL, registered_at REAL NOT NULL, instance TEXT NOT NULL,
-    path TEXT NOT NULL DEFAULT '', flow TEXT NOT NULL DEFAULT '', client TEXT NOT NULL DEFAULT '',
-    at_contact INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (device_id, contact));
-CREATE TABLE IF NOT EXISTS calls (
-    call_id TEXT PRIMARY KEY, caller TEXT, user_id TEXT, queue_id TEXT, method TEXT,
-    branches TEXT, answered_by TEXT, status INTEGER, reason TEXT,
-    started_at REAL, answered_at REAL, ended_at REAL);
-CREATE INDEX IF NOT EXISTS calls_user ON calls (user_id, started_at);
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
-"""
 
 
 class StateError(RouterError):
@@ -55,6 +37,13 @@ class StateError(RouterError):
         super().__init__(f"state database {path}: {reason}")
 
 
+class MissingDatabase(StateError):
+    """There is no state database at the path (only the router and the web app create one)."""
+
+    def __init__(self, path: str, reason: str = "no such file") -> None:
+        super().__init__(path, reason)
+
+
 def describe(exc: BaseException) -> str:
     """A one-line reason for an OS or SQLite error, for a person to act on."""
     if isinstance(exc, OSError):
@@ -63,10 +52,89 @@ def describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def connect(path: str, *, durable: bool = False, busy_timeout: float = 10.0,
-            check_writable: bool = False) -> sqlite3.Connection:
-    """Open (and create) the state database at ``path``; raise ``StateError``.
+NOT_A_DATABASE = ("file is not a database: restore it from a backup, or move it aside and the router "
+                  "starts a new, empty one (without the run-time changes, audit and registrations)")
+_MAGIC = b"SQLite format 3\x00"       # the first 16 bytes of every SQLite database file
 
+
+# ------------------------------------------------------------------ schema versions
+# Each step takes the database from version i to i + 1 (the step at index 0 makes version 1).
+# A database made before versions were recorded says 0 and may already hold part of what
+# the steps make, so every step tolerates finding its work done.  Append new steps; never
+# edit one that has shipped.
+
+def _v1_first_release(conn: sqlite3.Connection) -> None:
+    for statement in (
+        """CREATE TABLE IF NOT EXISTS yaml_values (
+            user_id TEXT NOT NULL, field TEXT NOT NULL, value TEXT, seen_at REAL NOT NULL,
+            PRIMARY KEY (user_id, field))""",
+        """CREATE TABLE IF NOT EXISTS changes (
+            id INTEGER PRIMARY KEY AUTOINCREMENT, user_id TEXT NOT NULL, field TEXT NOT NULL,
+            old TEXT, new TEXT, actor TEXT NOT NULL, via TEXT NOT NULL, at REAL NOT NULL)""",
+        "CREATE INDEX IF NOT EXISTS changes_user ON changes (user_id, field, id)",
+        """CREATE TABLE IF NOT EXISTS bindings (
+            user_id TEXT NOT NULL, device_id TEXT NOT NULL, kind TEXT NOT NULL, contact TEXT NOT NULL,
+            expires_at REAL NOT NULL, q REAL NOT NULL, call_id TEXT NOT NULL, cseq INTEGER NOT NULL,
+            source_host TEXT NOT NULL, source_port INTEGER NOT NULL, transport TEXT NOT NULL,
+            user_agent TEXT NOT NULL, registered_at REAL NOT NULL, instance TEXT NOT NULL,
+            PRIMARY KEY (device_id, contact))""",
+        """CREATE TABLE IF NOT EXISTS calls (
+            call_id TEXT PRIMARY KEY, caller TEXT, user_id TEXT, queue_id TEXT, method TEXT,
+            branches TEXT, answered_by TEXT, status INTEGER, reason TEXT,
+            started_at REAL, answered_at REAL, ended_at REAL)""",
+        "CREATE INDEX IF NOT EXISTS calls_user ON calls (user_id, started_at)",
+    ):
+        conn.execute(statement)
+
+
+def _v2_meta(conn: sqlite3.Connection) -> None:
+    conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+
+
+def _v3_binding_routes(conn: sqlite3.Connection) -> None:
+    """How a binding is reached: the edge's Path, its flow and client, and whether its
+    Contact is used as written.  Old rows take the defaults (reached at their source)."""
+    present = {row[1] for row in conn.execute("PRAGMA table_info(bindings)")}
+    for column, definition in (("path", "TEXT NOT NULL DEFAULT ''"), ("flow", "TEXT NOT NULL DEFAULT ''"),
+                               ("client", "TEXT NOT NULL DEFAULT ''"),
+                               ("at_contact", "INTEGER NOT NULL DEFAULT 0")):
+        if column not in present:
+            conn.execute(f"ALTER TABLE bindings ADD COLUMN {column} {definition}")
+
+
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
+    _v1_first_release, _v2_meta, _v3_binding_routes)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def _too_new(version: int) -> str:
+    return (f"schema version {version} was written by a newer sip-router (this one knows up to "
+            f"{SCHEMA_VERSION}): run that version, or restore a copy of the database it had")
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring the database to ``SCHEMA_VERSION``; ``ValueError`` if it is newer."""
+    if int(conn.execute("PRAGMA user_version").fetchone()[0]) == SCHEMA_VERSION:
+        return
+    # One write transaction for every step (not executescript, which commits first): a
+    # crash or another process opening the file at once sees the old version or the new.
+    with conn:
+        conn.execute("BEGIN IMMEDIATE")
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])   # another process may have won
+        if version > SCHEMA_VERSION:
+            raise ValueError(_too_new(version))
+        for step in MIGRATIONS[version:]:
+            step(conn)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+def connect(path: str, *, durable: bool = False, busy_timeout: float = 10.0,
+            check_writable: bool = False, create: bool = True) -> sqlite3.Connection:
+    """Open the state database at ``path`` and bring its schema up to date; raise ``StateError``.
+
+    ``create``: make the file (and its directory) when missing; the router and the web app
+    do, the CLI does not (``MissingDatabase``), so a wrong ``-c`` cannot leave a fresh empty
+    database behind that the running router never reads.
     ``durable``: every commit is synced to disk (``synchronous=FULL``), so a
     commit survives a power cut, not only a crash of the process; the router
     commits in groups (one every 50 ms at most), so the sync is paid per group.
@@ -75,16 +143,26 @@ def connect(path: str, *, durable: bool = False, busy_timeout: float = 10.0,
     ``busy_timeout``: how long a write waits for another writer's lock.
     """
     try:
-        directory = os.path.dirname(path)
-        if directory:
-            os.makedirs(directory, exist_ok=True)
         if os.path.isdir(path):
             raise StateError(path, "is a directory, not a database file")
-        conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
+        if create:
+            directory = os.path.dirname(path)
+            if directory:
+                os.makedirs(directory, exist_ok=True)
+            target = path
+        elif not os.path.exists(path):
+            raise MissingDatabase(path)
+        else:
+            # mode=rw: should the file vanish between the check and here, SQLite must not make a new one
+            target = f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=rw"
+        conn = sqlite3.connect(target, timeout=busy_timeout, isolation_level=None, check_same_thread=False,
+                               uri=not create)
         try:
+            if not create and conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0 \
+                    and int(conn.execute("PRAGMA user_version").fetchone()[0]) == 0:
+                raise MissingDatabase(path, "the file is empty, not a database the router made")
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-            conn.executescript(SCHEMA)
             _migrate(conn)
             if check_writable:
                 with conn:
@@ -94,30 +172,39 @@ def connect(path: str, *, durable: bool = False, busy_timeout: float = 10.0,
         except BaseException:
             conn.close()
             raise
+    except ValueError as exc:
+        raise StateError(path, str(exc)) from None
     except (OSError, sqlite3.Error) as exc:
-        raise StateError(path, describe(exc)) from None
+        reason = describe(exc)
+        raise StateError(path, NOT_A_DATABASE if reason == "file is not a database" else reason) from None
     return conn
 
 
-# Columns added since the first release: (table, column, definition).  A database made by
-# an older version gains them on open; old rows take the defaults (reached at their source).
-_ADDED_COLUMNS = (
-    ("bindings", "path", "TEXT NOT NULL DEFAULT ''"),
-    ("bindings", "flow", "TEXT NOT NULL DEFAULT ''"),
-    ("bindings", "client", "TEXT NOT NULL DEFAULT ''"),
-    ("bindings", "at_contact", "INTEGER NOT NULL DEFAULT 0"),
-)
+def probe(path: str) -> int | None:
+    """The schema version of the database at ``path`` read from its header, or None when
+    there is no file yet; ``StateError`` when it is not a database this code can use.
 
-
-def _migrate(conn: sqlite3.Connection) -> None:
-    for table, column, definition in _ADDED_COLUMNS:
-        present = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
-        if column not in present:
-            try:
-                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
-            except sqlite3.OperationalError as exc:
-                if "duplicate column" not in str(exc):
-                    raise       # else another process (the CLI, the router) added it first
+    Reads 100 bytes and never opens the file with SQLite: opening a WAL database, even
+    read-only, leaves -wal/-shm files owned by whoever ran the command (root, say),
+    which the router's own user could then not write.
+    """
+    try:
+        with open(path, "rb") as handle:
+            header = handle.read(100)
+    except FileNotFoundError:
+        return None
+    except IsADirectoryError:
+        raise StateError(path, "is a directory, not a database file") from None
+    except OSError as exc:
+        raise StateError(path, describe(exc)) from None
+    if not header:
+        raise StateError(path, "the file is empty, not a database the router made")
+    if len(header) < 100 or not header.startswith(_MAGIC):
+        raise StateError(path, NOT_A_DATABASE)
+    version = int(struct.unpack(">I", header[60:64])[0])
+    if version > SCHEMA_VERSION:
+        raise StateError(path, _too_new(version))
+    return version
 
 
 def _settle(conn: sqlite3.Connection) -> None:

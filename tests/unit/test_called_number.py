@@ -24,6 +24,7 @@ from router.sip.commands import Send, Source
 from router.sip.core import SipCore
 from router.sip.forward import Local
 from router.sip.message import SipMessage, parse
+from router.store.sqlite import connect
 
 from .conftest import BASE
 from .test_decide import with_method
@@ -200,6 +201,7 @@ def test_a_pbx_call_to_an_unknown_or_odd_number_uses_the_default_queue_hotline(c
 def config(tmp_path):
     path = tmp_path / "router.yaml"
     path.write_text(textwrap.dedent(BASE).format(state_dir=tmp_path))
+    connect(str(tmp_path / "router.db")).close()        # the CLI opens the router's database, never makes one
     return str(path)
 
 

@@ -8,6 +8,7 @@ import textwrap
 import pytest
 
 from router.cli import main
+from router.store.sqlite import connect
 
 from .conftest import BASE
 
@@ -16,6 +17,7 @@ from .conftest import BASE
 def config(tmp_path):
     path = tmp_path / "router.yaml"
     path.write_text(textwrap.dedent(BASE).format(state_dir=tmp_path))
+    connect(str(tmp_path / "router.db")).close()        # as the router makes it when it starts
     return str(path)
 
 
@@ -37,9 +39,10 @@ def test_check_lists_every_error_with_file_and_line_and_fails(capsys, config, tm
     code, _, err = run(capsys, "check", str(bad))
     assert code == 2
     assert "configuration has 2 error(s)" in err
-    assert f"{bad}:21: users[0].devices[2].kind: 'browser'" in err
-    assert (f"{bad}:25: users[1].agent_phone: '0987654321' starts with the trunk prefix 0; "
+    assert f"{bad}:21:29: users[0].devices[2].kind: 'browser'" in err
+    assert (f"{bad}:25:18: users[1].agent_phone: '0987654321' starts with the trunk prefix 0; "
             "write it as 84987654321") in err
+    assert err.index(":21:29:") < err.index(":25:18:")
 
 
 def test_an_admin_sets_an_agents_method_and_the_audit_shows_it(capsys, config):

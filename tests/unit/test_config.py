@@ -55,26 +55,26 @@ def test_a_good_file_loads_into_frozen_dataclasses():
 def test_an_invalid_agent_phone_names_file_line_and_the_fix():
     text = GOOD.replace('agent_phone: "84912345678"', 'agent_phone: "0912345678"')
     assert problems(text) == [
-        "router.yaml:10: users[0].agent_phone: '0912345678' starts with the trunk prefix 0; "
+        "router.yaml:10:18: users[0].agent_phone: '0912345678' starts with the trunk prefix 0; "
         "write it as 84912345678"]
 
 
 def test_an_unknown_key_is_an_error_with_its_line():
     text = GOOD.replace("    receive_method: ip_phone", "    recieve_method: ip_phone")
     (line,) = problems(text)
-    assert line.startswith("router.yaml:9: users[0].recieve_method: unknown key")
+    assert line.startswith("router.yaml:9:5: users[0].recieve_method: unknown key; did you mean 'receive_method'?")
 
 
 def test_an_unknown_receive_method_lists_the_valid_ones():
     (line,) = problems(GOOD.replace("receive_method: ip_phone", "receive_method: phone"))
-    assert line.startswith("router.yaml:9: users[0].receive_method: 'phone' is not one of: all_devices")
+    assert line.startswith("router.yaml:9:21: users[0].receive_method: 'phone' is not one of: all_devices")
 
 
 def test_every_error_is_reported_at_once():
     text = GOOD.replace("kind: ip_phone", "kind: desk").replace('hotline: "842873001234"', "hotline: 123")
     found = problems(text)
-    assert any(p.startswith("router.yaml:5: queues[0].hotline:") for p in found)
-    assert any(p.startswith("router.yaml:14: users[0].devices[0].kind: 'desk'") for p in found)
+    assert any(p.startswith("router.yaml:5:14: queues[0].hotline:") for p in found)
+    assert any(p.startswith("router.yaml:14:15: users[0].devices[0].kind: 'desk'") for p in found)
 
 
 def test_duplicate_ids_extensions_and_usernames_are_errors():
@@ -84,22 +84,22 @@ def test_duplicate_ids_extensions_and_usernames_are_errors():
         "    devices:\n"
         "      - {id: lan-desk, kind: app, password: x}\n")
     assert problems(text) == [
-        "router.yaml:16: users[1]: user id or extension '1001' is already used by users[0]",
-        "router.yaml:16: users[1]: device id 'lan-desk' is already used by users[0]",
-        "router.yaml:16: users[1]: device username 'lan-desk' is already used by users[0]",
+        "router.yaml:16:5: users[1]: user id or extension '1001' is already used by users[0]",
+        "router.yaml:16:5: users[1]: device id 'lan-desk' is already used by users[0]",
+        "router.yaml:16:5: users[1]: device username 'lan-desk' is already used by users[0]",
     ]
 
 
 def test_a_duplicate_yaml_key_is_an_error():
     found = problems(GOOD.replace("    extension: \"1001\"\n", "    extension: \"1001\"\n    extension: \"1002\"\n"))
-    assert found == ["router.yaml:9: users[0].extension: duplicate key"]
+    assert found == ["router.yaml:9:5: users[0].extension: duplicate key"]
 
 
 def test_agent_phone_without_a_number_is_a_configuration_error():
     text = GOOD.replace("receive_method: ip_phone", "receive_method: agent_phone").replace(
         '    agent_phone: "84912345678"\n', "")
     (line,) = problems(text)
-    assert line.startswith("router.yaml:7: users[0].agent_phone: user 'lan' may ring agent_phone")
+    assert line.startswith("router.yaml:7:5: users[0].agent_phone: user 'lan' may ring agent_phone")
 
 
 def test_a_fallback_to_agent_phone_needs_a_trunk():
@@ -110,17 +110,17 @@ def test_a_fallback_to_agent_phone_needs_a_trunk():
 
 def test_ring_timeout_has_a_minimum_of_3_seconds():
     (line,) = problems(GOOD.replace('hotline: "842873001234"', 'hotline: "842873001234"\n    ring_timeout: 2'))
-    assert line == "router.yaml:6: queues[0].ring_timeout: must be at least 3, not 2"
+    assert line == "router.yaml:6:19: queues[0].ring_timeout: must be at least 3, not 2"
 
 
 def test_a_device_needs_a_password_or_ha1():
     (line,) = problems(GOOD.replace("        password: secret\n", ""))
-    assert line.startswith("router.yaml:13: users[0].devices[0]: needs a password or an ha1")
+    assert line.startswith("router.yaml:13:9: users[0].devices[0]: needs a password or an ha1")
 
 
 def test_an_unknown_default_queue_is_an_error():
     (line,) = problems(GOOD.replace("default_queue: q1", "default_queue: q9"))
-    assert line == "router.yaml:7: users[0].default_queue: no queue with id 'q9'"
+    assert line == "router.yaml:7:5: users[0].default_queue: no queue with id 'q9'"
 
 
 def test_broken_yaml_names_the_line():
@@ -130,7 +130,7 @@ def test_broken_yaml_names_the_line():
 
 def test_a_trusted_peer_must_be_an_address_or_network():
     (line,) = problems(GOOD + "trusted_peers:\n  - address: pbx.example\n")
-    assert line.startswith("router.yaml:17: trusted_peers[0].address: 'pbx.example' is not an address")
+    assert line.startswith("router.yaml:17:14: trusted_peers[0].address: 'pbx.example' is not an address")
 
 
 def test_an_unreadable_file_is_a_config_error(tmp_path):
@@ -149,7 +149,7 @@ def test_a_trunk_found_by_srv_takes_its_nameserver_and_names_no_port_in_uris():
 def test_a_bad_nameserver_is_an_error():
     (line,) = problems(GOOD.replace("trunk: {address: 127.0.0.1}",
                                     "trunk: {address: carrier.test, nameserver: dns.example}"))
-    assert line == "router.yaml:2: trunk.nameserver: 'dns.example' is not an IP address with an optional :port"
+    assert line == "router.yaml:2:44: trunk.nameserver: 'dns.example' is not an IP address with an optional :port"
 
 
 def test_a_file_that_is_not_utf8_is_refused_with_its_line_and_column(tmp_path):
@@ -163,10 +163,67 @@ def test_a_file_that_is_not_utf8_is_refused_with_its_line_and_column(tmp_path):
 def test_a_control_character_or_a_tab_is_refused_with_its_line_and_a_hint(tmp_path):
     with pytest.raises(ConfigError) as err:
         parse_policy("domain: pbx.test\nusers:\x00 []\n", "r.yaml")
-    assert err.value.problems[0].startswith("r.yaml:2: not valid YAML: character")
+    assert err.value.problems == ["r.yaml:2:7: not valid YAML: character U+0000 is not allowed in the file"]
     with pytest.raises(ConfigError) as err:
         parse_policy("domain: pbx.test\nusers:\n\t- id: a\n", "r.yaml")
     assert err.value.problems[0].startswith("r.yaml:3:") and "indents with spaces" in err.value.problems[0]
+
+
+@pytest.mark.parametrize("text, where", [
+    ("domain: pbx.test\nusers:\n  - id: a\n\t  kind: x\n", "r.yaml:4:1:"),      # a tab before spaces
+    ("domain: pbx.test\nusers:\n  - id: a\n  \t  devices: []\n", "r.yaml:4:3:"),  # a tab after spaces
+    ("x:\n  - a\n  -\tb: 1\n", "r.yaml:3:4:"),                               # a tab after the dash
+])
+def test_a_tab_is_pointed_at_by_line_and_column_with_what_to_do(text, where):
+    with pytest.raises(ConfigError) as err:
+        parse_policy(text, "r.yaml")
+    (line,) = err.value.problems
+    assert line.startswith(where) and "YAML indents with spaces only; replace it with spaces" in line
+
+
+def test_yaml_that_is_broken_without_a_tab_gets_no_tab_hint():
+    with pytest.raises(ConfigError) as err:
+        parse_policy("domain: pbx.test\nusers: a: b\n", "r.yaml")
+    (line,) = err.value.problems
+    assert line.startswith("r.yaml:2:9: not valid YAML:") and "tab" not in line
+
+
+def test_errors_come_in_the_order_of_the_file_whatever_order_they_are_checked_in():
+    # the users are checked before the cross-checks and the edge, the queues before the users:
+    # a problem low in the file is found first, one high in the file last
+    text = GOOD.replace("default_queue: q1", "default_queue: q9").replace("kind: ip_phone", "kind: desk") \
+        .replace('hotline: "842873001234"', "hotline: 123") + "routing: {ring_timeout: 1}\n"
+    found = problems(text)
+    places = [tuple(int(n) for n in p.split(":")[1:3]) for p in found]
+    assert places == sorted(places) and len(found) == 4
+    assert [p.split(": ")[1] for p in found] == [
+        "queues[0].hotline", "users[0].default_queue", "users[0].devices[0].kind", "routing.ring_timeout"]
+
+
+@pytest.mark.parametrize("typo, meant", [
+    ("recieve_method", "receive_method"), ("Extension", "extension"), ("fallbak", "fallback"),
+])
+def test_an_unknown_key_suggests_the_key_it_is_closest_to(typo, meant):
+    (line,) = problems(GOOD.replace("    extension: \"1001\"\n", f"    {typo}: \"1001\"\n"))
+    assert f"users[0].{typo}: unknown key; did you mean {meant!r}?" in line
+
+
+def test_an_unknown_key_like_nothing_known_gets_no_guess():
+    (line,) = problems(GOOD.replace("    extension: \"1001\"\n", "    extension: \"1001\"\n    zzz: x\n"))
+    assert "users[0].zzz: unknown key (known here:" in line and "did you mean" not in line
+
+
+def test_the_example_ha1_is_the_md5_its_comment_names():
+    import re
+
+    from router.sip.digest import ha1
+    text = open("config/router.yaml", encoding="utf-8").read()
+    value, username, realm, password = re.search(
+        r'ha1: ([0-9a-f]{32}) +# md5\("([^:]+):([^:]+):([^"]+)"\)', text).groups()
+    policy = load_policy("config/router.yaml")
+    device = next(d for u in policy.users for d in u.devices if d.ha1_md5 is not None)
+    assert (username, realm) == (device.auth_username, policy.domain)
+    assert ha1("MD5", username, realm, password) == value == device.ha1_md5
 
 
 # ---------------------------------------------------------------------------- the edge section

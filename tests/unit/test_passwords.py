@@ -73,6 +73,7 @@ def test_a_later_yaml_password_wins_over_an_older_run_time_one(state, make_polic
 def test_set_password_reads_stdin_and_audit_shows_only_that_it_was_set(capsys, tmp_path, monkeypatch):
     path = tmp_path / "router.yaml"
     path.write_text(textwrap.dedent(BASE).format(state_dir=tmp_path))
+    connect(str(tmp_path / "router.db")).close()        # the CLI opens the router's database, never makes one
     monkeypatch.setattr("sys.stdin", io.StringIO("a-good-password\n"))
     assert main(["-c", str(path), "set-password", "minh", "--as", "lan"]) == 0
     capsys.readouterr()
@@ -85,6 +86,7 @@ def test_set_password_reads_stdin_and_audit_shows_only_that_it_was_set(capsys, t
 def test_set_password_refuses_a_short_one_and_writes_nothing(capsys, tmp_path, monkeypatch):
     path = tmp_path / "router.yaml"
     path.write_text(textwrap.dedent(BASE).format(state_dir=tmp_path))
+    connect(str(tmp_path / "router.db")).close()        # the CLI opens the router's database, never makes one
     monkeypatch.setattr("sys.stdin", io.StringIO("short\n"))
     assert main(["-c", str(path), "set-password", "minh", "--as", "lan"]) == 1
     assert "at least 8 characters" in capsys.readouterr().err
