@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import os
 import struct
+from collections import deque
 from dataclasses import dataclass
 
 ALGORITHMS = {"SHA-256": hashlib.sha256, "MD5": hashlib.md5}
@@ -83,6 +84,9 @@ class NonceBook:
         self.ttl = ttl
         self.secret = secret or os.urandom(32)
         self.counts: dict[str, tuple[float, int]] = {}   # nonce -> (issued at, highest nc)
+        # Nonces in the order first used, for ``prune`` to drop from the front: a tick costs
+        # what expired, never a scan of every count (hundreds of thousands at a busy site).
+        self._order: deque[tuple[float, str]] = deque()
 
     def issue(self, now: float) -> str:
         body = struct.pack(">d", now) + os.urandom(9)
@@ -122,17 +126,21 @@ class NonceBook:
             count = int(creds.nc, 16) if creds.qop else 1
         except ValueError:
             return Verdict.BAD
-        _, seen = self.counts.get(creds.nonce, (issued, 0))
-        if count <= seen:
+        known = self.counts.get(creds.nonce)
+        if known is not None and count <= known[1]:
             return Verdict.BAD           # a replayed request
+        if known is None:
+            self._order.append((issued, creds.nonce))
         self.counts[creds.nonce] = (issued, count)
         return Verdict.OK
 
     def prune(self, now: float) -> None:
-        """Forget counts of nonces that can no longer be accepted."""
-        old = [n for n, (issued, _) in self.counts.items() if now - issued > self.ttl]
-        for nonce in old:
-            del self.counts[nonce]
+        """Forget counts of nonces that can no longer be accepted.  First use roughly follows
+        issue time; an old nonce first used late waits behind younger ones, which is harmless:
+        ``check`` answers an expired nonce STALE before it looks at the counts."""
+        while self._order and now - self._order[0][0] > self.ttl:
+            _, nonce = self._order.popleft()
+            self.counts.pop(nonce, None)
 
 
 def challenge(realm: str, nonce: str, algorithms: tuple[str, ...] = PREFERENCE,

@@ -87,3 +87,17 @@ def test_credentials_in_an_algorithm_we_never_offer_are_no_credentials():
     assert Credentials.from_params({**params, "algorithm": "sha-256"}).algorithm == "SHA-256"
     for other in ("SHA-512-256", "MD5-sess", ""):
         assert Credentials.from_params({**params, "algorithm": other}) is None
+
+
+def test_a_nonce_first_used_after_younger_ones_is_answered_stale_then_forgotten_with_them():
+    book = NonceBook(ttl=60)
+    young, old = book.issue(150.0), book.issue(100.0)
+    first, ha1 = creds(book, young)
+    assert book.check(first, "REGISTER", ha1, 151.0) == Verdict.OK
+    late, _ = creds(book, old)
+    assert book.check(late, "REGISTER", ha1, 152.0) == Verdict.OK
+    assert book.check(late, "REGISTER", ha1, 153.0) == Verdict.BAD        # its replay
+    book.prune(170.0)                  # expired, but queued behind the young one: kept for now
+    assert book.check(late, "REGISTER", ha1, 170.0) == Verdict.STALE       # which changes nothing
+    book.prune(211.0)
+    assert book.counts == {}
