@@ -339,7 +339,7 @@ class Router:
             self.engine.close()
             self.conn.close()
             self.notifier.close()
-        self.log.info("router.stopped", **self.engine.stats)
+        self.log.info("router.stopped", **self.engine.stats, loop_busy=self.engine.tally.loop.summary())
         return code
 
 

@@ -50,6 +50,7 @@ from router.sip.commands import Log, SaveBindings
 from router.sip.message import parse
 
 SETUP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0)
+LOOP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 RING_BUCKETS = (1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 120.0)
 MAX_PENDING_SETUPS = 10_000      # INVITEs waiting for their first 180/183; the oldest are forgotten
 SETUP_GIVE_UP = 300.0            # seconds: an INVITE with no 180/183 by then is not measured
@@ -83,6 +84,20 @@ def outcome(record: CallRecord) -> str:
 
 class Buckets:
     """A histogram as plain counts, for one writer thread (the scrape reads a copy)."""
+
+    def summary(self) -> dict[str, object]:
+        """Count, and the upper bound below which 50 %, 99 % and all passes fell (seconds)."""
+        total = sum(self.counts)
+        out: dict[str, object] = {"count": total}
+        for name, share in (("p50_le", 0.5), ("p99_le", 0.99), ("max_le", 1.0)):
+            running, bound = 0, None
+            for limit, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
+                running += count
+                if total and running >= share * total:
+                    bound = limit if limit != float("inf") else "+Inf"
+                    break
+            out[name] = bound
+        return out
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds
@@ -129,6 +144,7 @@ class Tally:
     runtime_changes: dict[str, int] = field(default_factory=dict)       # by field
     registrations: dict[tuple[str, str], int] = field(default_factory=dict)   # (kind, transport)
     setup: Buckets = field(default_factory=lambda: Buckets(SETUP_BUCKETS))
+    loop: Buckets = field(default_factory=lambda: Buckets(LOOP_BUCKETS))   # busy time per loop pass
     ring: dict[str, Buckets] = field(default_factory=lambda: {"answered": Buckets(RING_BUCKETS),
                                                                "unanswered": Buckets(RING_BUCKETS)})
     gauges: Gauges = field(default_factory=Gauges)
@@ -295,6 +311,9 @@ class TallyCollector(Collector):
                                   value=stats.get("send_errors", 0))
         yield _counter("sip_router_calls", "Calls routed, counted at the answer or the final failure, by the "
                        "receive method of their first step and outcome.", ["method", "outcome"], t.calls)
+        yield t.loop.family("sip_router_loop_busy_seconds",
+                            "How long one pass of the SIP loop worked between two polls: a stall here delays "
+                            "every message waiting in the socket buffer.")
         yield t.setup.family("sip_router_call_setup_seconds",
                              "From the INVITE taken in to the first 180/183 sent back to the caller.")
         ring = HistogramMetricFamily("sip_router_call_ring_seconds", "From the INVITE taken in to the answer "

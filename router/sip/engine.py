@@ -278,6 +278,7 @@ class Engine:
             if self.ep.libHandleEvents(wait) > 0:
                 while len(self.received) < BATCH and self.ep.libHandleEvents(0) > 0:
                     pass
+            busy_from = time.monotonic()      # the wait is over: from here on, messages queue up
             batch, self.received = self.received, []
             for is_response, packet in batch:
                 self._handle(packet, is_response)
@@ -302,6 +303,7 @@ class Engine:
                     self.log.exception("router.idle.error")
             if self.module is not None and self.module.errors:
                 self.failure = self.module.errors[0]
+            self.tally.loop.observe(time.monotonic() - busy_from)
         if self.failure is not None:
             raise LayoutMismatch(self.failure)
 

@@ -63,6 +63,8 @@ def test_metrics_count_registrations_requests_calls_auth_failures_and_reloads(ma
     assert dict(build)["version"] and dict(build)["pjsua2"]
     assert not [name for (name, _) in samples if name == "sip_router_trunk_registered"]   # no credentials
     assert value(samples, "process_resident_memory_bytes")
+    passes = value(samples, "sip_router_loop_busy_seconds_count")          # the SIP loop's own latency
+    assert passes > 0 and value(samples, "sip_router_loop_busy_seconds_bucket", le="+Inf") == passes
     # Every series the Grafana dashboard in deploy/ queries is one the router serves.
     dashboard = json.loads((ROOT / "deploy" / "grafana-dashboard.json").read_text())
     queried = {name for panel in dashboard["panels"] for target in panel["targets"]
