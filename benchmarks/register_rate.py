@@ -35,7 +35,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="sip-router-bench-") as tmp:
         port = free_port()
         config, csv = write_users_config(tmp, port, args.users)
-        with RouterProcess(config, port, log_level="warning") as router:
+        router = RouterProcess(config, port, log_level="warning")
+        router.start(timeout=max(15.0, args.users / 2000))        # 100,000 users: ~25 s to load
+        try:
             sipp_port = free_port()
             started = time.monotonic()
             cmd = ["sipp", "-sf", os.path.join(ROOT, "tests/scenarios/register_digest.xml"),
@@ -47,6 +49,9 @@ def main() -> int:
             result = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=900)
             elapsed = time.monotonic() - started
             rss = router.rss_kib()
+            loop = _loop_busy()
+        finally:
+            router.stop()
         out = result.stdout
         if result.returncode not in (0, 1):
             print(out[-2000:], result.stderr[-2000:], file=sys.stderr)
@@ -56,7 +61,24 @@ def main() -> int:
         print(f"registrations: {ok} ok, {failed} failed, in {elapsed:.2f} s")
         print(f"offered rate:  {args.rate}/s   achieved: {rate:.0f} registrations/s with digest")
         print(f"router RSS after run: {rss / 1024:.1f} MiB for {args.users} users")
+        if loop:
+            print("SIP loop passes by busy time (s): " + ", ".join(f"<={le}: {n}" for le, n in loop if n))
         return 0 if failed == 0 and ok == args.count else 1
+
+
+def _loop_busy(url: str = "http://127.0.0.1:9060/metrics") -> list[tuple[str, int]]:
+    """The router's own histogram of SIP-loop pass times, as (bucket bound, passes in it)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+    try:
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+    except OSError:
+        return []
+    cumulative = [(s.labels["le"], int(s.value)) for family in text_string_to_metric_families(text)
+                  if family.name == "sip_router_loop_busy_seconds" for s in family.samples
+                  if s.name.endswith("_bucket")]
+    return [(le, n - (cumulative[i - 1][1] if i else 0)) for i, (le, n) in enumerate(cumulative)]
 
 
 def _total(out: str, label: str) -> int:
