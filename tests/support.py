@@ -83,6 +83,27 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> int | 
     return proc.returncode
 
 
+def read_log(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def json_events(text: str, name: str | None = None) -> list[dict[str, object]]:
+    """The JSON log lines in ``text`` (all, or those whose event is ``name``)."""
+    out = []
+    for line in text.splitlines():
+        if line.startswith("{"):
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if name is None or entry.get("event") == name:
+                out.append(entry)
+    return out
+
+
 class RouterProcess:
     """``sip-router run`` as a child process; logs in JSON to a file."""
 
@@ -137,22 +158,10 @@ class RouterProcess:
         self._log.close()
 
     def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        return read_log(self.log_path)
 
     def events(self, name: str | None = None) -> list[dict[str, object]]:
-        out = []
-        for line in self.log_text().splitlines():
-            if line.startswith("{"):
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if name is None or entry.get("event") == name:
-                    out.append(entry)
-        return out
+        return json_events(self.log_text(), name)
 
     def wait_for(self, name: str, count: int = 1, timeout: float = 5.0) -> list[dict[str, object]]:
         deadline = time.monotonic() + timeout

@@ -6,7 +6,6 @@ its PID (SIGTERM, then SIGKILL) when the ``with`` block ends, also when a test f
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import ssl
@@ -19,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from router.web.passwords import hash_password
-from tests.support import ROOT, free_port, stop_process
+from tests.support import ROOT, free_port, json_events, read_log, stop_process
 
 PASSWORDS = {"lan": "lan-web-password", "minh": "minh-web-password"}
 
@@ -102,19 +101,7 @@ class WebProcess:
         return code
 
     def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        return read_log(self.log_path)
 
     def events(self, name: str | None = None) -> list[dict[str, object]]:
-        out = []
-        for line in self.log_text().splitlines():
-            if line.startswith("{"):
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if name is None or entry.get("event") == name:
-                    out.append(entry)
-        return out
+        return json_events(self.log_text(), name)
