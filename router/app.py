@@ -51,7 +51,7 @@ from types import FrameType
 from typing import Any
 
 from router import log
-from router.config import load_policy
+from router.config_child import load_policy_apart
 from router.control import views
 from router.control.server import ControlError, ControlServer, OnLoop
 from router.control.systemd import Notifier
@@ -174,7 +174,7 @@ class Router:
             self.log.warning("state.read.recovered")
             self.state_read_failing = False
         if changed:
-            self.engine.execute(self.core.set_policy(self.policy_state.view.policy, now))
+            self.core.adopt_runtime_changes(self.policy_state.view.policy)
             try:
                 self._log_changes()
             except sqlite3.Error as exc:  # the changes are in force; only their log lines are missing
@@ -226,7 +226,7 @@ class Router:
 
     def prepare_reload(self) -> Prepared:
         try:
-            policy = load_policy(self.config_path)
+            policy = load_policy_apart(self.config_path)
         except ConfigError as exc:
             return Prepared(None, exc.problems, {})
         resolved = {policy.trunk: self._look_up(policy.trunk)} if policy.trunk is not None else {}
@@ -351,7 +351,7 @@ def _shown(field: str, value: str | None) -> str | None:
 
 
 def run(config_path: str) -> int:
-    policy = load_policy(config_path)
+    policy = load_policy_apart(config_path)
     log.configure(policy.log.level, policy.log.format)
     try:
         router = Router(config_path, policy)

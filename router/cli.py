@@ -10,6 +10,7 @@ but never creates one: only the router (``run``) and the web app (``web``) do.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.metadata
 import json
 import os
@@ -220,7 +221,7 @@ def _change(args: argparse.Namespace, field: str, value: str) -> int:
               f"{target.id}: {field} is already {current}; nothing changed")
         return EXIT_OK
     change = state.change(args.actor, args.user, field, value, via="cli", now=time.time())
-    _emit(args, {**change.__dict__, "changed": True},
+    _emit(args, {**dataclasses.asdict(change), "changed": True},
           f"{change.user_id}: {field} {change.old or '-'} -> {change.new} (by {change.actor})")
     return EXIT_OK
 

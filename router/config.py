@@ -8,9 +8,12 @@ start, a reload keeps the last good policy).  Nothing here exits the process.
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import yaml
 
@@ -63,7 +66,22 @@ def load_policy(path: str) -> Policy:
         column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
         raise ConfigError([f"{path}:{line}:{column}: byte 0x{data[exc.start]:02x} is not UTF-8 text; "
                            "save the file as UTF-8"]) from None
-    return parse_policy(text, path)
+    with paused_gc():
+        return parse_policy(text, path)
+
+
+@contextmanager
+def paused_gc() -> Iterator[None]:
+    """No cyclic garbage collection while a policy is built: a YAML node tree and a
+    policy hold no reference cycles, and with millions of young objects the collector
+    would walk them again and again (three quarters of the time at 100,000 users)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def parse_policy(text: str, filename: str = "<config>") -> Policy:

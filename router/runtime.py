@@ -7,6 +7,7 @@ checks happen before anything is written; a refused change writes nothing.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from router.policy import authz
@@ -20,7 +21,7 @@ class PolicyView:
     """The effective policy and where each changeable value came from."""
 
     policy: Policy
-    sources: dict[Key, Effective]
+    sources: Mapping[Key, Effective]
     marker: int
 
 
@@ -29,13 +30,20 @@ class PolicyState:
         self.store = store
         self.yaml_policy = yaml_policy
         self._seen = store.observe_yaml(yaml_policy, now)
+        self._marker = store.change_marker()
+        self._latest = store.latest_changes()
         self.view = self._build()
 
-    def _build(self, yaml_policy: Policy | None = None, seen: dict[Key, float] | None = None) -> PolicyView:
-        marker = self.store.change_marker()
+    def _build(self, yaml_policy: Policy | None = None, seen: Mapping[Key, float] | None = None) -> PolicyView:
         policy, sources = apply(yaml_policy or self.yaml_policy, self._seen if seen is None else seen,
-                                self.store.latest_changes())
-        return PolicyView(policy, sources, marker)
+                                self._latest)
+        return PolicyView(policy, sources, self._marker)
+
+    def _catch_up(self) -> None:
+        """Read only the changes recorded since the last look (not the whole history)."""
+        for change in self.store.changes_after(self._marker):
+            self._latest[(change.user_id, change.field)] = change
+            self._marker = max(self._marker, change.id)
 
     def reload(self, yaml_policy: Policy, now: float) -> PolicyView:
         """Adopt a newly validated YAML policy (the caller validated it).  If the
@@ -49,6 +57,7 @@ class PolicyState:
         """Pick up changes made by another process; True when something changed."""
         if self.store.change_marker() == self.view.marker:
             return False
+        self._catch_up()
         self.view = self._build()
         return True
 
@@ -64,5 +73,6 @@ class PolicyState:
         assert actor is not None
         change = self.store.record_change(
             Change(target.id, field, old, new, actor.id, via, now))
+        self._catch_up()
         self.view = self._build()
         return change

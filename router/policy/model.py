@@ -7,9 +7,11 @@ by ``router.policy.effective``.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import ipaddress
 import os.path
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -61,7 +63,7 @@ DEVICE_KINDS: dict[ReceiveMethod, frozenset[DeviceKind]] = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Device:
     id: str
     kind: DeviceKind
@@ -71,7 +73,7 @@ class Device:
     ha1_sha256: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class User:
     id: str
     display_name: str
@@ -283,6 +285,26 @@ class Policy:
     def _devices_by_auth(self) -> dict[str, tuple[User, Device]]:
         return {d.auth_username: (u, d) for u in self.users for d in u.devices}
 
+    def replacing_users(self, replaced: Mapping[str, User]) -> Policy:
+        """This policy with some users (by id) swapped for new copies of themselves (same
+        id, extension and devices).  The others are shared, and the lookup indexes are
+        carried over and patched instead of being rebuilt over every user."""
+        if not replaced:
+            return self
+        users = tuple(replaced.get(u.id, u) for u in self.users)
+        policy = dataclasses.replace(self, users=users)
+        by_key = dict(self._users_by_key)
+        by_auth = dict(self._devices_by_auth)
+        for user in replaced.values():
+            for key in (user.extension, user.id):
+                if key is not None and by_key.get(key) is not None and by_key[key].id == user.id:
+                    by_key[key] = user
+            for device in user.devices:
+                by_auth[device.auth_username] = (user, device)
+        policy.__dict__["_users_by_key"] = by_key       # cached_property's own slot
+        policy.__dict__["_devices_by_auth"] = by_auth
+        return policy
+
     def user(self, key: str) -> User | None:
         """The user whose id or extension is ``key``."""
         return self._users_by_key.get(key)
@@ -317,7 +339,7 @@ class Policy:
         return self._devices_by_auth.get(auth_username)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Binding:
     """One registered contact of one device, as the registrar stored it.
 

@@ -99,6 +99,14 @@ class SipCore:
             self.keepalive.watch(self.location.bindings(now), now)
         return saves
 
+    def adopt_runtime_changes(self, policy: Policy) -> None:
+        """A policy that differs only by run-time changes (receive method, agent phone,
+        web password): devices, credentials and settings are the YAML's, so bindings,
+        cached HA1s and keep-alives stay as they are; this costs nothing per user."""
+        self.policy = policy
+        self.registrar.policy = policy
+        self.auth.policy = policy
+
     # --------------------------------------------------------------- entry points
     def on_request(self, data: bytes, source: Source, now: float) -> list[Command]:
         try:

@@ -6,7 +6,7 @@ facts and hands them records; how they are kept is the store's business.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Protocol
 
 from router.policy.effective import Change, Key
@@ -15,11 +15,14 @@ from router.records import CallRecord
 
 
 class PolicyStore(Protocol):
-    def observe_yaml(self, policy: Policy, now: float) -> dict[Key, float]:
+    def observe_yaml(self, policy: Policy, now: float) -> Mapping[Key, float]:
         """Record the YAML values now in force; return when each was first seen."""
 
     def latest_changes(self) -> dict[Key, Change]:
         """The newest run-time change per (user, field)."""
+
+    def changes_after(self, marker: int) -> list[Change]:
+        """The changes recorded after ``marker``, oldest first."""
 
     def record_change(self, change: Change) -> Change:
         """Store an accepted change in the audit trail; return it with its id."""

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from router import log
-from router.config import load_policy
+from router.config_child import load_policy_apart
 from router.errors import ConfigError, InvalidChange, RouterError
 from router.policy import authz
 from router.policy.effective import Change
@@ -63,10 +63,10 @@ class Identity:
 
 
 class Backend:
-    def __init__(self, config_path: str, now: float | None = None) -> None:
+    def __init__(self, config_path: str, now: float | None = None, policy: Policy | None = None) -> None:
         now = time.time() if now is None else now
         self.config_path = config_path
-        policy = load_policy(config_path)
+        policy = load_policy_apart(config_path) if policy is None else policy
         self._yaml_mtime = _mtime(config_path)
         self._yaml_checked = now
         self.conn = connect(policy.database)
@@ -102,7 +102,7 @@ class Backend:
 
     def _reload(self, now: float) -> None:
         try:
-            policy = load_policy(self.config_path)
+            policy = load_policy_apart(self.config_path)
         except ConfigError as exc:
             _log.error("web.reload.refused", file=self.config_path, problems=exc.problems,
                        keeping="the last good policy")

@@ -15,7 +15,7 @@ import ssl
 import uvicorn
 
 from router import log
-from router.config import load_policy
+from router.config_child import load_policy_apart
 from router.errors import RouterError
 from router.web.app import create_app
 from router.web.backend import Backend
@@ -54,14 +54,14 @@ def url_of(address: str, port: int, tls: bool) -> str:
 
 
 def run(config_path: str) -> int:
-    policy = load_policy(config_path)
+    policy = load_policy_apart(config_path)
     log.configure(policy.log.level, policy.log.format)
     web = policy.web
     if web.certificate and web.private_key:
         _check_tls(web.certificate, web.private_key)
     sock = _bind(web.address, web.port)
     try:
-        backend = Backend(config_path)
+        backend = Backend(config_path, policy=policy)
     except BaseException:
         sock.close()
         raise

@@ -1,0 +1,48 @@
+"""The long-running processes parse the YAML in a child process and get the same policy,
+or the same errors, as the in-process loader (the CLI's ``check``)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from router import config_child
+from router.config import load_policy
+from router.errors import ConfigError
+
+from .conftest import BASE
+
+
+@pytest.fixture
+def good(tmp_path):
+    path = tmp_path / "router.yaml"
+    path.write_text(BASE.format(state_dir=tmp_path))
+    return str(path)
+
+
+def test_a_policy_parsed_in_the_child_equals_the_one_parsed_here(good):
+    apart = config_child.load_policy_apart(good)
+    assert apart == load_policy(good)
+    assert apart.user("1002").devices[0].id == "minh-desk"      # its lookups work after the trip
+
+
+def test_a_bad_file_gives_the_same_file_line_errors(tmp_path):
+    path = tmp_path / "router.yaml"
+    path.write_text(BASE.format(state_dir=tmp_path).replace("receive_method: ip_phone", "receive_method: phone"))
+    with pytest.raises(ConfigError) as here:
+        load_policy(str(path))
+    with pytest.raises(ConfigError) as apart:
+        config_child.load_policy_apart(str(path))
+    assert apart.value.problems == here.value.problems
+    assert f"{path}:" in apart.value.problems[0] and "'phone' is not one of" in apart.value.problems[0]
+
+
+def test_a_missing_file_is_refused_like_the_cli_refuses_it(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read the file"):
+        config_child.load_policy_apart(str(tmp_path / "absent.yaml"))
+
+
+def test_when_no_child_can_run_the_policy_is_parsed_here(good, monkeypatch):
+    monkeypatch.setattr(sys, "executable", "/nonexistent/python3")
+    assert config_child.load_policy_apart(good) == load_policy(good)
