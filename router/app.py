@@ -39,7 +39,6 @@ does not stop the router: writes are retried and calls keep being routed
 
 from __future__ import annotations
 
-import gc
 import os
 import signal
 import sqlite3
@@ -51,12 +50,14 @@ from types import FrameType
 from typing import Any
 
 from router import log
+from router.config import paused_gc
 from router.config_child import load_policy_apart
 from router.control import views
 from router.control.server import ControlError, ControlServer, OnLoop
 from router.control.systemd import Notifier
 from router.dns import ResolveError, resolve_trunk
 from router.errors import ConfigError
+from router.gcpolicy import Collector
 from router.metrics import MetricsServer, Tally, registry_for
 from router.policy import authz
 from router.policy.model import Policy, Trunk
@@ -131,6 +132,7 @@ class Router:
         if policy.trunk is not None:
             self.resolve(policy.trunk)           # look names up before the first call, not during it
         self.flags = Flags()
+        self.collector = Collector(time.monotonic())
         self.notifier = Notifier()
         self.on_loop = OnLoop(self.engine.inbox)
         self.identity = views.identity(config_path, now)
@@ -159,6 +161,10 @@ class Router:
     def on_idle(self, now: float) -> None:
         self.notifier.watchdog()          # first: whatever fails below, the loop itself is alive
         self.publish(now)
+        sweep = self.collector.tick(time.monotonic())
+        if sweep is not None:
+            self.log.info("gc.swept", seconds=round(sweep.seconds, 3), collected=sweep.collected,
+                          tracked=sweep.tracked)
         if self.flags.reload:
             self.flags.reload = False
             threading.Thread(target=self._reload_on_signal, name="reload", daemon=True).start()
@@ -310,8 +316,7 @@ class Router:
             return EXIT_LAYOUT
         # The policy and the loaded bindings live for the whole run: move them out
         # of the cyclic collector's sight so per-packet garbage collections stay cheap.
-        gc.collect()
-        gc.freeze()
+        self.collector.start()
         policy = self.policy_state.yaml_policy
         self.engine.set_trunk(policy.trunk, self.resolve(policy.trunk) if policy.trunk else None)
         control = ControlServer(policy.control_socket, self.handlers(), log.get("control"))
@@ -354,7 +359,8 @@ def run(config_path: str) -> int:
     policy = load_policy_apart(config_path)
     log.configure(policy.log.level, policy.log.format)
     try:
-        router = Router(config_path, policy)
+        with paused_gc():                 # start-up builds long-lived objects only: no cycles to find
+            router = Router(config_path, policy)
     except StateError as exc:
         log.get("router").error("router.start.failed", database=exc.path, reason=exc.reason,
                                 detail="the state database cannot be opened or written",

@@ -149,7 +149,9 @@ class Tally:
                                                                "unanswered": Buckets(RING_BUCKETS)})
     gauges: Gauges = field(default_factory=Gauges)
     invites: dict[str, float] = field(default_factory=dict)             # call id -> taken in at
-    by_device: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    # device -> the (kind, transport) of each of its bindings; the few distinct pairs are
+    # shared objects (the registrations dict's own keys), one small tuple per device.
+    by_device: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
 
     # ------------------------------------------------------------ per message
     def received(self, data: bytes) -> None:
@@ -217,18 +219,23 @@ class Tally:
     def bindings_saved(self, save: SaveBindings) -> None:
         for key in self.by_device.pop(save.device_id, ()):
             self.registrations[key] -= 1
-        keys = [(b.kind.value, b.device_transport) for b in save.bindings]
-        for key in keys:
-            self._bump(self.registrations, key)
+        keys = tuple(self._count(b) for b in save.bindings)
         if keys:
             self.by_device[save.device_id] = keys
 
     def bindings_loaded(self, bindings: Iterable[Binding]) -> None:
-        sets: dict[str, list[Binding]] = {}
+        """Count what the router starts with (like ``bindings_saved``, in one pass)."""
         for b in bindings:
-            sets.setdefault(b.device_id, []).append(b)
-        for device_id, bs in sets.items():
-            self.bindings_saved(SaveBindings(bs[0].user_id, device_id, tuple(bs)))
+            self.by_device[b.device_id] = (*self.by_device.get(b.device_id, ()), self._count(b))
+
+    def _count(self, binding: Binding) -> tuple[str, str]:
+        key = (binding.kind.value, binding.device_transport)
+        for known in self.registrations:          # a handful of pairs: reuse the stored key
+            if known == key:
+                key = known
+                break
+        self.registrations[key] = self.registrations.get(key, 0) + 1
+        return key
 
     def sweep(self, now: float) -> None:
         """Forget INVITEs that never rang (oldest first: the dict is in arrival order)."""

@@ -72,6 +72,9 @@ class SeenAt(Mapping[Key, float]):
     def note(self, user_id: str, field: str, at: float) -> None:
         self._by_field[field][user_id] = self._times.setdefault(at, at)
 
+    def of_field(self, field: str) -> Mapping[str, float]:
+        return self._by_field[field]
+
     def __getitem__(self, key: Key) -> float:
         user_id, field = key
         by_user = self._by_field.get(field)

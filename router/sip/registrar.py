@@ -20,6 +20,7 @@ themselves live in the location service (``location.Location``).
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -166,8 +167,8 @@ class Registrar:
             updated[addr.uri] = Binding(
                 user_id=user.id, device_id=device.id, kind=device.kind, contact=addr.uri,
                 expires_at=now + expires, q=q, call_id=call_id, cseq=cseq,
-                source_host=source.host, source_port=source.port, transport=source.transport,
-                user_agent=(msg.header("user-agent") or "")[:120],
+                source_host=sys.intern(source.host), source_port=source.port, transport=source.transport,
+                user_agent=sys.intern((msg.header("user-agent") or "")[:120]),    # shared by thousands
                 registered_at=old.registered_at if old else now, instance=instance,
                 conn=source.conn if source.transport == "tcp" else 0,
                 path=path, flow=source.client_transport,

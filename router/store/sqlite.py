@@ -17,6 +17,7 @@ import json
 import os
 import sqlite3
 import struct
+import sys
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable
@@ -220,16 +221,19 @@ class SqlitePolicyStore:
 
     def observe_yaml(self, policy: Policy, now: float) -> SeenAt:
         seen = SeenAt()
+        current = {field: {user.id: (user.id, yaml_value(user, field)) for user in policy.users}
+                   for field in FIELDS}
         # Row by row, not into one big dict first: at 100,000 users that is 300,000 rows.
         for user_id, field, value, seen_at in self.conn.execute(
                 "SELECT user_id, field, value, seen_at FROM yaml_values"):
-            user = policy.user(user_id)
-            if field in FIELDS and user is not None and user.id == user_id and yaml_value(user, field) == value:
-                seen.note(user.id, field, seen_at)
+            found = current.get(field, {}).get(user_id)
+            if found is not None and found[1] == value:
+                seen.note(found[0], field, seen_at)        # keyed by the policy's own string
         updates: list[tuple[str, str, str | None, float]] = []
-        for user in policy.users:
-            for field in FIELDS:
-                if (user.id, field) not in seen:
+        for field in FIELDS:
+            noted = seen.of_field(field)
+            for user in policy.users:
+                if user.id not in noted:
                     seen.note(user.id, field, now)
                     updates.append((user.id, field, yaml_value(user, field), now))
         if updates:
@@ -296,9 +300,14 @@ class SqliteBindingStore:
     def load(self, now: float) -> list[Binding]:
         rows = self.conn.execute(
             f"SELECT {_BINDING_COLUMNS} FROM bindings WHERE expires_at > ?", (now,))
-        return [Binding(r[0], r[1], DeviceKind(r[2]), r[3], r[4], r[5], r[6], r[7], r[8], r[9],
-                        r[10], r[11], r[12], r[13], path=tuple(json.loads(r[14])) if r[14] else (),
-                        flow=r[15], client=r[16], at_contact=bool(r[17])) for r in rows]
+        # Addresses, transports and user agents repeat across thousands of bindings:
+        # one string object each, not one per row.
+        kinds = {k.value: k for k in DeviceKind}
+        intern = sys.intern
+        return [Binding(intern(r[0]), intern(r[1]), kinds[r[2]], r[3], r[4], r[5], r[6], r[7],
+                        intern(r[8]), r[9], intern(r[10]), intern(r[11]), r[12], r[13],
+                        path=tuple(json.loads(r[14])) if r[14] else (),
+                        flow=intern(r[15]), client=r[16], at_contact=bool(r[17])) for r in rows]
 
     def replace_many(self, sets: Iterable[DeviceBindings]) -> None:
         """Several devices' binding sets in one transaction."""
