@@ -132,6 +132,7 @@ class Router:
         if policy.trunk is not None:
             self.resolve(policy.trunk)           # look names up before the first call, not during it
         self.flags = Flags()
+        self.startup: dict[str, float] = {}
         self.collector = Collector(time.monotonic())
         self.notifier = Notifier()
         self.on_loop = OnLoop(self.engine.inbox)
@@ -326,7 +327,7 @@ class Router:
             metrics = MetricsServer(registry_for(self.tally, self.engine.stats, self.started_at),
                                     policy.metrics.address, policy.metrics.port, log.get("metrics"))
             metrics.start()
-        self.log.info("router.started", pid=os.getpid())
+        self.log.info("router.started", pid=os.getpid(), users=len(policy.users), **self.startup)
         self.notifier.send("READY=1")
         code = EXIT_OK
         try:
@@ -356,11 +357,15 @@ def _shown(field: str, value: str | None) -> str | None:
 
 
 def run(config_path: str) -> int:
+    began = time.monotonic()
     policy = load_policy_apart(config_path)
     log.configure(policy.log.level, policy.log.format)
+    loaded = time.monotonic()
     try:
         with paused_gc():                 # start-up builds long-lived objects only: no cycles to find
             router = Router(config_path, policy)
+        router.startup = {"config_seconds": round(loaded - began, 2),
+                          "state_seconds": round(time.monotonic() - loaded, 2)}
     except StateError as exc:
         log.get("router").error("router.start.failed", database=exc.path, reason=exc.reason,
                                 detail="the state database cannot be opened or written",

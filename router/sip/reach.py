@@ -67,12 +67,13 @@ def _same_address(a: str, b: str) -> bool:
 def nat_reason(contact: Uri, via: Via, source: Source) -> str | None:
     """Why the Contact cannot be used as written (None: it can)."""
     host = contact.host.strip("[]")
-    if not _is_ip(host):
+    at_source = host == source.host       # the usual case: no address to parse (the source is one)
+    if not at_source and not _is_ip(host):
         return f"the Contact names {host!r}, not an address"
     transport = (contact.params.get("transport") or "udp").lower()
     if transport != source.transport:
         return f"the Contact asks for {transport}, the REGISTER came over {source.transport}"
-    if is_private(host) and host != source.host:
+    if not at_source and is_private(host):
         return f"the Contact's private address {host} is not the source {source.host}"
     if via.host.strip("[]") != source.host or (via.port or 5060) != source.port:
         return f"the Via says {via.host}:{via.port or 5060}, the packet came from {source.host}:{source.port}"
