@@ -45,7 +45,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
@@ -60,11 +60,12 @@ from router.errors import ConfigError
 from router.gcpolicy import Collector
 from router.metrics import MetricsServer, Tally, registry_for
 from router.policy import authz
-from router.policy.model import Policy, Trunk
-from router.runtime import PolicyState
+from router.policy.model import DeviceKind, Policy, Trunk
+from router.runtime import PolicyState, PreparedReload, prepare_view
 from router.sip.core import SipCore
 from router.sip.engine import Engine, EngineError
 from router.sip.forward import Local
+from router.sip.location import ownership_moves
 from router.sip.pjsip_module import LayoutMismatch
 from router.store.interfaces import BindingStore, CallStore
 from router.store.sqlite import (
@@ -96,6 +97,9 @@ class Prepared:
     policy: Policy | None
     errors: list[str]
     resolved: dict[Trunk, tuple[str, int]]
+    state: PreparedReload | None = None
+    moves: dict[str, tuple[str, DeviceKind] | None] = field(default_factory=dict)
+    detail: str = "keeping the last good policy"
 
 
 class Router:
@@ -232,31 +236,44 @@ class Router:
                 self.notifier.send("READY=1")
 
     def prepare_reload(self) -> Prepared:
+        """Everything a reload costs per user happens here, on the reload thread: parsing,
+        recording the YAML's values (on a connection of its own), laying run-time changes
+        over them, and finding the devices that changed owner.  The PJSIP thread only swaps."""
         try:
             policy = load_policy_apart(self.config_path)
         except ConfigError as exc:
             return Prepared(None, exc.problems, {})
+        current = self.policy_state.yaml_policy            # reloads are one at a time
+        try:
+            conn = connect(current.database, durable=True)
+            try:
+                state = prepare_view(policy, SqlitePolicyStore(conn), time.time())
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:       # the YAML observations could not be written
+            return Prepared(None, [], {}, detail=f"the state database failed ({describe(exc)}); "
+                                                 "keeping the last good policy")
         resolved = {policy.trunk: self._look_up(policy.trunk)} if policy.trunk is not None else {}
-        return Prepared(policy, [], resolved)
+        return Prepared(policy, [], resolved, state, ownership_moves(current, policy))
 
     def adopt(self, prepared: Prepared, now: float) -> dict[str, Any]:
         """The PJSIP thread takes a prepared reload in (or counts its refusal)."""
         current = self.policy_state.yaml_policy
         policy = prepared.policy
-        if policy is None:
-            return self._refused(prepared.errors, "keeping the last good policy", current)
+        if policy is None or prepared.state is None:
+            return self._refused(prepared.errors, prepared.detail, current)
         if policy.listen != current.listen:
             self.log.warning("policy.reload.listen_ignored", detail="listen addresses change only on restart")
         if (policy.metrics, policy.control_socket) != (current.metrics, current.control_socket):
             self.log.warning("policy.reload.restart_needed",
                              detail="the metrics and control settings change only on restart")
         try:
-            view = self.policy_state.reload(policy, now)     # changes nothing if it fails
+            view = self.policy_state.adopt(prepared.state)     # changes nothing if it fails
         except sqlite3.Error as exc:       # the YAML observations could not be written
             return self._refused([], f"the state database failed ({describe(exc)}); keeping the last good policy",
                                  current)
         self.resolved = dict(prepared.resolved)
-        self.engine.execute(self.core.set_policy(view.policy, now))
+        self.engine.execute(self.core.set_policy(view.policy, now, prepared.moves))
         self.engine.set_trunk(policy.trunk, self.resolve(policy.trunk) if policy.trunk else None)
         self.log.info("policy.reloaded", source=self.config_path, users=len(policy.users))
         self.tally.reloads["reloaded"] = self.tally.reloads.get("reloaded", 0) + 1

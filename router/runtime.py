@@ -25,6 +25,28 @@ class PolicyView:
     marker: int
 
 
+@dataclass(frozen=True)
+class PreparedReload:
+    """A reloaded YAML policy worked out on another thread, ready to adopt in one step."""
+
+    yaml_policy: Policy
+    seen: Mapping[Key, float]
+    latest: dict[Key, Change]
+    view: PolicyView
+
+
+def prepare_view(yaml_policy: Policy, store: PolicyStore, now: float) -> PreparedReload:
+    """Everything a reload costs per user, on the calling thread with its own ``store``:
+    record the YAML's values, lay the run-time changes over them, build the lookups."""
+    seen = store.observe_yaml(yaml_policy, now)
+    marker = store.change_marker()
+    latest = store.latest_changes()
+    policy, sources = apply(yaml_policy, seen, latest)
+    policy.user("")
+    policy.device_by_auth("")           # the lookup indexes are built here, not where it is adopted
+    return PreparedReload(yaml_policy, seen, latest, PolicyView(policy, sources, marker))
+
+
 class PolicyState:
     def __init__(self, yaml_policy: Policy, store: PolicyStore, now: float) -> None:
         self.store = store
@@ -48,10 +70,19 @@ class PolicyState:
     def reload(self, yaml_policy: Policy, now: float) -> PolicyView:
         """Adopt a newly validated YAML policy (the caller validated it).  If the
         state database fails on the way, nothing changes: the old policy stays."""
-        seen = self.store.observe_yaml(yaml_policy, now)
-        view = self._build(yaml_policy, seen)
-        self.yaml_policy, self._seen, self.view = yaml_policy, seen, view
-        return view
+        return self.adopt(prepare_view(yaml_policy, self.store, now))
+
+    def adopt(self, prepared: PreparedReload) -> PolicyView:
+        """Take a prepared reload in; costs nothing per user unless a run-time change
+        was recorded since it was prepared."""
+        marker = self.store.change_marker()
+        self.yaml_policy, self._seen, self._latest = prepared.yaml_policy, prepared.seen, prepared.latest
+        self._marker = prepared.view.marker
+        self.view = prepared.view
+        if marker != prepared.view.marker:
+            self._catch_up()
+            self.view = self._build()
+        return self.view
 
     def refresh(self) -> bool:
         """Pick up changes made by another process; True when something changed."""

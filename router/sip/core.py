@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import secrets
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from router.errors import MalformedMessage, sip_status
 from router.policy.decide import CallRequest
-from router.policy.model import EDGE_CLIENT_HEADER, Binding, Policy, Trunk
+from router.policy.model import EDGE_CLIENT_HEADER, Binding, DeviceKind, Policy, Trunk
 from router.sip.admission import Refused, admit, trusted_peer
 from router.sip.auth import Authenticator
 from router.sip.callrules import called_number, quote
@@ -89,12 +89,15 @@ class SipCore:
             **{m: self._in_dialog for m in IN_DIALOG},
         }
 
-    def set_policy(self, policy: Policy, now: float) -> list[Command]:
+    def set_policy(self, policy: Policy, now: float,
+                   moves: Mapping[str, tuple[str, DeviceKind] | None] | None = None) -> list[Command]:
+        """Adopt a reloaded policy; ``moves``: the devices that changed owner or kind, when
+        worked out beforehand (else every binding is checked)."""
         self.policy = policy
         settings = policy.registrar
         was_on = self.keepalive.interval > 0
         self.keepalive.configure(policy.domain, settings.keepalive_interval, settings.keepalive_max_missed)
-        saves: list[Command] = list(self.registrar.set_policy(policy))
+        saves: list[Command] = list(self.registrar.set_policy(policy, moves))
         if not was_on and settings.keepalive_interval > 0:     # turned on: watch who is registered now
             self.keepalive.watch(self.location.bindings(now), now)
         return saves

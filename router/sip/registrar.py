@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from router.errors import MalformedMessage
-from router.policy.model import Binding, Device, Policy, User
+from router.policy.model import Binding, Device, DeviceKind, Policy, User
 from router.sip import digest, reach
 from router.sip.auth import Authenticator, Gate
 from router.sip.commands import Reply, SaveBindings, Source, phrase
@@ -68,11 +68,13 @@ class Registrar:
     def nonces(self) -> digest.NonceBook:
         return self.auth.nonces
 
-    def set_policy(self, policy: Policy) -> list[SaveBindings]:
-        """Adopt a reloaded policy (credentials, and the bindings' users and kinds)."""
+    def set_policy(self, policy: Policy,
+                   moves: Mapping[str, tuple[str, DeviceKind] | None] | None = None) -> list[SaveBindings]:
+        """Adopt a reloaded policy (credentials, and the bindings' users and kinds);
+        with ``moves`` (see ``location.ownership_moves``) only those devices are looked at."""
         self.policy = policy
         self.auth.set_policy(policy)
-        return self.location.follow(policy)
+        return self.location.follow(policy) if moves is None else self.location.follow_moves(moves)
 
     def bindings(self, now: float, user_id: str | None = None) -> list[Binding]:
         return self.location.bindings(now, user_id)

@@ -168,3 +168,15 @@ class TestChangesAtScale:
             sources[("1002", "receive_method")]        # an extension is not a user id
         with pytest.raises(KeyError):
             sources[("minh", "devices")]
+
+    def test_a_reload_prepared_on_another_connection_keeps_a_change_made_meanwhile(
+            self, state, policy, make_policy, tmp_path):
+        from router.runtime import prepare_view
+        edited = make_policy(base=BASE.replace('agent_phone: "84912345678"', 'agent_phone: "84911112222"'))
+        other = SqlitePolicyStore(connect(str(tmp_path / "state.db")))
+        prepared = prepare_view(edited, other, now=300.0)
+        assert prepared.view.policy.user("lan").agent_phone == "84911112222"
+        state.change("minh", "minh", "receive_method", "app", via="api", now=301.0)   # after it was prepared
+        view = state.adopt(prepared)
+        assert view.policy.user("lan").agent_phone == "84911112222"
+        assert view.policy.user("minh").receive_method is ReceiveMethod.APP

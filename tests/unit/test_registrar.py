@@ -10,6 +10,8 @@ from router.config import parse_policy
 from router.sip import digest
 from router.sip.commands import Source
 from router.sip.message import auth_params, parse
+from router.policy.model import DeviceKind
+from router.sip.location import ownership_moves
 from router.sip.registrar import Registrar
 
 POLICY = """
@@ -214,3 +216,21 @@ def test_a_reload_drops_bindings_of_removed_devices_and_follows_kind_changes(reg
     saves = reg.set_policy(parse_policy(changed, str(tmp_path / "r2.yaml")))
     assert {s.device_id: [b.kind.value for b in s.bindings] for s in saves} == {
         "minh-desk": ["web"], "lan-desk": []}
+
+
+def test_a_reload_worked_out_beforehand_touches_only_the_devices_that_moved(reg, tmp_path):
+    register(reg)
+    register(reg, user="lan-desk", password="s3", aor="lan", call_id="l")
+    old = reg.policy
+    changed = POLICY.replace("{id: minh-desk, kind: ip_phone, password: s1}",
+                             "{id: minh-desk, kind: web, password: s1}").replace(
+        "      - {id: lan-desk, kind: ip_phone, password: s3}\n", "")
+    new = parse_policy(changed, str(tmp_path / "r2.yaml"))
+    moves = ownership_moves(old, new)
+    assert moves == {"minh-desk": ("minh", DeviceKind.WEB), "lan-desk": None}
+    saves = reg.set_policy(new, moves)
+    assert {s.device_id: [b.kind.value for b in s.bindings] for s in saves} == {
+        "minh-desk": ["web"], "lan-desk": []}
+    assert [b.kind for b in reg.bindings(1000.0, "minh")] == [DeviceKind.WEB]
+    assert reg.bindings(1000.0, "lan") == []
+    assert ownership_moves(new, new) == {}
