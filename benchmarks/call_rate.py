@@ -32,17 +32,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.integration.sippgen import invite_flow  # noqa: E402
+from tests.integration.sippgen import fork_call_flow, invite_flow  # noqa: E402
 from tests.support import DOMAIN, SCENARIOS, RouterProcess, free_port  # noqa: E402
 
 BUF = str(4 * 1024 * 1024)
 
 
-def write_config(tmp: Path, port: int, users: int, method: str, redirect: bool) -> Path:
+def write_config(tmp: Path, port: int, users: int, method: str, redirect: bool,
+                 redirect_peer: str | None = None) -> Path:
+    """The router's YAML: users u<i> with an ip_phone a<i> and an app b<i> (password p<i>), the ACD
+    on 127.0.0.1 trusted (in redirect mode when ``redirect``); ``redirect_peer``: one more trusted
+    address, always in redirect mode."""
+    extra = f", {{name: acd-redirect, address: {redirect_peer}, mode: redirect}}" if redirect_peer else ""
     lines = [f"domain: {DOMAIN}", f"state_dir: {tmp}", f"listen: [{{address: 127.0.0.1, port: {port}}}]",
              "registrar: {max_bindings_per_device: 1, max_expires: 7200, source_failures_per_minute: 1000000}",
              "routing: {fallback: [], ring_timeout: 30}",
-             f"trusted_peers: [{{name: acd, address: 127.0.0.1{', mode: redirect' if redirect else ''}}}]",
+             f"trusted_peers: [{{name: acd, address: 127.0.0.1{', mode: redirect' if redirect else ''}}}{extra}]",
              "log: {level: warning, format: json}", "users:"]
     for i in range(users):
         lines.append(f"  - {{id: u{i}, receive_method: {method}, devices: ["
@@ -84,11 +89,15 @@ def wait_registered(config: Path, expected: int, timeout: float = 60.0) -> int:
 
 
 def caller(tmp: Path, target: str, scenario: Path, rate: int, count: int, users: int,
-           rtt: bool = False) -> tuple[subprocess.CompletedProcess[str], float]:
-    rows = ["SEQUENTIAL"] + [f"u{i}" for i in range(users)]
-    data = tmp / "callees.csv"
-    data.write_text("\n".join(rows) + "\n")
-    cmd = ["sipp", "-sf", str(scenario), "-inf", str(data), "-i", "127.0.0.1", "-p", str(free_port()),
+           rtt: bool = False, address: str = "127.0.0.1",
+           data: Path | None = None) -> tuple[subprocess.CompletedProcess[str], float]:
+    """SIPp runs ``scenario`` from ``address``: ``count`` calls at ``rate``/s, one user of the
+    injection file ``data`` each (default: the callees u0..u<users-1>)."""
+    if data is None:
+        rows = ["SEQUENTIAL"] + [f"u{i}" for i in range(users)]
+        data = tmp / "callees.csv"
+        data.write_text("\n".join(rows) + "\n")
+    cmd = ["sipp", "-sf", str(scenario), "-inf", str(data), "-i", address, "-p", str(free_port()),
            "-r", str(rate), "-m", str(count), "-l", str(max(rate * 4, 100)), "-nostdin", "-buff_size", BUF,
            "-timeout", str(max(60, 3 * count // max(rate, 1))), "-timeout_error", "-default_behaviors", "all",
            "-trace_err", "-error_file", str(tmp / "caller-errors.log"),
@@ -98,6 +107,15 @@ def caller(tmp: Path, target: str, scenario: Path, rate: int, count: int, users:
     started = time.monotonic()
     result = subprocess.run([*cmd, target], cwd=tmp, capture_output=True, text=True, timeout=1800)
     return result, time.monotonic() - started
+
+
+def call_scenario(path: Path, mode: str) -> Path:
+    """The caller's SIPp scenario for ``mode`` (fork, single, redirect or pdd), callee from field 0."""
+    if mode == "fork":                # either phone may ring first; both 180s may come
+        return fork_call_flow(path)
+    invite_flow(path, "[field0]", 302 if mode == "redirect" else 200, bye_after_ms=0, ringing=1)
+    path.write_text(path.read_text().replace('<pause milliseconds="0"/>\n', ""))
+    return path
 
 
 def totals(out: str) -> tuple[int, int]:
@@ -161,16 +179,7 @@ def main() -> int:
                     expected *= 2
                 got = wait_registered(config, expected)
                 print(f"devices registered: {got}/{expected}")
-                expect = 302 if args.mode == "redirect" else 200
-                scenario = invite_flow(tmp / "caller.xml", "[field0]", expect, bye_after_ms=0,
-                                       ringing=1)
-                text = scenario.read_text()
-                if args.mode == "fork":   # either phone may ring first; both 180s may come
-                    text = text.replace('<recv response="180" optional="true" rtd="pdd"/>',
-                                        '<recv response="180" optional="true" rtd="pdd"/>\n'
-                                        '  <recv response="180" optional="true"/>')
-                text = text.replace('<pause milliseconds="0"/>\n', "")
-                scenario.write_text(text)
+                scenario = call_scenario(tmp / "caller.xml", args.mode)
                 result, elapsed = caller(tmp, f"127.0.0.1:{port}", scenario, rate, count, args.users,
                                          rtt=args.mode == "pdd")
                 ok, failed = totals(result.stdout)
