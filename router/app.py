@@ -57,7 +57,7 @@ from router.control.server import ControlError, ControlServer, OnLoop
 from router.control.systemd import Notifier
 from router.dns import ResolveError, resolve_trunk
 from router.errors import ConfigError
-from router.gcpolicy import Collector
+from router.gcpolicy import Collector, building_to_keep
 from router.metrics import MetricsServer, Tally, registry_for
 from router.policy import authz
 from router.policy.model import DeviceKind, Policy, Trunk
@@ -239,6 +239,10 @@ class Router:
         """Everything a reload costs per user happens here, on the reload thread: parsing,
         recording the YAML's values (on a connection of its own), laying run-time changes
         over them, and finding the devices that changed owner.  The PJSIP thread only swaps."""
+        with building_to_keep():
+            return self._prepare_reload()
+
+    def _prepare_reload(self) -> Prepared:
         try:
             policy = load_policy_apart(self.config_path)
         except ConfigError as exc:
@@ -258,6 +262,7 @@ class Router:
 
     def adopt(self, prepared: Prepared, now: float) -> dict[str, Any]:
         """The PJSIP thread takes a prepared reload in (or counts its refusal)."""
+        began = time.perf_counter()
         current = self.policy_state.yaml_policy
         policy = prepared.policy
         if policy is None or prepared.state is None:
@@ -275,7 +280,9 @@ class Router:
         self.resolved = dict(prepared.resolved)
         self.engine.execute(self.core.set_policy(view.policy, now, prepared.moves))
         self.engine.set_trunk(policy.trunk, self.resolve(policy.trunk) if policy.trunk else None)
-        self.log.info("policy.reloaded", source=self.config_path, users=len(policy.users))
+        self.log.info("policy.reloaded", source=self.config_path, users=len(policy.users),
+                      moved_devices=len(prepared.moves),
+                      sip_thread_ms=round((time.perf_counter() - began) * 1000, 1))
         self.tally.reloads["reloaded"] = self.tally.reloads.get("reloaded", 0) + 1
         return {"reloaded": True, "errors": [], "users": len(policy.users)}
 

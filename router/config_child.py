@@ -13,6 +13,7 @@ same interpreter running this module, so the pickle never crosses a trust bounda
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import subprocess
@@ -20,7 +21,9 @@ import sys
 
 from router.config import load_policy, paused_gc
 from router.errors import ConfigError
-from router.policy.model import Policy
+from router.policy.model import Policy, User
+
+CHUNK = 1000                # users per pickle: a few milliseconds to unpickle each
 
 
 def load_policy_apart(path: str, timeout: float = 300.0) -> Policy:
@@ -35,7 +38,9 @@ def load_policy_apart(path: str, timeout: float = 300.0) -> Policy:
             raise ValueError(done.returncode)
         with paused_gc():
             kind, payload = pickle.loads(done.stdout)
-    except (OSError, subprocess.SubprocessError, pickle.UnpicklingError, EOFError, ValueError):
+            if kind == "ok":
+                payload = _assemble(*payload)
+    except (OSError, subprocess.SubprocessError, pickle.UnpicklingError, EOFError, ValueError, TypeError):
         kind, payload = "failed", None
     if kind == "ok" and isinstance(payload, Policy):
         return payload
@@ -44,9 +49,24 @@ def load_policy_apart(path: str, timeout: float = 300.0) -> Policy:
     return load_policy(path)      # the child could not run (killed, no interpreter): not the file's fault
 
 
+def _assemble(head: Policy, chunks: list[bytes]) -> Policy:
+    """The users come in chunks, unpickled one by one in a Python loop: one pickle of
+    100,000 users would be a single 300 ms call holding the GIL, and on a reload the
+    PJSIP thread would wait that long for it."""
+    users: list[User] = []
+    for chunk in chunks:
+        users.extend(pickle.loads(chunk))
+    return dataclasses.replace(head, users=tuple(users))
+
+
 def _child(path: str) -> int:
     try:
-        result: tuple[str, object] = ("ok", load_policy(path))
+        policy = load_policy(path)
+        users = policy.users
+        chunks = [pickle.dumps(users[i:i + CHUNK], protocol=pickle.HIGHEST_PROTOCOL)
+                  for i in range(0, len(users), CHUNK)]
+        # A new object without the users, nor the lookup indexes the checks built.
+        result: tuple[str, object] = ("ok", (dataclasses.replace(policy, users=()), chunks))
     except ConfigError as exc:
         result = ("error", exc.problems)
     sys.stdout.buffer.write(pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))

@@ -23,6 +23,7 @@ reverse order.
 
 from __future__ import annotations
 
+import math
 import os
 import queue
 import socket
@@ -44,7 +45,7 @@ from router.sip.pjsip_module import LayoutMismatch, Packet, RouterModule, quiet_
 from router.sip.transaction import transaction_key
 from router.store.interfaces import BindingWriter, CallWriter
 
-POLL_MS = 10
+POLL_MS = 50
 BATCH = 256
 IDLE_INTERVAL = 1.0          # reload flag and run-time policy changes
 _PJ_LEVELS = {0: "critical", 1: "error", 2: "warning", 3: "info", 4: "debug", 5: "debug", 6: "debug"}
@@ -274,7 +275,8 @@ class Engine:
             wake = self.core.next_timer()
             if self.commit.held:              # answers wait for the flush: do not oversleep it
                 wake = min(wake, next_flush)
-            wait = max(0, min(POLL_MS, int((wake - time.time()) * 1000)))
+            # Rounded up: rounded down, the last millisecond before every timer was a busy spin.
+            wait = max(0, min(POLL_MS, math.ceil((wake - time.time()) * 1000)))
             if self.ep.libHandleEvents(wait) > 0:
                 while len(self.received) < BATCH and self.ep.libHandleEvents(0) > 0:
                     pass

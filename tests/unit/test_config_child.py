@@ -46,3 +46,10 @@ def test_a_missing_file_is_refused_like_the_cli_refuses_it(tmp_path):
 def test_when_no_child_can_run_the_policy_is_parsed_here(good, monkeypatch):
     monkeypatch.setattr(sys, "executable", "/nonexistent/python3")
     assert config_child.load_policy_apart(good) == load_policy(good)
+
+
+def test_users_and_devices_survive_the_trip_whole(good):
+    apart = config_child.load_policy_apart(good)
+    here = load_policy(good)
+    for a, b in zip(apart.users, here.users, strict=True):
+        assert a == b and a.devices == b.devices and type(a.role) is type(b.role)

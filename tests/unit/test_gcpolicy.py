@@ -8,7 +8,7 @@ import weakref
 
 import pytest
 
-from router.gcpolicy import Collector
+from router.gcpolicy import Collector, building_to_keep
 
 
 @pytest.fixture(autouse=True)
@@ -39,14 +39,15 @@ def cycle() -> weakref.ref[Node]:
 
 def test_a_young_cycle_is_collected_before_the_freeze_not_frozen():
     collector = Collector(now=0.0, freeze_every=2.0, sweep_every=3600.0)
-    gc.disable()                   # only the collector's own young collection may find it
+    thresholds = gc.get_threshold()
+    gc.set_threshold(10**9)        # only the collector's own young collection may find it
     try:
         alive = cycle()
         assert alive() is not None
         collector.tick(2.0)
         assert alive() is None
     finally:
-        gc.enable()
+        gc.set_threshold(*thresholds)
 
 
 def test_a_sweep_finds_a_cycle_that_died_after_it_was_frozen():
@@ -61,3 +62,11 @@ def test_a_sweep_finds_a_cycle_that_died_after_it_was_frozen():
     sweep = collector.tick(10.0)
     assert sweep is not None and alive() is None
     assert sweep.collected >= 2 and sweep.tracked == gc.get_freeze_count() > 0
+
+
+def test_nothing_is_collected_or_frozen_while_something_long_lived_is_being_built():
+    collector = Collector(now=0.0, freeze_every=2.0, sweep_every=3600.0)
+    with building_to_keep():
+        kept = [Node() for _ in range(100)]
+        assert collector.tick(2.0) is None and gc.get_freeze_count() == 0
+    assert gc.get_freeze_count() >= len(kept) and gc.isenabled()

@@ -7,11 +7,11 @@ import itertools
 import pytest
 
 from router.config import parse_policy
+from router.policy.model import DeviceKind
 from router.sip import digest
 from router.sip.commands import Source
-from router.sip.message import auth_params, parse
-from router.policy.model import DeviceKind
 from router.sip.location import ownership_moves
+from router.sip.message import auth_params, parse
 from router.sip.registrar import Registrar
 
 POLICY = """
