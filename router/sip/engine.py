@@ -45,7 +45,7 @@ from router.sip.pjsip_module import LayoutMismatch, Packet, RouterModule, quiet_
 from router.sip.transaction import transaction_key
 from router.store.interfaces import BindingWriter, CallWriter
 
-POLL_MS = 50
+POLL_MS = 10
 BATCH = 256
 IDLE_INTERVAL = 1.0          # reload flag and run-time policy changes
 _PJ_LEVELS = {0: "critical", 1: "error", 2: "warning", 3: "info", 4: "debug", 5: "debug", 6: "debug"}
