@@ -50,14 +50,13 @@ from types import FrameType
 from typing import Any
 
 from router import log
-from router.config import paused_gc
 from router.config_child import load_policy_apart
 from router.control import views
 from router.control.server import ControlError, ControlServer, OnLoop
 from router.control.systemd import Notifier
 from router.dns import ResolveError, resolve_trunk
 from router.errors import ConfigError
-from router.gcpolicy import Collector, building_to_keep
+from router.gcpolicy import Collector, building_to_keep, paused_gc
 from router.metrics import MetricsServer, Tally, registry_for
 from router.policy import authz
 from router.policy.model import DeviceKind, Policy, Trunk

@@ -19,8 +19,9 @@ import pickle
 import subprocess
 import sys
 
-from router.config import load_policy, paused_gc
+from router.config import load_policy
 from router.errors import ConfigError
+from router.gcpolicy import paused_gc
 from router.policy.model import Policy, User
 
 CHUNK = 1000                # users per pickle: a few milliseconds to unpickle each
