@@ -39,6 +39,7 @@ does not stop the router: writes are retried and calls keep being routed
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sqlite3
@@ -66,6 +67,8 @@ from router.sip.engine import Engine, EngineError
 from router.sip.forward import Local
 from router.sip.location import ownership_moves
 from router.sip.pjsip_module import LayoutMismatch
+from router.sip.sharing import Channels, SharedPorts, SharingError, inherited
+from router.sip.steer import Steering
 from router.store.interfaces import BindingStore, CallStore
 from router.store.sqlite import (
     SqliteBindingStore,
@@ -75,6 +78,7 @@ from router.store.sqlite import (
     connect,
     describe,
 )
+from router.workers import own_ports, supervise, user_id_of, worker_socket
 
 EXIT_OK, EXIT_START_FAILED, EXIT_LAYOUT, EXIT_STATE = 0, 1, 3, 4
 STATE_BUSY_TIMEOUT = 0.25    # the PJSIP thread waits at most this long for another writer's lock
@@ -102,9 +106,17 @@ class Prepared:
 
 
 class Router:
-    def __init__(self, config_path: str, policy: Policy) -> None:
+    def __init__(self, config_path: str, policy: Policy, channels: Channels | None = None) -> None:
         self.config_path = config_path
         self.log = log.get("router")
+        self.channels = channels
+        self.worker = channels.index if channels is not None else None
+        self.steering: Steering | None = None
+        if channels is not None:
+            self.steering = Steering(channels.count, {port: k for k in range(channels.count)
+                                                      for port in own_ports(policy, k)},
+                                     frozenset(h for x in policy.listen for h in (x.address, x.advertise) if h),
+                                     lambda user: user_id_of(self.core.policy, user))
         now = time.time()
         self.started_at = now
         self.conn = connect(policy.database, durable=True, check_writable=True)
@@ -113,6 +125,9 @@ class Router:
             self.bindings: BindingStore = SqliteBindingStore(self.conn)
             purged = self.bindings.purge_expired(now)
             loaded = self.bindings.load(now)
+            if self.steering is not None:        # the other workers' users are theirs
+                steering, me = self.steering, self.worker
+                loaded = [b for b in loaded if steering.of_user(b.user_id) == me]
             # Start-up may wait for a CLI write; the PJSIP thread may not, once it runs.
             self.conn.execute(f"PRAGMA busy_timeout = {int(STATE_BUSY_TIMEOUT * 1000)}")
         except sqlite3.Error as exc:
@@ -122,16 +137,23 @@ class Router:
         self.logged_through = self.policy_state.view.marker    # run-time changes already logged
         first = policy.listen[0]
         self.resolved: dict[Trunk, tuple[str, int]] = {}
-        self.core = SipCore(self.policy_state.view.policy, loaded, now,
-                            local=Local(first.advertise or first.address, first.port),
-                            resolve=self.resolve)
+        local = Local(first.advertise or first.address, first.port)
+        listen = policy.listen
+        shared: SharedPorts | None = None
+        if channels is not None and self.steering is not None:
+            ports = own_ports(policy, channels.index)
+            local = Local(first.advertise or first.address, ports[0], channels.index,
+                          tuple(x.port for x in policy.listen))
+            listen = tuple(dataclasses.replace(x, port=p) for x, p in zip(policy.listen, ports, strict=True))
+            shared = SharedPorts(policy.listen, self.steering, channels)
+        self.core = SipCore(self.policy_state.view.policy, loaded, now, local=local, resolve=self.resolve)
         self.tally = Tally()
         self.tally.bindings_loaded(loaded)
         # Writes are batched on the PJSIP thread itself: a writer thread was measured
         # to cost throughput (it competes for the GIL) without improving latency.
         calls: CallStore = SqliteCallStore(self.conn)
-        self.engine = Engine(policy.listen, self.core, self.bindings, calls,
-                             pj_log_level=policy.log.pjsip_level, tally=self.tally)
+        self.engine = Engine(listen, self.core, self.bindings, calls,
+                             pj_log_level=policy.log.pjsip_level, tally=self.tally, shared=shared)
         if policy.trunk is not None:
             self.resolve(policy.trunk)           # look names up before the first call, not during it
         self.flags = Flags()
@@ -342,13 +364,16 @@ class Router:
         # of the cyclic collector's sight so per-packet garbage collections stay cheap.
         self.collector.start()
         policy = self.policy_state.yaml_policy
-        self.engine.set_trunk(policy.trunk, self.resolve(policy.trunk) if policy.trunk else None)
-        control = ControlServer(policy.control_socket, self.handlers(), log.get("control"))
+        if self.worker in (None, 0):       # one trunk registration for the whole router
+            self.engine.set_trunk(policy.trunk, self.resolve(policy.trunk) if policy.trunk else None)
+        control = ControlServer(worker_socket(policy.control_socket, self.worker), self.handlers(),
+                                log.get("control"))
         control.start()                   # without it the router still routes: the failure is logged
         metrics: MetricsServer | None = None
         if policy.metrics.enabled:
             metrics = MetricsServer(registry_for(self.tally, self.engine.stats, self.started_at),
-                                    policy.metrics.address, policy.metrics.port, log.get("metrics"))
+                                    policy.metrics.address, policy.metrics.port + (self.worker or 0),
+                                    log.get("metrics"))
             metrics.start()
         self.log.info("router.started", pid=os.getpid(), users=len(policy.users), **self.startup)
         self.notifier.send("READY=1")
@@ -381,12 +406,22 @@ def _shown(field: str, value: str | None) -> str | None:
 
 def run(config_path: str) -> int:
     began = time.monotonic()
+    try:
+        channels = inherited()
+    except SharingError as exc:
+        log.configure("info", "auto")
+        log.get("router").error("router.start.failed", detail=str(exc))
+        return EXIT_START_FAILED
     policy = load_policy_apart(config_path)
     log.configure(policy.log.level, policy.log.format)
+    if channels is None and policy.workers > 1:
+        return supervise(config_path, policy)
+    if channels is not None:
+        log.bind(worker=channels.index)
     loaded = time.monotonic()
     try:
         with paused_gc():                 # start-up builds long-lived objects only: no cycles to find
-            router = Router(config_path, policy)
+            router = Router(config_path, policy, channels)
         router.startup = {"config_seconds": round(loaded - began, 2),
                           "state_seconds": round(time.monotonic() - loaded, 2)}
     except StateError as exc:

@@ -133,6 +133,7 @@ def _build(top: MapReader, filename: str, problems: Problems) -> Policy | None:
     web = _web(top.sub("web"), state_dir, problems)
     metrics = _metrics(top.sub("metrics"), problems)
     control = _control(top.sub("control"))
+    workers = _workers(top, listen, problems)
     _cross_check(top, users, queues, trunk, routing, problems)
     if edge is not None:
         _check_edge(top, edge, listen, peers, problems)
@@ -141,7 +142,40 @@ def _build(top: MapReader, filename: str, problems: Problems) -> Policy | None:
     return Policy(source=filename, domain=domain, country=country, state_dir=state_dir,
                   database=database, listen=listen, users=users, queues=queues,  # type: ignore[arg-type]
                   trunk=trunk, trusted_peers=peers, routing=routing,  # type: ignore[arg-type]
-                  registrar=registrar, log=log, edge=edge, web=web, metrics=metrics, control=control)
+                  registrar=registrar, log=log, edge=edge, web=web, metrics=metrics, control=control,
+                  workers=workers)
+
+
+MAX_WORKERS = 32
+
+
+def _workers(top: MapReader, listen: tuple[Listen | None, ...], problems: Problems) -> int:
+    """``workers: N`` or ``auto`` (one per CPU core).  Several workers share each UDP
+    port, and worker k also listens on port+1+k (its own port in Via and Record-Route),
+    so those ports must be free; TCP stays with a single worker."""
+    node = top.raw("workers")
+    if node is None:
+        return 1
+    text = scalar_text(node)
+    if text == "auto":
+        count = max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+    else:
+        count = top.number("workers", 1, integer=True, minimum=1, maximum=MAX_WORKERS)
+    if count > 1:
+        tcp = [x for x in listen if x is not None and x.transport == "tcp"]
+        if tcp:
+            problems.add(node, "workers", f"{count} workers share UDP ports only: the tcp listener on "
+                                          f"port {tcp[0].port} needs `workers: 1` (put TCP on the edge)")
+        ports = {x.port for x in listen if x is not None}
+        for x in listen:
+            if x is None:
+                continue
+            clash = sorted(ports & set(range(x.port + 1, x.port + 1 + count)))
+            if clash:
+                problems.add(node, "workers", f"worker ports {x.port + 1}-{x.port + count} (listen port "
+                                              f"{x.port} + 1 + worker) include listen port {clash[0]}: "
+                                              "space the listen ports further apart")
+    return int(count)
 
 
 def _listen(node: yaml.Node, path: str, problems: Problems) -> Listen | None:

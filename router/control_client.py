@@ -164,6 +164,11 @@ def render_status(status: dict[str, Any]) -> str:
         f"trunk: {trunk_line}",
         f"counters: {_counts(status.get('counters'))}",
     ]
+    workers = status.get("workers")
+    if isinstance(workers, list) and workers:
+        lines.append(f"workers: {len(workers)}: " + "; ".join(
+            f"{w.get('worker')} pid {w.get('pid')}, {w.get('registrations', 0)} registrations" for w in workers
+            if isinstance(w, dict)))
     return "\n".join(lines)
 
 

@@ -49,6 +49,20 @@ def _with_priority(renderer: structlog.typing.Processor) -> structlog.typing.Pro
     return render
 
 
+_PROCESS: dict[str, object] = {}      # fields every line of this process carries (the worker)
+
+
+def bind(**fields: object) -> None:
+    """Put ``fields`` on every log line this process writes, from any thread."""
+    _PROCESS.update(fields)
+
+
+def _process_fields(_logger: object, _name: str, event_dict: structlog.typing.EventDict) -> structlog.typing.EventDict:
+    for key, value in _PROCESS.items():
+        event_dict.setdefault(key, value)
+    return event_dict
+
+
 def configure(level: str = "info", fmt: str = "auto", stream: object = None) -> None:
     out = stream if stream is not None else sys.stderr
     use_json = fmt == "json" or (fmt == "auto" and not getattr(out, "isatty", lambda: False)())
@@ -60,6 +74,7 @@ def configure(level: str = "info", fmt: str = "auto", stream: object = None) -> 
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            _process_fields,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,

@@ -36,6 +36,26 @@ def free_port(kind: int = socket.SOCK_DGRAM) -> int:
     raise RuntimeError("no free loopback port")
 
 
+def free_port_run(count: int) -> int:
+    """A loopback port P such that P .. P+count-1 are free for UDP and TCP right now
+    (a router with workers uses its listen port and one port per worker after it)."""
+    for _ in range(100):
+        first = free_port()
+        if first + count > 65535:
+            continue
+        ok = True
+        for port in range(first + 1, first + count):
+            for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+                with socket.socket(socket.AF_INET, kind) as s:
+                    try:
+                        s.bind(("127.0.0.1", port))
+                    except OSError:
+                        ok = False
+        if ok:
+            return first
+    raise RuntimeError(f"no run of {count} free loopback ports")
+
+
 def write_users_config(directory: str, port: int, users: int) -> tuple[str, str]:
     """A policy with ``users`` users of one ip_phone each, and the SIPp CSV for them."""
     config = Path(directory) / "router.yaml"

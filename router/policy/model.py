@@ -275,6 +275,7 @@ class Policy:
     web: WebSettings = field(default_factory=WebSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     control: ControlSettings = field(default_factory=ControlSettings)
+    workers: int = 1        # router processes sharing the listen ports (``router.workers``)
 
     @property
     def control_socket(self) -> str:

@@ -125,7 +125,7 @@ class Dialogs:
             number, method = msg.cseq
             rewritten["cseq"] = f"{number + dialog.cseq_offset} {method}"
         dest = toward.source
-        data = forward_request(msg, msg.uri, self.local, new_branch(msg), dest.transport,
+        data = forward_request(msg, msg.uri, self.local, new_branch(msg, self.local), dest.transport,
                                (source.host, source.port), record_route=False, replace=rewritten)
         out: Emit = [Send(data, dest.host, dest.port, dest.transport, dest.conn)]
         if msg.method == "BYE" and not dialog.ended:

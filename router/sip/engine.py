@@ -16,6 +16,11 @@ Other threads never call pjsua2: they put callables on ``self.inbox`` and the
 loop runs them between polls (the control socket's commands come this way).
 Every message and command is also counted in ``self.tally`` -- plain ints, no
 lock -- which the metrics thread reads when scraped (``router.metrics``).
+With several workers (``router.sip.sharing``) the loop waits in ``select`` on
+the shared UDP sockets, the hand-over channel and PJSIP's own socket instead
+of inside PJSIP, reads the shared sockets itself, and lets PJSIP handle only
+its own port (the worker's port, and the trunk registration) with
+``libHandleEvents(0)``.
 Signal handlers only set flags; the loop looks at them.  Every SWIG object
 (endpoint, log writer, transports) is owned here and released in ``close`` in
 reverse order.
@@ -26,6 +31,7 @@ from __future__ import annotations
 import math
 import os
 import queue
+import select
 import socket
 import time
 from collections.abc import Callable
@@ -42,6 +48,7 @@ from router.sip.commit import FLUSH_INTERVAL, GroupCommit
 from router.sip.core import SipCore
 from router.sip.message import parse
 from router.sip.pjsip_module import LayoutMismatch, Packet, RouterModule, quiet_until_configured
+from router.sip.sharing import SharedPorts, SharingError
 from router.sip.transaction import transaction_key
 from router.store.interfaces import BindingWriter, CallWriter
 
@@ -148,8 +155,11 @@ class EngineError(RouterError):
 
 class Engine:
     def __init__(self, listen: tuple[Listen, ...], core: SipCore, store: BindingWriter,
-                 calls: CallWriter, pj_log_level: int = 2, tally: Tally | None = None) -> None:
+                 calls: CallWriter, pj_log_level: int = 2, tally: Tally | None = None,
+                 shared: SharedPorts | None = None) -> None:
         self.listen = listen
+        self.shared = shared
+        self.pj_sockets: list[socket.socket] = []     # with shared ports: PJSIP's, to wait on
         self.core = core
         self.store = store
         self.tally = tally if tally is not None else Tally()     # counted here, scraped elsewhere
@@ -168,6 +178,9 @@ class Engine:
         self.trunk: Trunk | None = None
         self.pj_log_level = pj_log_level
         self.stats = {"requests": 0, "responses": 0, "sent": 0, "send_errors": 0}
+        if shared is not None:            # one set of counters: status and the metrics see the hand-overs
+            self.stats.update(shared.stats)
+            shared.stats = self.stats
         self.received: list[tuple[bool, Packet]] = []
         self.udp: dict[int, socket.socket] = {}    # address family -> PJSIP's own UDP socket
 
@@ -208,13 +221,23 @@ class Engine:
                                                "transport": item.transport}) from None
             if item.transport == "udp":
                 sock = _find_udp_socket(item.address, item.port)
-                if sock is not None:
+                if sock is not None and self.shared is not None:
+                    self.pj_sockets.append(sock)
+                elif sock is not None:
                     self.udp.setdefault(sock.family, sock)
             if item.transport == "tcp":
                 self.log.warning("sip.tcp.enabled", address=item.address, port=item.port,
                                  detail="TCP is safe only from trusted addresses (an edge proxy): "
                                         "a connection storm can abort PJSIP")
             self.log.info("sip.listen", address=item.address, port=item.port, transport=item.transport)
+        if self.shared is not None:
+            try:
+                self.shared.bind()
+            except SharingError as exc:
+                raise EngineError(str(exc)) from None
+            self.udp = self.shared.senders()
+            self.log.info("sip.workers.shared", worker=self.shared.index, workers=self.shared.channels.count,
+                          ports=[x.port for x in self.shared.listen])
         self.ep.libStart()
         self.module = RouterModule(self._on_packet, self._on_response)
         self.module.register()
@@ -256,9 +279,12 @@ class Engine:
         if self.account is not None:
             self.account.shutdown()
             self.account = None
-        for sock in self.udp.values():
+        for sock in (*self.udp.values(), *self.pj_sockets):
             sock.close()
         self.udp.clear()
+        self.pj_sockets.clear()
+        if self.shared is not None:
+            self.shared.close()
         if self.module is not None:
             self.module.unregister()
             self.module = None
@@ -277,7 +303,9 @@ class Engine:
                 wake = min(wake, next_flush)
             # Rounded up: rounded down, the last millisecond before every timer was a busy spin.
             wait = max(0, min(POLL_MS, math.ceil((wake - time.time()) * 1000)))
-            if self.ep.libHandleEvents(wait) > 0:
+            if self.shared is not None:
+                self._poll_shared(self.shared, wait)
+            elif self.ep.libHandleEvents(wait) > 0:
                 while len(self.received) < BATCH and self.ep.libHandleEvents(0) > 0:
                     pass
             busy_from = time.monotonic()      # the wait is over: from here on, messages queue up
@@ -308,6 +336,18 @@ class Engine:
             self.tally.loop.observe(time.monotonic() - busy_from)
         if self.failure is not None:
             raise LayoutMismatch(self.failure)
+
+    def _poll_shared(self, shared: SharedPorts, wait_ms: int) -> None:
+        """Wait for any of the worker's sockets; PJSIP gets a turn every pass for its
+        own port and timers (a zero-wait poll), the shared sockets are read here."""
+        try:
+            ready = select.select([*shared.readable(), *self.pj_sockets], [], [], wait_ms / 1000)[0]
+        except InterruptedError:
+            ready = []
+        while self.ep.libHandleEvents(0) > 0 and len(self.received) < BATCH:
+            pass
+        if ready:
+            shared.drain(ready, self.received, BATCH)
 
     def _guarded(self, step: Callable[[float], list[Command]], now: float) -> None:
         try:

@@ -24,6 +24,7 @@ from router.sip.message import (
     pretty_name,
     stamp_received,
 )
+from router.sip.steer import WORKER_MARK
 
 BRANCH_PREFIX = "z9hG4bKsr"
 EDGE_CLIENT = EDGE_CLIENT_HEADER.lower()
@@ -35,6 +36,8 @@ class Local:
 
     host: str
     port: int
+    worker: int = 0                     # marks our Via branches (``router.sip.steer``)
+    shared_ports: tuple[int, ...] = ()  # with several workers: the ports they share
 
     @property
     def hostport(self) -> str:
@@ -45,7 +48,13 @@ class Local:
             parsed = parse_uri(uri)
         except ValueError:
             return False
-        return parsed.host.strip("[]") == self.host and (parsed.port or 5060) == self.port
+        port = parsed.port or 5060
+        return parsed.host.strip("[]") == self.host and (port == self.port or port in self.shared_ports)
+
+    @property
+    def mark(self) -> str:
+        """What ends each Via branch this worker makes: responses find their way back to it."""
+        return f"{WORKER_MARK}{self.worker}"
 
 
 def loop_hash(msg: SipMessage) -> str:
@@ -56,8 +65,8 @@ def loop_hash(msg: SipMessage) -> str:
     return hashlib.blake2b(seed.encode(), digest_size=5).hexdigest()
 
 
-def new_branch(msg: SipMessage, hashed: str | None = None) -> str:
-    return f"{BRANCH_PREFIX}{hashed or loop_hash(msg)}.{secrets.token_hex(5)}"
+def new_branch(msg: SipMessage, local: Local, hashed: str | None = None) -> str:
+    return f"{BRANCH_PREFIX}{hashed or loop_hash(msg)}.{secrets.token_hex(5)}{local.mark}"
 
 
 def our_via(local: Local, branch: str, transport: str) -> str:

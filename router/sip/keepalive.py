@@ -142,7 +142,7 @@ class Keepalive:
 
     def _ping(self, binding: Binding, watch: Watch) -> Send:
         dest, routes = destination(binding)
-        branch = f"{BRANCH_PREFIX}{secrets.token_hex(8)}"
+        branch = f"{BRANCH_PREFIX}{secrets.token_hex(8)}{self.local.mark}"
         watch.outstanding = branch
         self.by_branch[branch] = (binding.device_id, binding.contact)
         headers = [("via", our_via(self.local, branch, dest.transport)), ("max-forwards", "70"),

@@ -293,7 +293,7 @@ class Proxy:
     def _branch(self, call: Call, spec: Spec, now: float, out: Emit, cseq_offset: int = 0) -> None:
         if call.loop_hash is None:
             call.loop_hash = loop_hash(call.invite)
-        key = new_branch(call.invite, call.loop_hash)
+        key = new_branch(call.invite, self.local, call.loop_hash)
         headers = dict(spec.replace)
         if cseq_offset:
             headers["cseq"] = f"{call.invite.cseq[0] + cseq_offset} INVITE"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import ROOT, RouterProcess, free_port
+from tests.support import ROOT, RouterProcess, free_port, free_port_run
 
 pytestmark = pytest.mark.integration
 
@@ -61,9 +61,14 @@ class Lab:
     """One router with its config, and ways to talk to it."""
 
     def __init__(self, tmp: Path, tcp: bool = False, min_expires: int = 60,
-                 algorithms: str = "[MD5, SHA-256]", edit: Callable[[str], str] = lambda t: t) -> None:
+                 algorithms: str = "[MD5, SHA-256]", edit: Callable[[str], str] = lambda t: t,
+                 workers: int = 1) -> None:
         self.tmp = tmp
-        self.port = free_port()
+        self.workers = workers
+        self.port = free_port() if workers == 1 else free_port_run(workers + 1)
+        if workers > 1:
+            first_edit = edit
+            edit = lambda t: first_edit(t) + f"workers: {workers}\n"  # noqa: E731
         self.trunk_port = free_port()
         self.config = tmp / "router.yaml"
         tcp_line = f"  - {{address: 127.0.0.1, port: {self.port}, transport: tcp}}\n" if tcp else ""

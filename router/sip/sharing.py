@@ -1,0 +1,187 @@
+"""Worker processes sharing the router's UDP ports.
+
+With ``workers: N`` each worker binds every UDP ``listen:`` port with
+SO_REUSEPORT (the kernel hands each datagram to one of them, by the sender's
+address) and reads those sockets itself, without PJSIP.  ``Steering`` names the
+datagram's owner; a datagram owned by another worker goes to it over a Unix
+datagram socket pair the supervisor made before starting the workers, with
+the sender's address in front.  Answers always leave from the shared port, so
+a phone behind NAT sees them come from the address it registered to.
+
+The pairs have no name in the file system or the abstract namespace: only the
+supervisor's children hold them, so nobody else can inject a datagram with a
+forged source.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from router.policy.model import Listen
+from router.sip.pjsip_module import Packet
+from router.sip.steer import Steering
+
+ENV = "SIP_ROUTER_WORKER"          # "<index>/<count>/<inbox fd>,<outbox fd of worker 0>,..."
+HANDOFF = b"\x00sr1 "             # never the start of a SIP message
+BUFFER = 4 * 1024 * 1024
+MAX_DATAGRAM = 65535
+
+
+class SharingError(Exception):
+    """The worker's inherited channels or shared sockets are not usable."""
+
+
+@dataclass(frozen=True)
+class Channels:
+    """The worker's end of its own pair (to read) and the other end of each worker's pair (to write)."""
+
+    index: int
+    count: int
+    inbox: socket.socket
+    outboxes: tuple[socket.socket, ...]
+
+
+def make_pairs(count: int) -> list[tuple[socket.socket, socket.socket]]:
+    """One (inbox, outbox) pair per worker, made by the supervisor."""
+    pairs = []
+    for _ in range(count):
+        inbox, outbox = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        inbox.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, BUFFER)
+        outbox.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, BUFFER)
+        pairs.append((inbox, outbox))
+    return pairs
+
+
+def worker_env(index: int, pairs: Sequence[tuple[socket.socket, socket.socket]]) -> tuple[str, list[int]]:
+    """The environment value that tells worker ``index`` who it is, and the descriptors to pass it."""
+    fds = [pairs[index][0].fileno(), *(outbox.fileno() for _, outbox in pairs)]
+    return f"{index}/{len(pairs)}/{','.join(map(str, fds))}", fds
+
+
+def channels_from_env(value: str) -> Channels:
+    try:
+        index_text, count_text, fds_text = value.split("/")
+        index, count = int(index_text), int(count_text)
+        fds = [int(x) for x in fds_text.split(",")]
+        if not 0 <= index < count or len(fds) != count + 1:
+            raise ValueError(value)
+        inbox = socket.socket(fileno=fds[0])
+        outboxes = tuple(socket.socket(fileno=fd) for fd in fds[1:])
+    except (ValueError, OSError) as exc:
+        raise SharingError(f"{ENV}={value!r} is not a worker's channel list: {exc}") from None
+    for sock in (inbox, *outboxes):
+        sock.setblocking(False)
+    return Channels(index, count, inbox, outboxes)
+
+
+def encode(host: str, port: int, data: bytes) -> bytes:
+    return b"%s%s %d\n%s" % (HANDOFF, host.encode(), port, data)
+
+
+def decode(packet: bytes) -> tuple[str, int, bytes] | None:
+    if not packet.startswith(HANDOFF):
+        return None
+    line, newline, data = packet[len(HANDOFF):].partition(b"\n")
+    host, _, port = line.partition(b" ")
+    if not newline or not port.isdigit():
+        return None
+    return host.decode(), int(port), data
+
+
+class SharedPorts:
+    """The shared sockets of one worker, and the hand-over to the others."""
+
+    def __init__(self, listen: tuple[Listen, ...], steering: Steering, channels: Channels) -> None:
+        self.listen = tuple(x for x in listen if x.transport == "udp")
+        self.steering = steering
+        self.channels = channels
+        self.sockets: list[socket.socket] = []
+        self.stats = {"handed_over": 0, "handed_in": 0, "handover_dropped": 0}
+
+    @property
+    def index(self) -> int:
+        return self.channels.index
+
+    def bind(self) -> None:
+        for entry in self.listen:
+            family = socket.AF_INET6 if ":" in entry.address else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                    sock.setsockopt(socket.SOL_SOCKET, option, BUFFER)
+                sock.bind((entry.address, entry.port))
+            except OSError as exc:
+                sock.close()
+                raise SharingError(f"cannot share udp {entry.address}:{entry.port}: "
+                                   f"{exc.strerror or exc}") from None
+            sock.setblocking(False)
+            self.sockets.append(sock)
+
+    def senders(self) -> dict[int, socket.socket]:
+        """One shared socket per address family: what answers and requests leave from."""
+        out: dict[int, socket.socket] = {}
+        for sock in self.sockets:
+            out.setdefault(sock.family, sock)
+        return out
+
+    def readable(self) -> list[socket.socket]:
+        return [*self.sockets, self.channels.inbox]
+
+    def drain(self, ready: list[socket.socket], out: list[tuple[bool, Packet]], limit: int) -> None:
+        """Read what ``ready`` holds (at most ``limit`` in all): ours into ``out``, the rest handed on."""
+        for sock in ready:
+            if sock is self.channels.inbox:
+                self._drain_inbox(out, limit)
+            elif sock in self.sockets:
+                self._drain_shared(sock, out, limit)
+
+    def _drain_shared(self, sock: socket.socket, out: list[tuple[bool, Packet]], limit: int) -> None:
+        me = self.channels.index
+        for _ in range(limit):
+            try:
+                data, address = sock.recvfrom(MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:         # an ICMP error reported on the socket: nothing to read
+                return
+            host, port = address[0], address[1]
+            owner = self.steering.owner(data)
+            if owner is None or owner == me:
+                out.append((data.startswith(b"SIP/"), Packet(data, host, port, "udp", 0)))
+                continue
+            try:
+                self.channels.outboxes[owner].send(encode(host, port, data))
+                self.stats["handed_over"] += 1
+            except OSError:         # the owner is gone or far behind: as if the network lost it
+                self.stats["handover_dropped"] += 1
+
+    def _drain_inbox(self, out: list[tuple[bool, Packet]], limit: int) -> None:
+        for _ in range(limit):
+            try:
+                packet = self.channels.inbox.recv(MAX_DATAGRAM + 64)
+            except (BlockingIOError, InterruptedError):
+                return
+            decoded = decode(packet)
+            if decoded is None:
+                continue
+            host, port, data = decoded
+            self.stats["handed_in"] += 1
+            out.append((data.startswith(b"SIP/"), Packet(data, host, port, "udp", 0)))
+
+    def close(self) -> None:
+        for sock in (*self.sockets, self.channels.inbox, *self.channels.outboxes):
+            try:
+                sock.close()
+            except OSError:
+                pass
+        self.sockets.clear()
+
+
+def inherited() -> Channels | None:
+    """This process's channels when the supervisor started it as a worker, else None."""
+    value = os.environ.get(ENV)
+    return channels_from_env(value) if value else None

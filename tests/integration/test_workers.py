@@ -1,0 +1,97 @@
+"""Several workers on one host (``workers: 2``): one router to phones, callers and the CLI."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import zlib
+from collections.abc import Iterator
+
+import pytest
+
+from tests.integration.calllab import CallLab
+
+pytestmark = pytest.mark.integration
+
+
+def owner(user: str) -> int:
+    return zlib.crc32(user.encode()) % 2
+
+
+@pytest.fixture
+def two(make_lab) -> Iterator[CallLab]:
+    world = CallLab(make_lab(workers=2))
+    try:
+        yield world
+    finally:
+        world.stop()
+
+
+def worker_pids(world: CallLab) -> list[int]:
+    status = world.lab.cli("status")
+    return [int(w["pid"]) for w in status["workers"]]  # type: ignore[index]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:          # a zombie is gone too
+        return stat.read().split(") ")[1][0] != "Z"
+
+
+def test_two_workers_route_agents_whose_users_belong_to_different_workers(two):
+    assert {owner("lan"), owner("minh")} == {0, 1}, "the two users must land on different workers"
+    lan_desk = two.phone("lan-desk", "answer")
+    minh_desk = two.phone("minh-desk", "answer")
+    minh_app = two.phone("minh-app", "answer")
+    for user, phone in (("1001", lan_desk), ("1002", minh_desk)):
+        result, log = two.call(user, 200, name=f"caller-{user}")
+        assert result.returncode == 0, log
+        assert phone.wait_received("BYE"), "the caller's BYE must pass through the worker holding the call"
+    assert minh_app.received("INVITE") == [], "minh is on ip_phone: only the desk phone rings"
+    records = {r["user"]: r for r in two.lab.calls()}       # type: ignore[index]
+    assert records["lan"]["answered_by"] == "lan-desk" and records["minh"]["answered_by"] == "minh-desk"
+
+
+def test_status_adds_up_every_worker_and_names_each(two):
+    two.phone("lan-desk", "answer")
+    two.phone("minh-desk", "answer")
+    status = two.lab.cli("status")
+    workers = status["workers"]                              # type: ignore[index]
+    assert [w["worker"] for w in workers] == [0, 1]
+    assert sum(status["registrations"].values()) == 2        # type: ignore[index, union-attr]
+    assert sorted(w["registrations"] for w in workers) == [1, 1]
+    assert status["pid"] == two.lab.router.pid               # type: ignore[index]
+    counters = status["counters"]                            # type: ignore[index]
+    assert counters["handed_over"] + counters["handed_in"] > 0  # one worker received for the other
+
+
+def test_reload_and_unregister_reach_every_worker(two):
+    two.phone("lan-desk", "answer")
+    two.phone("minh-desk", "answer")
+    assert two.lab.cli("reload")["reloaded"] is True         # type: ignore[index]
+    assert two.lab.cli("unregister", "minh-desk")["removed"] == 1   # type: ignore[index]
+    assert [b["device"] for b in two.lab.registrations()] == ["lan-desk"]
+
+
+def test_stopping_the_router_stops_every_worker(two):
+    pids = worker_pids(two)
+    assert two.lab.router.stop() == 0
+    deadline = time.monotonic() + 5
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(alive(p) for p in pids)
+
+
+def test_a_worker_that_dies_takes_the_router_down_so_systemd_restarts_it_whole(two):
+    pids = worker_pids(two)
+    os.kill(pids[1], signal.SIGKILL)
+    proc = two.lab.router.proc
+    assert proc is not None
+    proc.wait(15)
+    assert proc.returncode != 0
+    assert two.lab.router.events("worker.exited")[0]["worker"] == 1
+    assert not alive(pids[0])
