@@ -55,12 +55,14 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.call_rate import call_scenario, caller, pct, rtt_values, totals, write_config  # noqa: E402
 from benchmarks.kamailio_register import MODULES  # noqa: E402
+from router import control_client  # noqa: E402
 from tests.integration.peers import SippFarm  # noqa: E402
 from tests.support import (  # noqa: E402
     SCENARIOS,
     RouterProcess,
     count_bindings,
     free_port,
+    free_port_run,
     options_ping,
     stop_process,
     write_users_config,
@@ -174,6 +176,22 @@ class RouterServer:
         self.port = port
         self.router = RouterProcess(str(config), port, log_level="warning")
         self.router.start(timeout=max(20.0, users / 1000))         # 100,000 users take a while to load
+        self.workers = self._wait_for_workers(max(20.0, users / 1000))
+
+    def _wait_for_workers(self, timeout: float) -> int:
+        """With workers, the first answer to OPTIONS may come from one while another still loads:
+        wait until the supervisor's status speaks for all of them."""
+        text = self.config.read_text()
+        if "\nworkers:" not in text:
+            return 1
+        path = str(self.config.parent / "control.sock")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                return len(control_client.request(path, "status", timeout=2.0)["workers"])
+            except (control_client.ControlError, control_client.RouterNotRunning):
+                time.sleep(0.2)
+        raise RuntimeError(f"the router's workers did not all start in {timeout:g} s")
 
     def pids(self) -> list[int]:
         return [self.router.pid, *descendants(self.router.pid)]
@@ -182,7 +200,7 @@ class RouterServer:
         return count_bindings(self.config.parent / "router.db")
 
     def memory_kib(self) -> int:
-        return self.router.rss_kib()
+        return self.router.rss_kib() if self.workers == 1 else pss_kib(self.pids())
 
     def log_tail(self, chars: int = 3000) -> str:
         return self.router.log_text()[-chars:]
@@ -435,6 +453,7 @@ def wait_bindings(server: Server, farms: Sequence[SippFarm], expected: int, time
 class Options:
     users: int
     children: int
+    workers: int
     register_rates: tuple[int, ...]
     call_rates: tuple[int, ...]
     step_seconds: float
@@ -455,9 +474,21 @@ def start_server(kind: str, tmp: Path, port: int, users: int, config: Path, logi
     return KamailioServer(tmp, port, users, logins, opts.children, save_flags)
 
 
+def server_port(kind: str, opts: Options) -> int:
+    """A free port; for the router with workers, followed by one free port per worker."""
+    return free_port_run(opts.workers + 1) if kind == ROUTER and opts.workers > 1 else free_port()
+
+
+def with_workers(kind: str, config: Path, opts: Options) -> None:
+    if kind == ROUTER and opts.workers > 1:
+        with open(config, "a") as out:
+            out.write(f"workers: {opts.workers}\n")
+
+
 def part_register(kind: str, tmp: Path, opts: Options, side: Side) -> None:
-    port = free_port()
+    port = server_port(kind, opts)
     config, csv = write_users_config(str(tmp), port, opts.users)
+    with_workers(kind, Path(config), opts)
     # one binding per device in both: the router's max_bindings_per_device: 1, Kamailio's save() flag 0x04
     server = start_server(kind, tmp, port, opts.users, Path(config), credentials(Path(csv)), opts, "0x04")
     try:
@@ -479,9 +510,10 @@ def part_register(kind: str, tmp: Path, opts: Options, side: Side) -> None:
 
 def part_calls(kind: str, tmp: Path, opts: Options, side: Side, fork: bool) -> None:
     """``fork``: two phones per user; otherwise one phone per user (single, redirect and pdd)."""
-    port = free_port()
+    port = server_port(kind, opts)
     config = write_config(tmp, port, opts.users, "all_devices" if fork else "ip_phone", False,
                           redirect_peer=REDIRECT_ACD)
+    with_workers(kind, config, opts)
     farms = [SippFarm(tmp, port, opts.users, "a", "answer", rate=opts.farm_rate)]
     if fork:
         farms.append(SippFarm(tmp, port, opts.users, "b", "ring", rate=opts.farm_rate))
@@ -607,10 +639,11 @@ def report(sides: dict[str, Side], opts: Options, command: str, started: datetim
         lines += ["**Quick smoke run (`--quick`): few users and short runs; not a measurement.**", ""]
     lines += [f"- date: {started:%Y-%m-%d %H:%M} (took {minutes:.0f} min)"]
     lines += [f"- {name}: {value}" for name, value in machine()]
+    processes = "one process" if opts.workers == 1 else f"{opts.workers} worker processes (`workers: {opts.workers}`)"
     lines += [f"- command: `{command}`",
               f"- users: {opts.users} (the router's YAML users = Kamailio's AORs; the same SIPp injection files)",
               f"- Kamailio: {opts.children} UDP worker processes, credentials in shared memory (htable), "
-              "bindings in memory (usrloc db_mode 0); sip-router: one process, bindings in SQLite",
+              f"bindings in memory (usrloc db_mode 0); sip-router: {processes}, bindings in SQLite",
               f"- rate steps of {opts.step_seconds:g} s: register {', '.join(map(str, opts.register_rates))}; "
               f"calls {', '.join(map(str, opts.call_rates))}; stepping stops at the first step that is not clean "
               "(a failed or unfinished call, or under 90% of the offered rate achieved)",
@@ -646,6 +679,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--users", type=int, default=0, help="users (default 100000; --quick: 500)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: few users, three short steps each")
+    parser.add_argument("--workers", type=int, default=1, help="sip-router worker processes (`workers:`)")
     parser.add_argument("--children", type=int, default=os.cpu_count() or 1, help="Kamailio UDP worker processes")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)} "
                         "(single also runs redirect and pdd)")
@@ -671,6 +705,7 @@ def main() -> int:
         return tuple(int(x) for x in text.split(",") if x.strip()) if text else default
 
     opts = Options(users=args.users or (500 if args.quick else 100000), children=args.children,
+                   workers=args.workers,
                    register_rates=rates(args.register_rates, QUICK_REGISTER_RATES if args.quick else REGISTER_RATES),
                    call_rates=rates(args.call_rates, QUICK_CALL_RATES if args.quick else CALL_RATES),
                    step_seconds=args.step_seconds or (2 if args.quick else 10),

@@ -51,7 +51,7 @@ from types import FrameType
 from typing import Any
 
 from router import log
-from router.config_child import load_policy_apart
+from router.config_child import load_policy_apart, parse_apart, policy_of
 from router.control import views
 from router.control.server import ControlError, ControlServer, OnLoop
 from router.control.systemd import Notifier
@@ -78,7 +78,7 @@ from router.store.sqlite import (
     connect,
     describe,
 )
-from router.workers import own_ports, supervise, user_id_of, worker_socket
+from router.workers import inherited_policy, own_ports, supervise, user_id_of, worker_socket
 
 EXIT_OK, EXIT_START_FAILED, EXIT_LAYOUT, EXIT_STATE = 0, 1, 3, 4
 STATE_BUSY_TIMEOUT = 0.25    # the PJSIP thread waits at most this long for another writer's lock
@@ -412,10 +412,16 @@ def run(config_path: str) -> int:
         log.configure("info", "auto")
         log.get("router").error("router.start.failed", detail=str(exc))
         return EXIT_START_FAILED
-    policy = load_policy_apart(config_path)
+    parsed = inherited_policy() if channels is not None else parse_apart(config_path)
+    if channels is None and parsed is not None:
+        head = policy_of(parsed, users=False)
+        if head is not None and head.workers > 1:
+            log.configure(head.log.level, head.log.format)
+            return supervise(config_path, head, parsed)
+    found = policy_of(parsed) if parsed is not None else None
+    policy = found if found is not None else load_policy_apart(config_path)
+    del parsed
     log.configure(policy.log.level, policy.log.format)
-    if channels is None and policy.workers > 1:
-        return supervise(config_path, policy)
     if channels is not None:
         log.bind(worker=channels.index)
     loaded = time.monotonic()

@@ -29,25 +29,40 @@ CHUNK = 1000                # users per pickle: a few milliseconds to unpickle e
 
 def load_policy_apart(path: str, timeout: float = 300.0) -> Policy:
     """Like ``load_policy`` (same result, same ``ConfigError``), parsed in a child."""
+    parsed = parse_apart(path, timeout)
+    policy = policy_of(parsed) if parsed is not None else None
+    return policy if policy is not None else load_policy(path)
+
+
+def parse_apart(path: str, timeout: float = 300.0) -> bytes | None:
+    """The child's answer for ``path`` as it came (see ``policy_of``); None when the
+    child could not run (killed, no interpreter): not the file's fault."""
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
     try:
         done = subprocess.run([sys.executable, "-m", "router.config_child", path],
                               capture_output=True, env=env, timeout=timeout, check=False)
-        if done.returncode != 0:
-            raise ValueError(done.returncode)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def policy_of(parsed: bytes, users: bool = True) -> Policy | None:
+    """The policy in a child's answer (``users=False``: without its users, which stay
+    pickled); ``ConfigError`` for a file that does not validate; None if unreadable.
+    The supervisor of several workers reads the head only and hands the same bytes to
+    each worker, so the file is parsed once however many workers there are."""
+    try:
         with paused_gc():
-            kind, payload = pickle.loads(done.stdout)
+            kind, payload = pickle.loads(parsed)
             if kind == "ok":
-                payload = _assemble(*payload)
-    except (OSError, subprocess.SubprocessError, pickle.UnpicklingError, EOFError, ValueError, TypeError):
-        kind, payload = "failed", None
-    if kind == "ok" and isinstance(payload, Policy):
-        return payload
+                payload = _assemble(*payload) if users else payload[0]
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError):
+        return None
     if kind == "error" and isinstance(payload, list):
         raise ConfigError(payload)
-    return load_policy(path)      # the child could not run (killed, no interpreter): not the file's fault
+    return payload if kind == "ok" and isinstance(payload, Policy) else None
 
 
 def _assemble(head: Policy, chunks: list[bytes]) -> Policy:

@@ -36,8 +36,11 @@ from router.control.server import ControlError, ControlServer
 from router.control.systemd import Notifier
 from router.policy.model import Policy
 from router.sip.sharing import ENV, make_pairs, worker_env
+from router.store.sqlite import StateError, connect
 
+EXIT_STATE = 4               # as the router's own (router.app): the state database cannot be used
 STOP_TIMEOUT = 8.0           # seconds the workers get to flush and stop before SIGKILL
+POLICY_ENV = "SIP_ROUTER_POLICY_FD"    # the parsed policy, handed to each worker
 READY_TIMEOUT = 300.0        # seconds a worker may take to load a large policy
 ASK_TIMEOUT = 5.0
 _HIDDEN_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")   # systemd talks to the supervisor only
@@ -59,6 +62,41 @@ def user_id_of(policy: Policy, user: str) -> str:
     return found.id if found is not None else user
 
 
+def policy_file(parsed: bytes) -> int:
+    """An anonymous in-memory file holding the parsed policy, for the workers to inherit."""
+    fd = os.memfd_create("sip-router-policy", os.MFD_CLOEXEC)
+    view = memoryview(parsed)
+    while view:
+        view = view[os.write(fd, view):]
+    return fd
+
+
+def inherited_policy() -> bytes | None:
+    """The parsed policy the supervisor handed this worker, if it did (read once, then closed)."""
+    value = os.environ.pop(POLICY_ENV, "")
+    if not value.isdigit():
+        return None
+    fd = int(value)
+    try:
+        size = os.fstat(fd).st_size
+        chunks = []
+        offset = 0
+        while offset < size:
+            chunk = os.pread(fd, size - offset, offset)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            offset += len(chunk)
+        return b"".join(chunks)
+    except OSError:
+        return None
+    finally:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
 class Supervisor:
     def __init__(self, config_path: str, policy: Policy) -> None:
         self.config_path = config_path
@@ -70,19 +108,26 @@ class Supervisor:
         self.reload = False
 
     # ------------------------------------------------------------------ the workers
-    def start(self) -> None:
+    def start(self, parsed: bytes | None) -> None:
         pairs = make_pairs(self.count)
         env = {k: v for k, v in os.environ.items() if k not in _HIDDEN_ENV}
+        policy_fd = policy_file(parsed) if parsed is not None else None
         try:
             for index in range(self.count):
                 value, fds = worker_env(index, pairs)
+                extra = {ENV: value}
+                if policy_fd is not None:
+                    extra[POLICY_ENV] = str(policy_fd)
+                    fds = [*fds, policy_fd]
                 self.children.append(subprocess.Popen(
                     [sys.executable, "-m", "router", "run", "--config", self.config_path],
-                    env={**env, ENV: value}, pass_fds=fds))
+                    env={**env, **extra}, pass_fds=fds))
         finally:                     # the workers hold them now
             for inbox, outbox in pairs:
                 inbox.close()
                 outbox.close()
+            if policy_fd is not None:
+                os.close(policy_fd)
         self.log.info("workers.started", workers=self.count, pids=[c.pid for c in self.children])
 
     def exited(self) -> tuple[int, int] | None:
@@ -179,7 +224,9 @@ def _added(values: list[Any]) -> Any:
     return sum(numbers) if len(numbers) == len(values) else values[0]
 
 
-def supervise(config_path: str, policy: Policy) -> int:
+def supervise(config_path: str, policy: Policy, parsed: bytes | None = None) -> int:
+    """Run the workers for ``policy`` (the head: no users needed); ``parsed``: the
+    child's parse of the file, handed to each worker so none parses it again."""
     supervisor = Supervisor(config_path, policy)
     logger = supervisor.log
 
@@ -193,12 +240,20 @@ def supervise(config_path: str, policy: Policy) -> int:
     signal.signal(signal.SIGINT, on_stop)
     signal.signal(signal.SIGHUP, on_hup)
     notifier = Notifier()
+    try:                             # made and migrated once, before N workers open it at the same moment
+        connect(policy.database, durable=True, check_writable=True).close()
+    except StateError as exc:
+        logger.error("router.start.failed", database=exc.path, reason=exc.reason,
+                     detail="the state database cannot be opened or written", exit_status=EXIT_STATE)
+        return EXIT_STATE
     os.makedirs(policy.state_dir, exist_ok=True)
-    supervisor.start()
+    supervisor.start(parsed)
+    del parsed
     control = ControlServer(policy.control_socket, supervisor.handlers(), log.get("control"))
     control.start()
     pending = set(range(supervisor.count))
     began = time.monotonic()
+    next_watchdog = 0.0
     status = 0
     try:
         while not supervisor.stop:
@@ -222,7 +277,9 @@ def supervise(config_path: str, policy: Policy) -> int:
                     logger.error("workers.not_ready", workers=sorted(pending))
                     status = 1
                     break
-            notifier.watchdog()
+            if time.monotonic() >= next_watchdog:
+                notifier.watchdog()
+                next_watchdog = time.monotonic() + 1.0
             time.sleep(0.2)
     finally:
         notifier.send("STOPPING=1")

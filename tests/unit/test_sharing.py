@@ -1,0 +1,63 @@
+"""Two workers on one shared UDP port hand each datagram to its owner (``router.sip.sharing``)."""
+
+from __future__ import annotations
+
+import select
+import socket
+import zlib
+
+from router.policy.model import Listen
+from router.sip.sharing import Channels, SharedPorts, decode, encode, make_pairs
+from router.sip.steer import Steering
+from tests.support import free_port_run
+
+
+def workers(port: int) -> list[SharedPorts]:
+    pairs = make_pairs(2)
+    steering = Steering(2, {port + 1: 0, port + 2: 1}, frozenset({"127.0.0.1"}), lambda u: u)
+    out = []
+    for index in range(2):
+        channels = Channels(index, 2, pairs[index][0], tuple(outbox for _, outbox in pairs))
+        for sock in (channels.inbox, *channels.outboxes):
+            sock.setblocking(False)
+        shared = SharedPorts((Listen("127.0.0.1", port),), steering, channels)
+        shared.bind()
+        out.append(shared)
+    return out
+
+
+def register(user: str) -> bytes:
+    return (f"REGISTER sip:pbx.test SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1;branch=z9hG4bK1\r\n"
+            f"To: <sip:{user}@pbx.test>\r\nCall-ID: {user}-1\r\nContent-Length: 0\r\n\r\n").encode()
+
+
+def test_a_handed_over_datagram_keeps_its_source():
+    assert decode(encode("::1", 5060, b"SIP/2.0 200 OK\r\n")) == ("::1", 5060, b"SIP/2.0 200 OK\r\n")
+    assert decode(b"REGISTER sip:x SIP/2.0\r\n") is None       # a SIP message is never taken for one
+
+
+def test_whichever_worker_the_kernel_picks_the_users_own_worker_gets_the_register():
+    port = free_port_run(3)
+    pair = workers(port)
+    users = {"lan": zlib.crc32(b"lan") % 2, "minh": zlib.crc32(b"minh") % 2}
+    assert set(users.values()) == {0, 1}
+    got: list[list[tuple[bool, object]]] = [[], []]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as phone:
+        phone.bind(("127.0.0.1", 0))
+        for user in users:
+            phone.sendto(register(user), ("127.0.0.1", port))
+        for _ in range(20):                                   # bounded: two datagrams, at most two hops
+            for index, shared in enumerate(pair):
+                ready = select.select(shared.readable(), [], [], 0.05)[0]
+                shared.drain(ready, got[index], 10)  # type: ignore[arg-type]
+            if sum(map(len, got)) == 2:
+                break
+        source = phone.getsockname()
+    try:
+        for user, owner in users.items():
+            (is_response, packet), = [p for p in got[owner] if f"To: <sip:{user}@".encode() in p[1].data]  # type: ignore[attr-defined]
+            assert not is_response and (packet.host, packet.port) == source  # type: ignore[attr-defined]
+        assert sum(s.stats["handed_over"] for s in pair) == sum(s.stats["handed_in"] for s in pair) == 1
+    finally:
+        for shared in pair:
+            shared.close()
