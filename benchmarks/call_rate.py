@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.integration.sippgen import fork_call_flow, invite_flow  # noqa: E402
-from tests.support import DOMAIN, SCENARIOS, RouterProcess, free_port  # noqa: E402
+from tests.support import DOMAIN, SCENARIOS, RouterProcess, free_port, free_port_run  # noqa: E402
 
 BUF = str(4 * 1024 * 1024)
 
@@ -159,14 +159,20 @@ def main() -> int:
     parser.add_argument("--rate", type=int, default=0, help="calls started per second")
     parser.add_argument("--count", type=int, default=0, help="calls in total")
     parser.add_argument("--users", type=int, default=1000)
+    parser.add_argument("--workers", type=int, default=1, help="the router's `workers:`")
+    parser.add_argument("--hold", type=float, default=0,
+                        help="seconds to keep the router running after the calls (to attach a profiler)")
     args = parser.parse_args()
     rate = args.rate or {"fork": 500, "single": 800, "redirect": 3000, "pdd": 100}[args.mode]
     count = args.count or rate * 10
     with tempfile.TemporaryDirectory(prefix="sip-router-calls-") as name:
         tmp = Path(name)
-        port = free_port()
+        port = free_port() if args.workers == 1 else free_port_run(args.workers + 1)
         method = "all_devices" if args.mode == "fork" else "ip_phone"
         config = write_config(tmp, port, args.users, method, args.mode == "redirect")
+        if args.workers > 1:
+            with open(config, "a") as out:
+                out.write(f"workers: {args.workers}\n")
         procs: list[subprocess.Popen[bytes]] = []
         with RouterProcess(str(config), port, log_level="warning") as router:
             try:
@@ -195,7 +201,8 @@ def main() -> int:
                               f"p99 {pct(values, 99):.2f} ms ({len(values)} calls)")
                     print(f"post-dial delay added by the router: p50 {pct(through, 50) - pct(direct, 50):.2f} ms, "
                           f"p99 {pct(through, 99) - pct(direct, 99):.2f} ms")
-                print(f"router RSS: {router.rss_kib() / 1024:.1f} MiB")
+                print(f"router RSS: {router.rss_kib() / 1024:.1f} MiB", flush=True)
+                time.sleep(args.hold)
                 if failed or ok < count:
                     print(result.stdout[-2500:], file=sys.stderr)
                     errors = tmp / "caller-errors.log"

@@ -160,7 +160,7 @@ class Router:
         self.startup: dict[str, float] = {}
         self.collector = Collector(time.monotonic())
         self.notifier = Notifier()
-        self.on_loop = OnLoop(self.engine.inbox)
+        self.on_loop = OnLoop(self.engine.inbox, self.engine.wake)
         self.identity = views.identity(config_path, now)
         self.reload_lock = threading.Lock()
         self.next_status = 0.0

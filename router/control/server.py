@@ -57,8 +57,10 @@ class OnLoop:
     exception must reach the client, not stop the loop.
     """
 
-    def __init__(self, inbox: queue.SimpleQueue[Callable[[], None]]) -> None:
+    def __init__(self, inbox: queue.SimpleQueue[Callable[[], None]],
+                 wake: Callable[[], None] = lambda: None) -> None:
         self.inbox = inbox
+        self.wake = wake          # ends the loop's wait (a worker's loop waits up to 250 ms)
         self.waiting: set[threading.Event] = set()
         self.closed = False
 
@@ -78,6 +80,7 @@ class OnLoop:
         self.waiting.add(done)
         try:
             self.inbox.put(job)
+            self.wake()
             answered = done.wait(timeout)
         finally:
             self.waiting.discard(done)

@@ -32,7 +32,9 @@ import math
 import os
 import queue
 import select
+import signal
 import socket
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -53,6 +55,10 @@ from router.sip.transaction import transaction_key
 from router.store.interfaces import BindingWriter, CallWriter
 
 POLL_MS = 10
+# With shared ports the loop waits in select(), which wakes for a datagram, a signal
+# (set_wakeup_fd) or an inbox job (``wake``): the cap only bounds the wait for PJSIP's
+# own timers (the trunk registration), so an idle worker wakes 4 times a second, not 100.
+SHARED_POLL_MS = 250
 BATCH = 256
 IDLE_INTERVAL = 1.0          # reload flag and run-time policy changes
 _PJ_LEVELS = {0: "critical", 1: "error", 2: "warning", 3: "info", 4: "debug", 5: "debug", 6: "debug"}
@@ -160,6 +166,11 @@ class Engine:
         self.listen = listen
         self.shared = shared
         self.pj_sockets: list[socket.socket] = []     # with shared ports: PJSIP's, to wait on
+        self.waker: tuple[socket.socket, socket.socket] | None = None
+        if shared is not None:
+            self.waker = socket.socketpair()
+            for end in self.waker:
+                end.setblocking(False)
         self.core = core
         self.store = store
         self.tally = tally if tally is not None else Tally()     # counted here, scraped elsewhere
@@ -236,6 +247,9 @@ class Engine:
             except SharingError as exc:
                 raise EngineError(str(exc)) from None
             self.udp = self.shared.senders()
+            if self.shared.spread_failure:
+                self.log.warning("sip.workers.spread_failed", detail=self.shared.spread_failure,
+                                 hint="datagrams go to workers by the sender's address instead")
             self.log.info("sip.workers.shared", worker=self.shared.index, workers=self.shared.channels.count,
                           ports=[x.port for x in self.shared.listen])
         self.ep.libStart()
@@ -285,6 +299,9 @@ class Engine:
         self.pj_sockets.clear()
         if self.shared is not None:
             self.shared.close()
+        if self.waker is not None:
+            for end in self.waker:
+                end.close()
         if self.module is not None:
             self.module.unregister()
             self.module = None
@@ -296,13 +313,27 @@ class Engine:
     # ------------------------------------------------------------------ the loop
     def run(self, should_stop: Callable[[], bool], on_idle: Callable[[float], None]) -> None:
         """Poll until ``should_stop()``; ``on_idle(now)`` runs between polls."""
+        # A signal (SIGTERM, SIGHUP) must end a worker's select() wait, not only set its flag.
+        installed = self.waker is not None and threading.current_thread() is threading.main_thread()
+        previous = signal.set_wakeup_fd(self.waker[1].fileno(), warn_on_full_buffer=False) \
+            if installed and self.waker is not None else -1
+        try:
+            self._run(should_stop, on_idle)
+        finally:
+            if installed:
+                signal.set_wakeup_fd(previous)
+
+    def _run(self, should_stop: Callable[[], bool], on_idle: Callable[[float], None]) -> None:
         next_flush = next_idle = 0.0
         while not should_stop() and self.failure is None:
             wake = self.core.next_timer()
             if self.commit.held:              # answers wait for the flush: do not oversleep it
                 wake = min(wake, next_flush)
             # Rounded up: rounded down, the last millisecond before every timer was a busy spin.
-            wait = max(0, min(POLL_MS, math.ceil((wake - time.time()) * 1000)))
+            if self.shared is not None:
+                wake = min(wake, next_idle, next_flush if self.commit.pending else wake)
+            cap = POLL_MS if self.shared is None else SHARED_POLL_MS
+            wait = max(0, min(cap, math.ceil((wake - time.time()) * 1000)))
             if self.shared is not None:
                 self._poll_shared(self.shared, wait)
             elif self.ep.libHandleEvents(wait) > 0:
@@ -337,13 +368,29 @@ class Engine:
         if self.failure is not None:
             raise LayoutMismatch(self.failure)
 
+    def wake(self) -> None:
+        """From another thread: a job is on the inbox; end the loop's wait now."""
+        if self.waker is not None:
+            try:
+                self.waker[1].send(b"\0")
+            except OSError:
+                pass           # already a byte waiting, or closing: the loop wakes anyway
+
     def _poll_shared(self, shared: SharedPorts, wait_ms: int) -> None:
         """Wait for any of the worker's sockets; PJSIP gets a turn every pass for its
         own port and timers (a zero-wait poll), the shared sockets are read here."""
+        assert self.waker is not None
         try:
-            ready = select.select([*shared.readable(), *self.pj_sockets], [], [], wait_ms / 1000)[0]
+            ready = select.select([*shared.readable(), *self.pj_sockets, self.waker[0]], [], [],
+                                  wait_ms / 1000)[0]
         except InterruptedError:
             ready = []
+        if self.waker[0] in ready:
+            try:
+                while self.waker[0].recv(256):
+                    pass
+            except OSError:
+                pass
         while self.ep.libHandleEvents(0) > 0 and len(self.received) < BATCH:
             pass
         if ready:

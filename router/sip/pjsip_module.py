@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import ctypes
 import ipaddress
+import socket
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -117,6 +119,25 @@ def _lib() -> ctypes.PyDLL:
         fn.restype = restype
         fn.argtypes = argtypes
     return lib
+
+
+# --- SO_ATTACH_REUSEPORT_CBPF (linux/filter.h, asm-generic/socket.h) -----------
+SO_ATTACH_REUSEPORT_CBPF = 51
+_BPF_LD_W_ABS, _BPF_ALU_MOD_K, _BPF_RET_A = 0x20, 0x94, 0x16
+_SKF_AD_RANDOM = (-0x1000 + 56) & 0xFFFFFFFF       # SKF_AD_OFF + SKF_AD_RANDOM
+
+
+def spread_at_random(sock: socket.socket, members: int) -> None:
+    """Make the kernel hand each datagram of ``sock``'s SO_REUSEPORT group to a member
+    chosen at random, not by the sender's address: one busy sender (an ACD, a
+    trunk) then loads every worker alike instead of the one its address hashes to.
+    A classic BPF program of three instructions: A = random; A %= members; return A."""
+    program = ctypes.create_string_buffer(
+        struct.pack("<HBBI", _BPF_LD_W_ABS, 0, 0, _SKF_AD_RANDOM)
+        + struct.pack("<HBBI", _BPF_ALU_MOD_K, 0, 0, members)
+        + struct.pack("<HBBI", _BPF_RET_A, 0, 0, 0), 24)
+    fprog = struct.pack("<H6xQ", 3, ctypes.addressof(program))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)   # the kernel copies it
 
 
 def quiet_until_configured() -> None:

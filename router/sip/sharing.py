@@ -1,8 +1,10 @@
 """Worker processes sharing the router's UDP ports.
 
 With ``workers: N`` each worker binds every UDP ``listen:`` port with
-SO_REUSEPORT (the kernel hands each datagram to one of them, by the sender's
-address) and reads those sockets itself, without PJSIP.  ``Steering`` names the
+SO_REUSEPORT and reads those sockets itself, without PJSIP.  The kernel hands
+each datagram to one of them at random (``spread_at_random``; by default it
+would choose by the sender's address, and one busy ACD or trunk would load a
+single worker with the steering of all its traffic).  ``Steering`` names the
 datagram's owner; a datagram owned by another worker goes to it over a Unix
 datagram socket pair the supervisor made before starting the workers, with
 the sender's address in front.  Answers always leave from the shared port, so
@@ -21,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from router.policy.model import Listen
-from router.sip.pjsip_module import Packet
+from router.sip.pjsip_module import Packet, spread_at_random
 from router.sip.steer import Steering
 
 ENV = "SIP_ROUTER_WORKER"          # "<index>/<count>/<inbox fd>,<outbox fd of worker 0>,..."
@@ -100,6 +102,7 @@ class SharedPorts:
         self.channels = channels
         self.sockets: list[socket.socket] = []
         self.stats = {"handed_over": 0, "handed_in": 0, "handover_dropped": 0}
+        self.spread_failure: str | None = None
 
     @property
     def index(self) -> int:
@@ -120,6 +123,10 @@ class SharedPorts:
                                    f"{exc.strerror or exc}") from None
             sock.setblocking(False)
             self.sockets.append(sock)
+            try:
+                spread_at_random(sock, self.channels.count)
+            except OSError as exc:       # the kernel's choice by the sender's address still works
+                self.spread_failure = exc.strerror or str(exc)
 
     def senders(self) -> dict[int, socket.socket]:
         """One shared socket per address family: what answers and requests leave from."""

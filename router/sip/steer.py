@@ -23,15 +23,27 @@ answers or drops it there as it would with one worker.
 
 from __future__ import annotations
 
+import re
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 WORKER_MARK = ".w"
 OUR_BRANCHES = (b"z9hG4bKsr", b"z9hG4bKka")
-_VIA = (b"via", b"v")
-_TO = (b"to", b"t")
-_CALL_ID = (b"call-id", b"i")
+# A header line, by its full or compact name, case-insensitive (RFC 3261 §7.3.1): the
+# first match is the first such header.  A search in C over the header block costs a
+# fraction of splitting it into lines in Python.
+
+
+def _line(*names: str) -> re.Pattern[bytes]:
+    alternatives = "|".join(re.escape(n) for n in names).encode()
+    return re.compile(rb"\r\n(?:" + alternatives + rb")[ \t]*:[ \t]*([^\r\n]*)", re.IGNORECASE)
+
+
+_VIA = _line("via", "v")
+_TO = _line("to", "t")
+_CALL_ID = _line("call-id", "i")
+_ROUTE = _line("route")
 
 
 @dataclass(frozen=True)
@@ -58,28 +70,28 @@ class Steering:
     def _owner(self, data: bytes) -> int | None:
         end = data.find(b"\r\n\r\n")
         head = data[:end] if end >= 0 else data
-        lines = head.split(b"\r\n")
-        first = lines[0]
+        eol = head.find(b"\r\n")
+        first = head[:eol] if eol >= 0 else head
         if first.startswith(b"SIP/2.0 "):
-            via = _header(lines, _VIA)
-            return None if via is None else self._marked(via)
+            via = _VIA.search(head)
+            return None if via is None else self._marked(via.group(1))
         parts = first.split(b" ")
         if len(parts) != 3:
             return None
-        route = _header(lines, (b"route",))
+        route = _ROUTE.search(head)
         if route is not None:
-            owner = self._routed(route)
+            owner = self._routed(route.group(1))
             if owner is not None:
                 return owner
         if parts[0] == b"REGISTER":
-            to = _header(lines, _TO)
-            user = _uri_user(to) if to is not None else ""
+            to = _TO.search(head)
+            user = _uri_user(to.group(1)) if to is not None else ""
         else:
             user = _uri_user(parts[1])
         if user:
             return self.of_user(self.user_id(user))
-        call_id = _header(lines, _CALL_ID)
-        return None if call_id is None else zlib.crc32(call_id.strip()) % self.workers
+        call_id = _CALL_ID.search(head)
+        return None if call_id is None else zlib.crc32(call_id.group(1).strip()) % self.workers
 
     def _marked(self, via: bytes) -> int | None:
         at = via.find(b"branch=")
@@ -115,15 +127,6 @@ class Steering:
             return None
         port = int(port_text)
         return self.own_ports.get(port)
-
-
-def _header(lines: list[bytes], names: tuple[bytes, ...]) -> bytes | None:
-    """The value of the first header line named any of ``names`` (case-insensitive)."""
-    for line in lines[1:]:
-        colon = line.find(b":")
-        if colon > 0 and line[:colon].strip().lower() in names:
-            return line[colon + 1:].strip()
-    return None
 
 
 def _uri_user(value: bytes) -> str:

@@ -73,3 +73,13 @@ def test_a_request_without_a_user_goes_by_call_id():
 @given(st.binary(max_size=600))
 def test_garbage_never_raises(data):
     assert STEER.owner(data) in (None, 0, 1)
+
+
+def test_compact_and_lower_case_header_names_steer_the_same():
+    data = request("REGISTER sip:pbx.test SIP/2.0", "v: SIP/2.0/UDP 10.0.0.9;branch=z9hG4bKe",
+                   "t: <sip:1001@pbx.test>", "i: r2")
+    assert STEER.owner(data) == owner_of("lan")
+    data = request("BYE sip:desk@10.0.0.7 SIP/2.0", "ROUTE: <sip:10.0.0.2:5062;lr>", "i: c5")
+    assert STEER.owner(data) == 1
+    data = request("SIP/2.0 200 OK", "via:SIP/2.0/UDP 10.0.0.2:5062;branch=z9hG4bKsr1.2.w1", "i: c6")
+    assert STEER.owner(data) == 1
