@@ -167,6 +167,7 @@ class Engine:
         self.shared = shared
         self.pj_sockets: list[socket.socket] = []     # with shared ports: PJSIP's, to wait on
         self.waker: tuple[socket.socket, socket.socket] | None = None
+        self.pj_poll_at = 0.0          # with shared ports: when PJSIP's timers next get a poll
         if shared is not None:
             self.waker = socket.socketpair()
             for end in self.waker:
@@ -377,8 +378,10 @@ class Engine:
                 pass           # already a byte waiting, or closing: the loop wakes anyway
 
     def _poll_shared(self, shared: SharedPorts, wait_ms: int) -> None:
-        """Wait for any of the worker's sockets; PJSIP gets a turn every pass for its
-        own port and timers (a zero-wait poll), the shared sockets are read here."""
+        """Wait for any of the worker's sockets and read the shared ones here; PJSIP gets a
+        zero-wait poll when its own port has a datagram, and otherwise every ``POLL_MS``
+        for its timers (the trunk registration), not on every pass: a hand-over wakes
+        the loop for one datagram, which should not wait behind a poll of PJSIP."""
         assert self.waker is not None
         try:
             ready = select.select([*shared.readable(), *self.pj_sockets, self.waker[0]], [], [],
@@ -391,10 +394,13 @@ class Engine:
                     pass
             except OSError:
                 pass
-        while self.ep.libHandleEvents(0) > 0 and len(self.received) < BATCH:
-            pass
         if ready:
             shared.drain(ready, self.received, BATCH)
+        now = time.monotonic()
+        if now >= self.pj_poll_at or any(sock in ready for sock in self.pj_sockets):
+            self.pj_poll_at = now + POLL_MS / 1000
+            while self.ep.libHandleEvents(0) > 0 and len(self.received) < BATCH:
+                pass
 
     def _guarded(self, step: Callable[[float], list[Command]], now: float) -> None:
         try:
