@@ -622,7 +622,8 @@ def table(sides: dict[str, Side]) -> list[str]:
     for part in PARTS:
         if part in r.memory_kib or part in k.memory_kib:
             a_kib, b_kib = r.memory_kib.get(part), k.memory_kib.get(part)
-            rows.append(f"| memory after the {part} runs (MiB; router RSS, Kamailio PSS of all processes) | "
+            rows.append(f"| memory after the {part} runs (MiB; router RSS, or PSS of all its processes with "
+                        f"workers; Kamailio PSS of all processes) | "
                         f"{_num(a_kib / 1024 if a_kib else None, 1)} | {_num(b_kib / 1024 if b_kib else None, 1)} | "
                         f"{ratio(a_kib, b_kib)} |")
     return rows
