@@ -167,8 +167,11 @@ def render_status(status: dict[str, Any]) -> str:
     workers = status.get("workers")
     if isinstance(workers, list) and workers:
         lines.append(f"workers: {len(workers)}: " + "; ".join(
-            f"{w.get('worker')} pid {w.get('pid')}, {w.get('registrations', 0)} registrations" for w in workers
-            if isinstance(w, dict)))
+            (f"{w.get('worker')} pid {w.get('pid')}, {w.get('registrations', 0)} registrations"
+             if "error" not in w else f"{w.get('worker')} NOT ANSWERING ({w['error']})")
+            for w in workers if isinstance(w, dict)))
+        if status.get("partial"):
+            lines.append("counts above are of the workers that answered")
     return "\n".join(lines)
 
 

@@ -43,6 +43,7 @@ STOP_TIMEOUT = 8.0           # seconds the workers get to flush and stop before 
 POLICY_ENV = "SIP_ROUTER_POLICY_FD"    # the parsed policy, handed to each worker
 READY_TIMEOUT = 300.0        # seconds a worker may take to load a large policy
 ASK_TIMEOUT = 5.0
+STATUS_TIMEOUT = 2.0          # per worker: `status` answers within the CLI's 10 s even with workers stuck
 _HIDDEN_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")   # systemd talks to the supervisor only
 
 
@@ -181,9 +182,23 @@ class Supervisor:
                 raise ControlError(f"worker {index}: {exc}") from None
         return answers
 
+    def ask_each(self, command: str, timeout: float) -> list[dict[str, Any] | str]:
+        """Every worker's answer, or why it gave none: one wedged worker must not hide the others."""
+        answers: list[dict[str, Any] | str] = []
+        for index in range(self.count):
+            try:
+                answer = control_client.request(worker_socket(self.control_path, index), command, None, timeout)
+                answers.append(answer if isinstance(answer, dict) else str(answer))
+            except (control_client.ControlError, control_client.RouterNotRunning) as exc:
+                answers.append(str(exc))
+        return answers
+
     def handlers(self) -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:
         def status(_args: dict[str, Any]) -> dict[str, Any]:
-            return merge_status(self.ask_all("status"), os.getpid())
+            answers = self.ask_each("status", STATUS_TIMEOUT)
+            if not any(isinstance(a, dict) for a in answers):
+                raise ControlError("no worker answers: " + "; ".join(f"worker {i}: {a}" for i, a in enumerate(answers)))
+            return merge_status(answers, os.getpid())
 
         def calls(_args: dict[str, Any]) -> dict[str, Any]:
             merged = [c for answer in self.ask_all("calls") for c in answer.get("calls", [])]
@@ -203,16 +218,21 @@ class Supervisor:
         return {"status": status, "calls": calls, "unregister": unregister, "reload": reload}
 
 
-def merge_status(answers: list[dict[str, Any]], pid: int) -> dict[str, Any]:
-    """One status for the router from each worker's: counts added up, the rest worker 0's."""
-    merged = dict(answers[0])
+def merge_status(answers: list[dict[str, Any] | str], pid: int) -> dict[str, Any]:
+    """One status for the router from each worker's: counts added up over the workers that
+    answered, the rest from the first of them; a worker that did not answer is listed with why."""
+    answered = [a for a in answers if isinstance(a, dict)]
+    merged = dict(answered[0])
     for key in ("registrations", "registrations_by_transport", "calls", "counters"):
-        merged[key] = _added([a.get(key) for a in answers])
+        merged[key] = _added([a.get(key) for a in answered])
     merged["pid"] = pid
-    merged["workers"] = [{"worker": i, "pid": a.get("pid"), "uptime_s": a.get("uptime_s"),
-                          "registrations": sum(v for v in (a.get("registrations") or {}).values()
-                                               if isinstance(v, int)),
-                          "calls": a.get("calls")} for i, a in enumerate(answers)]
+    merged["workers"] = [
+        {"worker": i, "pid": a.get("pid"), "uptime_s": a.get("uptime_s"),
+         "registrations": sum(v for v in (a.get("registrations") or {}).values() if isinstance(v, int)),
+         "calls": a.get("calls")} if isinstance(a, dict) else {"worker": i, "error": a}
+        for i, a in enumerate(answers)]
+    if len(answered) < len(answers):
+        merged["partial"] = True
     return merged
 
 

@@ -96,3 +96,18 @@ def test_a_worker_that_dies_takes_the_router_down_so_systemd_restarts_it_whole(t
     assert proc.returncode != 0
     assert two.lab.router.events("worker.exited")[0]["worker"] == 1
     assert not alive(pids[0])
+
+
+def test_status_still_answers_when_one_worker_is_stuck_and_names_it(two):
+    two.phone("lan-desk", "answer")
+    two.phone("minh-desk", "answer")
+    pids = worker_pids(two)
+    stuck = owner("minh")
+    os.kill(pids[stuck], signal.SIGSTOP)
+    try:
+        status = two.lab.cli("status")
+    finally:
+        os.kill(pids[stuck], signal.SIGCONT)
+    workers = status["workers"]                                         # type: ignore[index]
+    assert "error" in workers[stuck] and "error" not in workers[1 - stuck]
+    assert status["partial"] is True and sum(status["registrations"].values()) == 1   # type: ignore[index, union-attr]

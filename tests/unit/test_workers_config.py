@@ -80,3 +80,12 @@ def test_status_adds_up_the_workers_counts_and_lists_each():
     assert merged["calls"] == {"answered": 2, "ringing": 1}
     assert merged["counters"] == {"handed_over": 2, "requests": 30}
     assert [(w["worker"], w["pid"], w["registrations"]) for w in merged["workers"]] == [(0, 1, 2), (1, 2, 3)]
+
+
+def test_a_worker_that_does_not_answer_is_listed_with_why_and_the_others_still_count():
+    answer = {"pid": 7, "uptime_s": 1.0, "registrations": {"ip_phone": 4}, "calls": {"ringing": 0},
+              "counters": {"requests": 3}, "registrations_by_transport": {"udp": 4}}
+    merged = merge_status(["the router did not answer 'status' within 2 s", answer], pid=1)
+    assert merged["partial"] is True and merged["registrations"] == {"ip_phone": 4}
+    assert merged["workers"][0] == {"worker": 0, "error": "the router did not answer 'status' within 2 s"}
+    assert merged["workers"][1]["registrations"] == 4
