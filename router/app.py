@@ -68,7 +68,6 @@ from router.sip.forward import Local
 from router.sip.location import ownership_moves
 from router.sip.pjsip_module import LayoutMismatch
 from router.sip.sharing import Channels, SharedPorts, SharingError, inherited
-from router.sip.steer import Steering
 from router.store.interfaces import BindingStore, CallStore
 from router.store.sqlite import (
     SqliteBindingStore,
@@ -78,7 +77,7 @@ from router.store.sqlite import (
     connect,
     describe,
 )
-from router.workers import inherited_policy, own_ports, supervise, user_id_of, worker_socket
+from router.workers import inherited_policy, own_ports, steering, supervise, user_id_of, worker_socket
 
 EXIT_OK, EXIT_START_FAILED, EXIT_LAYOUT, EXIT_STATE = 0, 1, 3, 4
 STATE_BUSY_TIMEOUT = 0.25    # the PJSIP thread waits at most this long for another writer's lock
@@ -109,14 +108,12 @@ class Router:
     def __init__(self, config_path: str, policy: Policy, channels: Channels | None = None) -> None:
         self.config_path = config_path
         self.log = log.get("router")
-        self.channels = channels
         self.worker = channels.index if channels is not None else None
-        self.steering: Steering | None = None
+        shared: SharedPorts | None = None
         if channels is not None:
-            self.steering = Steering(channels.count, {port: k for k in range(channels.count)
-                                                      for port in own_ports(policy, k)},
-                                     frozenset(h for x in policy.listen for h in (x.address, x.advertise) if h),
-                                     lambda user: user_id_of(self.core.policy, user))
+            shared = SharedPorts(policy.listen, steering(policy, channels.count,
+                                                         lambda user: user_id_of(self.core.policy, user)),
+                                 channels)
         now = time.time()
         self.started_at = now
         self.conn = connect(policy.database, durable=True, check_writable=True)
@@ -125,9 +122,8 @@ class Router:
             self.bindings: BindingStore = SqliteBindingStore(self.conn)
             purged = self.bindings.purge_expired(now)
             loaded = self.bindings.load(now)
-            if self.steering is not None:        # the other workers' users are theirs
-                steering, me = self.steering, self.worker
-                loaded = [b for b in loaded if steering.of_user(b.user_id) == me]
+            if shared is not None:               # the other workers' users are theirs
+                loaded = [b for b in loaded if shared.owns(b.user_id)]
             # Start-up may wait for a CLI write; the PJSIP thread may not, once it runs.
             self.conn.execute(f"PRAGMA busy_timeout = {int(STATE_BUSY_TIMEOUT * 1000)}")
         except sqlite3.Error as exc:
@@ -139,13 +135,11 @@ class Router:
         self.resolved: dict[Trunk, tuple[str, int]] = {}
         local = Local(first.advertise or first.address, first.port)
         listen = policy.listen
-        shared: SharedPorts | None = None
-        if channels is not None and self.steering is not None:
-            ports = own_ports(policy, channels.index)
-            local = Local(first.advertise or first.address, ports[0], channels.index,
+        if shared is not None:
+            ports = own_ports(policy, shared.index)
+            local = Local(first.advertise or first.address, ports[0], shared.index,
                           tuple(x.port for x in policy.listen))
             listen = tuple(dataclasses.replace(x, port=p) for x, p in zip(policy.listen, ports, strict=True))
-            shared = SharedPorts(policy.listen, self.steering, channels)
         self.core = SipCore(self.policy_state.view.policy, loaded, now, local=local, resolve=self.resolve)
         self.tally = Tally()
         self.tally.bindings_loaded(loaded)

@@ -36,6 +36,7 @@ from router.control.server import ControlError, ControlServer
 from router.control.systemd import Notifier
 from router.policy.model import Policy
 from router.sip.sharing import ENV, make_pairs, worker_env
+from router.sip.steer import Steering
 from router.store.sqlite import StateError, connect
 
 EXIT_STATE = 4               # as the router's own (router.app): the state database cannot be used
@@ -50,6 +51,13 @@ _HIDDEN_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")   # systemd tal
 def own_ports(policy: Policy, index: int) -> tuple[int, ...]:
     """Worker ``index``'s own port for each ``listen:`` entry."""
     return tuple(x.port + 1 + index for x in policy.listen)
+
+
+def steering(policy: Policy, count: int, user_id: Callable[[str], str]) -> Steering:
+    """How ``count`` workers of ``policy`` share its ports: every worker's own ports, and
+    the addresses that name this router in a Route."""
+    return Steering(count, {port: k for k in range(count) for port in own_ports(policy, k)},
+                    frozenset(h for x in policy.listen for h in (x.address, x.advertise) if h), user_id)
 
 
 def worker_socket(path: str, index: int | None) -> str:

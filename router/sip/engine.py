@@ -315,13 +315,12 @@ class Engine:
     def run(self, should_stop: Callable[[], bool], on_idle: Callable[[float], None]) -> None:
         """Poll until ``should_stop()``; ``on_idle(now)`` runs between polls."""
         # A signal (SIGTERM, SIGHUP) must end a worker's select() wait, not only set its flag.
-        installed = self.waker is not None and threading.current_thread() is threading.main_thread()
-        previous = signal.set_wakeup_fd(self.waker[1].fileno(), warn_on_full_buffer=False) \
-            if installed and self.waker is not None else -1
+        waker = self.waker if threading.current_thread() is threading.main_thread() else None
+        previous = signal.set_wakeup_fd(waker[1].fileno(), warn_on_full_buffer=False) if waker is not None else -1
         try:
             self._run(should_stop, on_idle)
         finally:
-            if installed:
+            if waker is not None:
                 signal.set_wakeup_fd(previous)
 
     def _run(self, should_stop: Callable[[], bool], on_idle: Callable[[float], None]) -> None:
@@ -330,9 +329,11 @@ class Engine:
             wake = self.core.next_timer()
             if self.commit.held:              # answers wait for the flush: do not oversleep it
                 wake = min(wake, next_flush)
+            if self.shared is not None:       # select() waits long: wake for the loop's own duties too
+                wake = min(wake, next_idle)
+                if self.commit.pending:
+                    wake = min(wake, next_flush)
             # Rounded up: rounded down, the last millisecond before every timer was a busy spin.
-            if self.shared is not None:
-                wake = min(wake, next_idle, next_flush if self.commit.pending else wake)
             cap = POLL_MS if self.shared is None else SHARED_POLL_MS
             wait = max(0, min(cap, math.ceil((wake - time.time()) * 1000)))
             if self.shared is not None:

@@ -108,6 +108,10 @@ class SharedPorts:
     def index(self) -> int:
         return self.channels.index
 
+    def owns(self, user_id: str) -> bool:
+        """Is ``user_id`` this worker's user (its bindings, calls and nonces live here)?"""
+        return self.steering.of_user(user_id) == self.channels.index
+
     def bind(self) -> None:
         for entry in self.listen:
             family = socket.AF_INET6 if ":" in entry.address else socket.AF_INET
@@ -158,7 +162,7 @@ class SharedPorts:
             host, port = address[0], address[1]
             owner = self.steering.owner(data)
             if owner is None or owner == me:
-                out.append((data.startswith(b"SIP/"), Packet(data, host, port, "udp", 0)))
+                out.append(_received(data, host, port))
                 continue
             try:
                 self.channels.outboxes[owner].send(encode(host, port, data))
@@ -177,7 +181,7 @@ class SharedPorts:
                 continue
             host, port, data = decoded
             self.stats["handed_in"] += 1
-            out.append((data.startswith(b"SIP/"), Packet(data, host, port, "udp", 0)))
+            out.append(_received(data, host, port))
 
     def close(self) -> None:
         for sock in (*self.sockets, self.channels.inbox, *self.channels.outboxes):
@@ -186,6 +190,11 @@ class SharedPorts:
             except OSError:
                 pass
         self.sockets.clear()
+
+
+def _received(data: bytes, host: str, port: int) -> tuple[bool, Packet]:
+    """A datagram as the engine takes it in: (is it a response, the packet)."""
+    return data.startswith(b"SIP/"), Packet(data, host, port, "udp", 0)
 
 
 def inherited() -> Channels | None:

@@ -44,20 +44,23 @@ def test_a_bad_worker_count_names_the_line(value, fragment):
     assert any(p.startswith("router.yaml:8") and fragment in p for p in info.value.problems)
 
 
-def test_tcp_stays_with_one_worker():
+def problems_with_a_second_listener(entry: str) -> list[str]:
+    """The problems of BASE with ``entry`` as a second ``listen:`` item, and two workers."""
     text = BASE.replace("  - {address: 127.0.0.1, port: 5060}\n",
-                        "  - {address: 127.0.0.1, port: 5060}\n  - {address: 127.0.0.1, port: 5070, transport: tcp}\n")
+                        "  - {address: 127.0.0.1, port: 5060}\n  - " + entry + "\n")
     with pytest.raises(ConfigError) as info:
         parse_policy(text + "workers: 2\n", "router.yaml")
-    assert any("tcp listener on port 5070 needs `workers: 1`" in p for p in info.value.problems)
+    return info.value.problems
+
+
+def test_tcp_stays_with_one_worker():
+    problems = problems_with_a_second_listener("{address: 127.0.0.1, port: 5070, transport: tcp}")
+    assert any("tcp listener on port 5070 needs `workers: 1`" in p for p in problems)
 
 
 def test_worker_ports_may_not_run_into_another_listen_port():
-    text = BASE.replace("  - {address: 127.0.0.1, port: 5060}\n",
-                        "  - {address: 127.0.0.1, port: 5060}\n  - {address: '::1', port: 5062}\n")
-    with pytest.raises(ConfigError) as info:
-        parse_policy(text + "workers: 2\n", "router.yaml")
-    assert any("include listen port 5062" in p for p in info.value.problems)
+    problems = problems_with_a_second_listener("{address: '::1', port: 5062}")
+    assert any("include listen port 5062" in p for p in problems)
 
 
 def test_an_extension_steers_like_its_user_id():
