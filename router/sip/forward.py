@@ -120,9 +120,9 @@ def forward_request(msg: SipMessage, uri: str, local: Local, branch: str, transp
             continue
         if name == "via":
             if first_via:
-                vias = [v for v in msg.all("via")]
-                headers.extend(("via", stamp_received(v, *source) if i == 0 else v)
-                               for i, v in enumerate(vias))
+                vias = msg.all("via")
+                headers.append(("via", stamp_received(vias[0], *source, msg.via0)))
+                headers.extend(("via", v) for v in vias[1:])
                 first_via = False
             continue
         if name == "route":

@@ -47,10 +47,18 @@ def is_number(text: str, max_digits: int = 10) -> bool:
     return 0 < len(text) <= max_digits and text.isascii() and text.isdigit()
 
 
+_PRETTY_SEEN: dict[str, str] = {}
+_SEEN_LIMIT = 512           # names remembered; beyond that (a flood of made-up names) computed each time
+
+
 def pretty_name(name: str) -> str:
-    if name in PRETTY:
-        return PRETTY[name]
-    return "-".join(part.capitalize() for part in name.split("-"))
+    found = PRETTY.get(name) or _PRETTY_SEEN.get(name)
+    if found is not None:
+        return found
+    pretty = "-".join(part.capitalize() for part in name.split("-"))
+    if len(_PRETTY_SEEN) < _SEEN_LIMIT:
+        _PRETTY_SEEN[name] = pretty
+    return pretty
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +70,9 @@ class SipMessage:
     headers: tuple[tuple[str, str], ...]
     body: bytes = b""
     via0: Via | None = None       # the top Via, parsed once by ``parse``
+    # Filled by ``parse``: each header's first value, and From and To parsed (checked there).
+    first: dict[str, str] | None = None
+    from_to: tuple[NameAddr, NameAddr] | None = None
 
     @property
     def is_request(self) -> bool:
@@ -69,6 +80,8 @@ class SipMessage:
 
     def header(self, name: str) -> str | None:
         """The first value of header ``name`` (lower-case canonical name)."""
+        if self.first is not None:
+            return self.first.get(name)
         for key, value in self.headers:
             if key == name:
                 return value
@@ -99,6 +112,8 @@ class SipMessage:
     def tag(self, name: str) -> str:
         """The tag of From or To (``name``), "" when there is none; ``parse`` has
         checked both headers, so this does not fail on a parsed message."""
+        if self.from_to is not None and name in ("from", "to"):
+            return self.from_to[name == "to"].tag or ""
         return parse_name_addr(self.header(name) or "").tag or ""
 
 
@@ -153,6 +168,7 @@ def parse(data: bytes) -> SipMessage:
     lines = text.replace("\r\n", "\n").split("\n")
     start = lines[0].strip()
     headers: list[tuple[str, str]] = []
+    names = _NAMES
     for line in lines[1:]:
         if not line:
             continue
@@ -165,10 +181,9 @@ def parse(data: bytes) -> SipMessage:
         colon = line.find(":")
         if colon <= 0:
             raise MalformedMessage(f"header line without a name and colon: {line[:40]!r}")
-        name = line[:colon].strip().lower()
-        if not _TOKEN_RE.match(name):
-            raise MalformedMessage(f"invalid header name {name[:40]!r}")
-        headers.append((COMPACT.get(name, name), line[colon + 1:].strip()))
+        raw = line[:colon]
+        name = names.get(raw) or _header_name(raw)
+        headers.append((name, line[colon + 1:].strip()))
     match = _REQUEST_LINE.match(start)
     if match:
         method, uri, status, reason = match.group(1), match.group(2), 0, ""
@@ -181,34 +196,48 @@ def parse(data: bytes) -> SipMessage:
         method, uri, status, reason = "", "", int(smatch.group(1)), smatch.group(2)
         if status < 100:
             raise MalformedMessage(f"status code {status} is not valid")
-    message = SipMessage(method, uri, status, reason, tuple(headers), body)
-    via0 = _check(message)
-    return SipMessage(method if status == 0 else message.cseq[1], uri, status, reason,
-                      message.headers, body, via0)
+    first = dict(reversed(headers))     # the last pair of a name wins: its first value
+    cseq_method, via0, from_to = _check(method, status, headers, first, body)
+    return SipMessage(method or cseq_method, uri, status, reason, tuple(headers), body, via0,
+                      first, from_to)
 
 
-def _check(message: SipMessage) -> Via:
-    present = {name for name, _ in message.headers}
-    missing = [pretty_name(h) for h in REQUIRED if h not in present]
+_NAMES: dict[str, str] = {}          # header name as written -> canonical lower-case name
+
+
+def _header_name(raw: str) -> str:
+    name = raw.strip().lower()
+    if not _TOKEN_RE.match(name):
+        raise MalformedMessage(f"invalid header name {name[:40]!r}")
+    name = COMPACT.get(name, name)
+    if len(_NAMES) < _SEEN_LIMIT:
+        _NAMES[raw] = name
+    return name
+
+
+def _check(method: str, status: int, headers: list[tuple[str, str]], first: dict[str, str],
+           body: bytes) -> tuple[str, Via, tuple[NameAddr, NameAddr]]:
+    """The mandatory headers, checked once: the CSeq method, the top Via, From and To."""
+    missing = [pretty_name(h) for h in REQUIRED if h not in first]
     if missing:
         raise MalformedMessage(f"missing mandatory header(s): {', '.join(missing)}")
-    number, method = parse_cseq(message.header("cseq") or "")
-    if message.is_request and method != message.method:
-        raise MalformedMessage(f"CSeq method {method} does not match the request method {message.method}")
-    length = message.header("content-length")
+    _, cseq_method = parse_cseq(first["cseq"])
+    if status == 0 and cseq_method != method:
+        raise MalformedMessage(f"CSeq method {cseq_method} does not match the request method {method}")
+    length = first.get("content-length")
     if length is not None:
         if not is_number(length):
             raise MalformedMessage(f"Content-Length {length[:20]!r} is not a number")
-        if int(length) > len(message.body):
+        if int(length) > len(body):
             raise MalformedMessage(
-                f"body is {len(message.body)} bytes but Content-Length says {length}: truncated")
-    for mf in message.all("max-forwards"):
-        if not (is_number(mf, 3) and int(mf) <= 255):
-            raise MalformedMessage(f"Max-Forwards {mf[:20]!r} is not a number from 0 to 255")
-    for name in ("from", "to"):
-        parse_name_addr(message.header(name) or "", pretty_name(name))
+                f"body is {len(body)} bytes but Content-Length says {length}: truncated")
+    if "max-forwards" in first:
+        for name, mf in headers:
+            if name == "max-forwards" and not (is_number(mf, 3) and int(mf) <= 255):
+                raise MalformedMessage(f"Max-Forwards {mf[:20]!r} is not a number from 0 to 255")
+    from_to = (parse_name_addr(first["from"], "From"), parse_name_addr(first["to"], "To"))
     try:
-        return parse_via(message.all("via")[0])
+        return cseq_method, parse_via(split_list(first["via"])[0]), from_to
     except (IndexError, ValueError) as exc:
         raise MalformedMessage(f"top Via is not valid: {exc}") from None
 
@@ -349,12 +378,17 @@ def with_tag(to_value: str, tag: str) -> str:
     return f"{to_value};tag={tag}"
 
 
-def stamp_received(via_value: str, host: str, port: int) -> str:
-    """A received request's top Via stamped with received/rport (§18.2.1, RFC 3581)."""
-    via = parse_via(via_value)
+_EMPTY_RPORT = re.compile(r";\s*rport\s*=?\s*(?=;|$)")
+
+
+def stamp_received(via_value: str, host: str, port: int, via: Via | None = None) -> str:
+    """A received request's top Via stamped with received/rport (§18.2.1, RFC 3581);
+    ``via``: the same Via already parsed."""
+    if via is None:
+        via = parse_via(via_value)
     wants_rport = "rport" in via.params and not via.params["rport"]
     if wants_rport:
-        via_value = re.sub(r";\s*rport\s*=?\s*(?=;|$)", f";rport={port}", via_value, count=1)
+        via_value = _EMPTY_RPORT.sub(f";rport={port}", via_value, count=1)
     if (via.host != host or wants_rport) and "received" not in via.params:
         via_value += f";received={host}"
     return via_value
@@ -363,7 +397,7 @@ def stamp_received(via_value: str, host: str, port: int) -> str:
 def response_via(request: SipMessage, source_host: str, source_port: int) -> list[str]:
     """The request's Vias, the top one stamped with received/rport."""
     vias = request.all("via")
-    return [stamp_received(vias[0], source_host, source_port), *vias[1:]]
+    return [stamp_received(vias[0], source_host, source_port, request.via0), *vias[1:]]
 
 
 def response_destination(request: SipMessage, source_host: str, source_port: int) -> tuple[str, int]:
