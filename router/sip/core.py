@@ -25,13 +25,13 @@ including the periodic housekeeping (nonces, failure counters, ended dialogs).
 
 from __future__ import annotations
 
-import secrets
 import traceback
 from collections.abc import Callable, Mapping
 
 from router.errors import MalformedMessage, sip_status
 from router.policy.decide import CallRequest
 from router.policy.model import EDGE_CLIENT_HEADER, Binding, DeviceKind, Policy, Trunk
+from router.sip import ids
 from router.sip.admission import Refused, admit, trusted_peer
 from router.sip.auth import Authenticator
 from router.sip.callrules import called_number, quote
@@ -303,7 +303,7 @@ class SipCore:
         """Answer ``msg``.  A refusal to a stranger is not cached: it must not answer the
         real party's request that carries the same transaction key."""
         data = build_response(msg, reply.status, reply.reason, (source.host, source.port),
-                              to_tag=secrets.token_hex(6), headers=reply.headers, server=SERVER)
+                              to_tag=ids.token_hex(6), headers=reply.headers, server=SERVER)
         if cache and reply.status >= 200 and reply.status not in (401, 407):
             self.cache.put(transaction_key(msg), data, now)
         return [self._send(msg, source, data)]
@@ -317,7 +317,7 @@ class SipCore:
         status, reason = sip_status(exc)
         try:
             reply = build_response(stub, status, reason, (source.host, source.port),
-                                   to_tag=secrets.token_hex(6),
+                                   to_tag=ids.token_hex(6),
                                    headers=(("Warning", f'399 - "{quote(str(exc))}"'),),
                                    server=SERVER)
             send = self._send(stub, source, reply)

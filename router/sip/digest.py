@@ -19,6 +19,8 @@ import struct
 from collections import deque
 from dataclasses import dataclass
 
+from router.sip import ids
+
 ALGORITHMS = {"SHA-256": hashlib.sha256, "MD5": hashlib.md5}
 PREFERENCE = ("MD5", "SHA-256")   # see RegistrarSettings.algorithms for why MD5 leads
 
@@ -89,8 +91,8 @@ class NonceBook:
         self._order: deque[tuple[float, str]] = deque()
 
     def issue(self, now: float) -> str:
-        body = struct.pack(">d", now) + os.urandom(9)
-        mac = hmac.new(self.secret, body, hashlib.sha256).digest()[:12]
+        body = struct.pack(">d", now) + ids.token_bytes(9)
+        mac = hmac.digest(self.secret, body, "sha256")[:12]
         return base64.urlsafe_b64encode(body + mac).decode()
 
     def issued_at(self, nonce: str) -> float | None:
@@ -102,7 +104,7 @@ class NonceBook:
         if len(raw) != 29:
             return None
         body, mac = raw[:17], raw[17:]
-        if not hmac.compare_digest(mac, hmac.new(self.secret, body, hashlib.sha256).digest()[:12]):
+        if not hmac.compare_digest(mac, hmac.digest(self.secret, body, "sha256")[:12]):
             return None
         return float(struct.unpack(">d", body[:8])[0])
 

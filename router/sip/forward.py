@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-import secrets
 from dataclasses import dataclass
 
 from router.policy.model import EDGE_CLIENT_HEADER
+from router.sip import ids
 from router.sip.message import (
     SipMessage,
     is_number,
@@ -66,7 +66,7 @@ def loop_hash(msg: SipMessage) -> str:
 
 
 def new_branch(msg: SipMessage, local: Local, hashed: str | None = None) -> str:
-    return f"{BRANCH_PREFIX}{hashed or loop_hash(msg)}.{secrets.token_hex(5)}{local.mark}"
+    return f"{BRANCH_PREFIX}{hashed or loop_hash(msg)}.{ids.token_hex(5)}{local.mark}"
 
 
 def our_via(local: Local, branch: str, transport: str) -> str:

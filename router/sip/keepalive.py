@@ -20,12 +20,12 @@ refresh counts as an answer.  Pings are recognised by their Via branch.
 from __future__ import annotations
 
 import heapq
-import secrets
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from router.policy.model import Binding
+from router.sip import ids
 from router.sip.commands import Log, SaveBindings, Send
 from router.sip.forward import Local, our_via, render
 from router.sip.location import Location
@@ -142,13 +142,13 @@ class Keepalive:
 
     def _ping(self, binding: Binding, watch: Watch) -> Send:
         dest, routes = destination(binding)
-        branch = f"{BRANCH_PREFIX}{secrets.token_hex(8)}{self.local.mark}"
+        branch = f"{BRANCH_PREFIX}{ids.token_hex(8)}{self.local.mark}"
         watch.outstanding = branch
         self.by_branch[branch] = (binding.device_id, binding.contact)
         headers = [("via", our_via(self.local, branch, dest.transport)), ("max-forwards", "70"),
                    *(("route", r) for r in routes),
-                   ("from", f"<sip:keepalive@{self.domain}>;tag={secrets.token_hex(6)}"),
-                   ("to", f"<{binding.contact}>"), ("call-id", f"ka-{secrets.token_hex(10)}"),
+                   ("from", f"<sip:keepalive@{self.domain}>;tag={ids.token_hex(6)}"),
+                   ("to", f"<{binding.contact}>"), ("call-id", f"ka-{ids.token_hex(10)}"),
                    ("cseq", "1 OPTIONS"), ("user-agent", SERVER)]
         return Send(render(f"OPTIONS {binding.contact} SIP/2.0", headers, b""),
                     dest.host, dest.port, dest.transport, dest.conn)

@@ -28,7 +28,6 @@ record.  The clock is ``now``; ``next_timer`` says when the proxy next needs
 from __future__ import annotations
 
 import heapq
-import secrets
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ from dataclasses import dataclass, field
 from router.policy.decide import CallRequest, Decision, Fork, PstnLeg, Redirect, Reject, decide
 from router.policy.model import Binding, Policy, Trunk
 from router.records import CallRecord
-from router.sip import pstn, reach
+from router.sip import ids, pstn, reach
 from router.sip.branch import Action, Branch, Event, Spec, Step
 from router.sip.callrules import best_response, quote, restore, summary
 from router.sip.commands import Log, SaveCall, Send, Source, phrase
@@ -84,7 +83,7 @@ class Call:
     failures: list[tuple[int, SipMessage | None]] = field(default_factory=list)
     rewrite: tuple[str, str] | None = None
     linger_until: float | None = None
-    tag: str = field(default_factory=lambda: secrets.token_hex(6))   # our To tag for our own answers
+    tag: str = field(default_factory=lambda: ids.token_hex(6))   # our To tag for our own answers
     loop_hash: str | None = None
 
     def active(self) -> list[Branch]:

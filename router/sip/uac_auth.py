@@ -7,9 +7,7 @@ trunk's credentials, and send the request again with the next CSeq.
 
 from __future__ import annotations
 
-import secrets
-
-from router.sip import digest
+from router.sip import digest, ids
 from router.sip.message import SipMessage, auth_params
 
 
@@ -32,7 +30,7 @@ def credentials_header(challenge: SipMessage, method: str, uri: str, username: s
     _, algorithm, params = min(offers, key=lambda o: o[0])
     realm, nonce = params.get("realm", ""), params["nonce"]
     qop = "auth" if "auth" in [q.strip() for q in params.get("qop", "").split(",")] else None
-    cnonce, nc = secrets.token_hex(8), "00000001"
+    cnonce, nc = ids.token_hex(8), "00000001"
     ha1 = digest.ha1(algorithm, username, realm, password)
     response = digest.response(algorithm, ha1, nonce, method, uri, qop, nc, cnonce)
     value = (f'Digest username="{username}", realm="{realm}", nonce="{nonce}", uri="{uri}", '
