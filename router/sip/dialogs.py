@@ -27,6 +27,7 @@ dialogs are forgotten by ``sweep``, which the core runs as housekeeping.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -81,6 +82,9 @@ class Dialogs:
         self.peer_of = peer_of
         self.device_at = device_at
         self.table: dict[tuple[str, str], Dialog] = {}
+        # (expires_at, key) for ``sweep``: it takes what is due, never scans the table.  An entry
+        # whose dialog has since been given a later expiry is skipped; the later one is here too.
+        self._expiry: list[tuple[float, tuple[str, str]]] = []
 
     def open(self, dialog: Dialog) -> bool:
         """Record an answered dialog; False if it was already open (a 2xx retransmission)."""
@@ -88,6 +92,7 @@ class Dialogs:
         if key in self.table:
             return False
         self.table[key] = dialog
+        heapq.heappush(self._expiry, (dialog.expires_at, key))
         return True
 
     def find(self, msg: SipMessage) -> tuple[Dialog, bool] | None:
@@ -106,8 +111,11 @@ class Dialogs:
 
     def sweep(self, now: float) -> None:
         """Forget ended and aged dialogs (housekeeping: they age out in seconds to hours)."""
-        for key in [k for k, d in self.table.items() if d.expires_at <= now]:
-            del self.table[key]
+        while self._expiry and self._expiry[0][0] <= now:
+            _, key = heapq.heappop(self._expiry)
+            dialog = self.table.get(key)
+            if dialog is not None and dialog.expires_at <= now:
+                del self.table[key]
 
     # ------------------------------------------------------------------ requests
     def on_request(self, msg: SipMessage, source: Source, now: float) -> Emit | Stranger | None:
@@ -131,6 +139,7 @@ class Dialogs:
         if msg.method == "BYE" and not dialog.ended:
             dialog.ended = True
             dialog.expires_at = now + ENDED_LINGER
+            heapq.heappush(self._expiry, (dialog.expires_at, (dialog.call_id, dialog.callee_tag)))
             if dialog.record is None:
                 return out
             record = replace(dialog.record, ended_at=now)

@@ -85,6 +85,7 @@ class Call:
     linger_until: float | None = None
     tag: str = field(default_factory=lambda: ids.token_hex(6))   # our To tag for our own answers
     loop_hash: str | None = None
+    wake_at: float | None = None        # the time of the call's live entry in ``Proxy.wakeups``
 
     def active(self) -> list[Branch]:
         return [b for b in self.branches.values() if not b.superseded and not b.done]
@@ -205,13 +206,14 @@ class Proxy:
 
     def handle_timer(self, now: float) -> Emit:
         out: Emit = []
-        due: dict[tuple[str, ...], None] = {}
+        due: list[Call] = []
         while self.wakeups and self.wakeups[0][0] <= now:     # take what is due first: whatever
-            due[heapq.heappop(self.wakeups)[2]] = None         # is scheduled now waits for the next pass
-        for key in due:
+            at, _, key = heapq.heappop(self.wakeups)           # is scheduled now waits for the next pass
             call = self.calls.get(key)
-            if call is None:
-                continue
+            if call is not None and call.wake_at == at:       # else forgotten, or rescheduled earlier
+                call.wake_at = None
+                due.append(call)
+        for call in due:
             if call.linger_until is not None and call.linger_until <= now and \
                     all(b.done for b in call.branches.values()):
                 self._forget(call)
@@ -488,9 +490,14 @@ class Proxy:
             elif all(b.done for b in call.branches.values()):
                 times.append(now)             # forgotten on the next pass
 
-        if times:
-            self._seq += 1
-            heapq.heappush(self.wakeups, (min(times), self._seq, call.key))
+        if not times:
+            return
+        at = min(times)
+        if call.wake_at is not None and call.wake_at <= at:
+            return            # an earlier wake-up is pending; it reschedules the call when it runs
+        self._seq += 1
+        call.wake_at = at     # one live entry per call: an entry at another time is stale, skipped
+        heapq.heappush(self.wakeups, (at, self._seq, call.key))
 
     def _all_bindings(self, user_key: str, now: float) -> list[Binding]:
         user = self.policy().user(user_key)

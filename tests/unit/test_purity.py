@@ -12,7 +12,7 @@ FORBIDDEN = {"pjsua2", "ctypes", "socket", "sqlite3", "asyncio", "selectors", "s
              "threading", "subprocess", "http", "urllib", "router.store", "router.sip.engine",
              "router.sip.pjsip_module"}
 PURE = sorted((ROOT / "policy").glob("*.py")) + [
-    ROOT / "sip" / name for name in ("message.py", "digest.py", "registrar.py", "transaction.py", "core.py",
+    ROOT / "sip" / name for name in ("message.py", "digest.py", "ids.py", "registrar.py", "transaction.py", "core.py",
                                     "proxy.py", "branch.py", "forward.py", "admission.py",
                                     "uac_auth.py", "commands.py", "auth.py", "location.py", "dialogs.py",
                                     "pstn.py", "callrules.py", "reach.py", "keepalive.py", "steer.py")]
