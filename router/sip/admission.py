@@ -14,6 +14,7 @@ with an open proxy.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,11 +43,18 @@ class Refused:
 
 
 def trusted_peer(policy: Policy, host: str) -> TrustedPeer | None:
+    return _peer_at(policy.trusted_peers, host)
+
+
+@functools.lru_cache(maxsize=4096)
+def _peer_at(peers: tuple[TrustedPeer, ...], host: str) -> TrustedPeer | None:
+    """Remembered per peer list and address: every INVITE and in-dialog request asks, and
+    parsing the address and testing each network showed in the profile."""
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
         return None
-    for peer in policy.trusted_peers:
+    for peer in peers:
         if address in peer.net:
             return peer
     return None

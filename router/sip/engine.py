@@ -55,10 +55,12 @@ from router.sip.transaction import transaction_key
 from router.store.interfaces import BindingWriter, CallWriter
 
 POLL_MS = 10
-# With shared ports the loop waits in select(), which wakes for a datagram, a signal
-# (set_wakeup_fd) or an inbox job (``wake``): the cap only bounds the wait for PJSIP's
-# own timers (the trunk registration), so an idle worker wakes 4 times a second, not 100.
-SHARED_POLL_MS = 250
+# Over UDP only (and with shared ports) the loop waits in select(), which wakes for a
+# datagram, a signal (set_wakeup_fd) or an inbox job (``wake``): the cap only bounds the
+# wait for PJSIP's own timers (the trunk registration), so an idle router wakes 4 times
+# a second, not 100.  A TCP listener's connections live inside PJSIP, which must then be
+# polled every ``POLL_MS``.
+SELECT_POLL_MS = 250
 BATCH = 256
 IDLE_INTERVAL = 1.0          # reload flag and run-time policy changes
 _PJ_LEVELS = {0: "critical", 1: "error", 2: "warning", 3: "info", 4: "debug", 5: "debug", 6: "debug"}
@@ -165,13 +167,12 @@ class Engine:
                  shared: SharedPorts | None = None) -> None:
         self.listen = listen
         self.shared = shared
-        self.pj_sockets: list[socket.socket] = []     # with shared ports: PJSIP's, to wait on
-        self.waker: tuple[socket.socket, socket.socket] | None = None
-        self.pj_poll_at = 0.0          # with shared ports: when PJSIP's timers next get a poll
-        if shared is not None:
-            self.waker = socket.socketpair()
-            for end in self.waker:
-                end.setblocking(False)
+        self.pj_sockets: list[socket.socket] = []     # PJSIP's UDP sockets, to wait on in select()
+        self.selecting = False         # the loop waits in select(): UDP only, see SELECT_POLL_MS
+        self.waker = socket.socketpair()
+        for end in self.waker:
+            end.setblocking(False)
+        self.pj_poll_at = 0.0          # when selecting: when PJSIP's timers next get a poll
         self.core = core
         self.store = store
         self.tally = tally if tally is not None else Tally()     # counted here, scraped elsewhere
@@ -233,10 +234,10 @@ class Engine:
                                                "transport": item.transport}) from None
             if item.transport == "udp":
                 sock = _find_udp_socket(item.address, item.port)
-                if sock is not None and self.shared is not None:
+                if sock is not None:
                     self.pj_sockets.append(sock)
-                elif sock is not None:
-                    self.udp.setdefault(sock.family, sock)
+                    if self.shared is None:
+                        self.udp.setdefault(sock.family, sock)
             if item.transport == "tcp":
                 self.log.warning("sip.tcp.enabled", address=item.address, port=item.port,
                                  detail="TCP is safe only from trusted addresses (an edge proxy): "
@@ -253,6 +254,8 @@ class Engine:
                                  hint="datagrams go to workers by the sender's address instead")
             self.log.info("sip.workers.shared", worker=self.shared.index, workers=self.shared.channels.count,
                           ports=[x.port for x in self.shared.listen])
+        self.selecting = all(item.transport == "udp" for item in self.listen) and \
+            len(self.pj_sockets) == len(self.listen)
         self.ep.libStart()
         self.module = RouterModule(self._on_packet, self._on_response)
         self.module.register()
@@ -300,9 +303,8 @@ class Engine:
         self.pj_sockets.clear()
         if self.shared is not None:
             self.shared.close()
-        if self.waker is not None:
-            for end in self.waker:
-                end.close()
+        for end in self.waker:
+            end.close()
         if self.module is not None:
             self.module.unregister()
             self.module = None
@@ -315,7 +317,7 @@ class Engine:
     def run(self, should_stop: Callable[[], bool], on_idle: Callable[[float], None]) -> None:
         """Poll until ``should_stop()``; ``on_idle(now)`` runs between polls."""
         # A signal (SIGTERM, SIGHUP) must end a worker's select() wait, not only set its flag.
-        waker = self.waker if threading.current_thread() is threading.main_thread() else None
+        waker = self.waker if threading.current_thread() is threading.main_thread() and self.selecting else None
         previous = signal.set_wakeup_fd(waker[1].fileno(), warn_on_full_buffer=False) if waker is not None else -1
         try:
             self._run(should_stop, on_idle)
@@ -329,15 +331,15 @@ class Engine:
             wake = self.core.next_timer()
             if self.commit.held:              # answers wait for the flush: do not oversleep it
                 wake = min(wake, next_flush)
-            if self.shared is not None:       # select() waits long: wake for the loop's own duties too
+            if self.selecting:                # select() waits long: wake for the loop's own duties too
                 wake = min(wake, next_idle)
                 if self.commit.pending:
                     wake = min(wake, next_flush)
             # Rounded up: rounded down, the last millisecond before every timer was a busy spin.
-            cap = POLL_MS if self.shared is None else SHARED_POLL_MS
+            cap = SELECT_POLL_MS if self.selecting else POLL_MS
             wait = max(0, min(cap, math.ceil((wake - time.time()) * 1000)))
-            if self.shared is not None:
-                self._poll_shared(self.shared, wait)
+            if self.selecting:
+                self._poll_select(wait)
             elif self.ep.libHandleEvents(wait) > 0:
                 while len(self.received) < BATCH and self.ep.libHandleEvents(0) > 0:
                     pass
@@ -372,21 +374,20 @@ class Engine:
 
     def wake(self) -> None:
         """From another thread: a job is on the inbox; end the loop's wait now."""
-        if self.waker is not None:
-            try:
-                self.waker[1].send(b"\0")
-            except OSError:
-                pass           # already a byte waiting, or closing: the loop wakes anyway
-
-    def _poll_shared(self, shared: SharedPorts, wait_ms: int) -> None:
-        """Wait for any of the worker's sockets and read the shared ones here; PJSIP gets a
-        zero-wait poll when its own port has a datagram, and otherwise every ``POLL_MS``
-        for its timers (the trunk registration), not on every pass: a hand-over wakes
-        the loop for one datagram, which should not wait behind a poll of PJSIP."""
-        assert self.waker is not None
         try:
-            ready = select.select([*shared.readable(), *self.pj_sockets, self.waker[0]], [], [],
-                                  wait_ms / 1000)[0]
+            self.waker[1].send(b"\0")
+        except OSError:
+            pass           # already a byte waiting, or closing: the loop wakes anyway
+
+    def _poll_select(self, wait_ms: int) -> None:
+        """Wait for any of the router's sockets; with shared ports, read those here.  PJSIP
+        gets a zero-wait poll when its own port has a datagram, and otherwise every
+        ``POLL_MS`` for its timers (the trunk registration), not on every pass: a hand-over
+        wakes the loop for one datagram, which should not wait behind a poll of PJSIP."""
+        shared = self.shared
+        try:
+            ready = select.select([*(shared.readable() if shared is not None else ()), *self.pj_sockets,
+                                   self.waker[0]], [], [], wait_ms / 1000)[0]
         except InterruptedError:
             ready = []
         if self.waker[0] in ready:
@@ -395,7 +396,7 @@ class Engine:
                     pass
             except OSError:
                 pass
-        if ready:
+        if ready and shared is not None:
             shared.drain(ready, self.received, BATCH)
         now = time.monotonic()
         if now >= self.pj_poll_at or any(sock in ready for sock in self.pj_sockets):

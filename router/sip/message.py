@@ -260,6 +260,8 @@ def split_list(value: str) -> list[str]:
     """Split on commas that are outside quotes and angle brackets."""
     if "," not in value:
         return [value.strip()]
+    if '"' not in value and "<" not in value:      # no quoted or bracketed commas: a plain split
+        return [item for item in (part.strip() for part in value.split(",")) if item]
     return [item.strip() for item in _LIST_ITEM.findall(value) if item.strip()]
 
 
