@@ -49,6 +49,15 @@ def _with_priority(renderer: structlog.typing.Processor) -> structlog.typing.Pro
     return render
 
 
+_enabled: frozenset[str] = frozenset(_LEVELS)   # the levels that write a line (``configure``)
+
+
+def enabled(level: str) -> bool:
+    """Does a line at ``level`` get written?  Lets a hot path skip building a line's
+    fields when its level is filtered out."""
+    return level in _enabled
+
+
 _PROCESS: dict[str, object] = {}      # fields every line of this process carries (the worker)
 
 
@@ -64,7 +73,10 @@ def _process_fields(_logger: object, _name: str, event_dict: structlog.typing.Ev
 
 
 def configure(level: str = "info", fmt: str = "auto", stream: object = None) -> None:
+    global _enabled
     out = stream if stream is not None else sys.stderr
+    floor = _LEVELS.get(level, logging.INFO)
+    _enabled = frozenset(name for name, number in _LEVELS.items() if number >= floor)
     use_json = fmt == "json" or (fmt == "auto" and not getattr(out, "isatty", lambda: False)())
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer() if use_json
@@ -80,7 +92,7 @@ def configure(level: str = "info", fmt: str = "auto", stream: object = None) -> 
             structlog.processors.format_exc_info,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
+        wrapper_class=structlog.make_filtering_bound_logger(floor),
         logger_factory=structlog.PrintLoggerFactory(file=out),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )

@@ -62,6 +62,7 @@ POLL_MS = 10
 # polled every ``POLL_MS``.
 SELECT_POLL_MS = 250
 BATCH = 256
+KNOWN_ADDRESSES = 100_000    # remembered as checked; past that, each send checks its host again
 IDLE_INTERVAL = 1.0          # reload flag and run-time policy changes
 _PJ_LEVELS = {0: "critical", 1: "error", 2: "warning", 3: "info", 4: "debug", 5: "debug", 6: "debug"}
 
@@ -196,6 +197,7 @@ class Engine:
             shared.stats = self.stats
         self.received: list[tuple[bool, Packet]] = []
         self.udp: dict[int, socket.socket] = {}    # address family -> PJSIP's own UDP socket
+        self.addresses: set[str] = set()           # hosts already checked to be addresses
 
     # ------------------------------------------------------------------ life cycle
     def start(self) -> None:
@@ -439,21 +441,22 @@ class Engine:
         commit (``GroupCommit``)."""
         hold = acknowledges and any(type(command) is SaveBindings for command in commands)
         for command in commands:
-            if isinstance(command, Send):
+            if type(command) is Send:
                 if hold:
                     self.commit.hold(command)
                 elif not self.commit.is_held(command):   # else: a retransmission, answered at commit
                     self._dispatch(command)
-            elif isinstance(command, SaveBindings):
+            elif type(command) is SaveBindings:
                 self.commit.save(command)
                 self._hold_connections(command)
                 self.tally.bindings_saved(command)
-            elif isinstance(command, SaveCall):
+            elif type(command) is SaveCall:
                 self.commit.save_call(command.record)
                 self.tally.call_saved(command.record)
-            elif isinstance(command, Log):
+            elif type(command) is Log:
                 self.tally.event(command)
-                getattr(self.log, command.level)(command.event, **dict(command.fields))
+                if log.enabled(command.level):       # a filtered line costs no dict of its fields
+                    getattr(self.log, command.level)(command.event, **dict(command.fields))
 
     def _dispatch(self, command: Send) -> None:
         status = self._send(command)
@@ -478,13 +481,16 @@ class Engine:
     def _send(self, command: Send) -> int:
         """UDP goes straight out of PJSIP's own UDP socket (same source address and
         port, no tdata allocation); TCP and anything unusual go through PJSIP."""
-        try:
-            socket.inet_pton(socket.AF_INET6 if ":" in command.host else socket.AF_INET, command.host)
-        except OSError:      # a name that did not resolve: never look names up on this thread
-            self.log.warning("sip.send.unresolved", host=command.host, port=command.port)
-            return -1
+        family = socket.AF_INET6 if ":" in command.host else socket.AF_INET
+        if command.host not in self.addresses:
+            try:
+                socket.inet_pton(family, command.host)
+            except OSError:      # a name that did not resolve: never look names up on this thread
+                self.log.warning("sip.send.unresolved", host=command.host, port=command.port)
+                return -1
+            if len(self.addresses) < KNOWN_ADDRESSES:
+                self.addresses.add(command.host)
         if command.transport == "udp":
-            family = socket.AF_INET6 if ":" in command.host else socket.AF_INET
             sock = self.udp.get(family)
             if sock is not None:
                 try:

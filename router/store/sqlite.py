@@ -311,19 +311,20 @@ class SqliteBindingStore:
 
     def replace_many(self, sets: Iterable[DeviceBindings]) -> None:
         """Several devices' binding sets in one transaction."""
+        latest = {item.device_id: item for item in sets}      # a device twice: its last set
         _settle(self.conn)
         with self.conn:
             self.conn.execute("BEGIN IMMEDIATE")
-            for item in sets:
-                self.conn.execute("DELETE FROM bindings WHERE device_id = ?", (item.device_id,))
-                self.conn.executemany(
-                    f"INSERT INTO bindings ({_BINDING_COLUMNS}) VALUES "
-                    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [(b.user_id, b.device_id, b.kind.value, b.contact, b.expires_at, b.q,
-                      b.call_id, b.cseq, b.source_host, b.source_port, b.transport,
-                      b.user_agent, b.registered_at, b.instance,
-                      json.dumps(list(b.path)) if b.path else "", b.flow, b.client, int(b.at_contact))
-                     for b in item.bindings])
+            # Two statements for the whole batch, not two per device.
+            self.conn.executemany("DELETE FROM bindings WHERE device_id = ?", [(d,) for d in latest])
+            self.conn.executemany(
+                f"INSERT INTO bindings ({_BINDING_COLUMNS}) VALUES "
+                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(b.user_id, b.device_id, b.kind.value, b.contact, b.expires_at, b.q,
+                  b.call_id, b.cseq, b.source_host, b.source_port, b.transport,
+                  b.user_agent, b.registered_at, b.instance,
+                  json.dumps(list(b.path)) if b.path else "", b.flow, b.client, int(b.at_contact))
+                 for item in latest.values() for b in item.bindings])
 
     def purge_expired(self, now: float) -> int:
         with self.conn:
