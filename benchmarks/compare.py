@@ -73,8 +73,8 @@ RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 ACD = "127.0.0.1"                 # the SIPp caller placing proxied calls
 REDIRECT_ACD = "127.0.0.2"        # the SIPp caller that gets 302s
 CPU_RATE = 100                    # operations per second of the CPU-per-operation runs
-REGISTER_RATES = (500, 1000, 2000, 3000, 4000, 5000, 6000, 7000, 8000)
-CALL_RATES = (200, 400, 600, 800, 1000, 1250, 1500, 1750, 2000, 2500)
+REGISTER_RATES = (500, 1000, 2000, 3000, 4000, 5000, 6000, 7000, 8000, 9000, 10000)
+CALL_RATES = (200, 400, 600, 800, 1000, 1250, 1500, 1750, 2000, 2500, 3000)
 QUICK_REGISTER_RATES = (500, 1000, 2000)
 QUICK_CALL_RATES = (100, 200, 400)
 ROUTER = "sip-router"
@@ -350,6 +350,11 @@ class Side:
     pdd: dict[str, float] = field(default_factory=dict)                   # "p50"/"p99" added, ms
     pdd_detail: str = ""
     memory_kib: dict[str, int] = field(default_factory=dict)              # part -> after its runs
+    # the router only: `check` and a start on the register runs' state (seconds, bindings, KiB)
+    check_seconds: float | None = None
+    start_seconds: float | None = None
+    start_bindings: int = 0
+    start_memory_kib: int | None = None
     errors: list[str] = field(default_factory=list)
 
 
@@ -506,6 +511,32 @@ def part_register(kind: str, tmp: Path, opts: Options, side: Side) -> None:
         raise
     finally:
         server.stop()
+    if kind == ROUTER:
+        startup(Path(config), port, opts, side)
+
+
+def startup(config: Path, port: int, opts: Options, side: Side) -> None:
+    """``sip-router check`` of the YAML (the median of three), then a start on the state the register
+    runs left (every user registered): the time until the router -- every worker -- answers, and its
+    memory then."""
+    times = []
+    for _ in range(3):
+        started = time.monotonic()
+        subprocess.run([sys.executable, "-m", "router", "-c", str(config), "check"], cwd=ROOT,
+                       capture_output=True, check=True, timeout=300)
+        times.append(time.monotonic() - started)
+    side.check_seconds = sorted(times)[1]
+    side.start_bindings = count_bindings(config.parent / "router.db")
+    started = time.monotonic()
+    server = RouterServer(config, port, opts.users)
+    try:
+        side.start_seconds = time.monotonic() - started
+        time.sleep(1.0)                       # settled: the parse child gone, the first tick done
+        side.start_memory_kib = server.memory_kib()
+    finally:
+        server.stop()
+    print(f"  {ROUTER}: check {side.check_seconds:.1f} s; start with {side.start_bindings} bindings "
+          f"{side.start_seconds:.1f} s, memory {side.start_memory_kib / 1024:.0f} MiB", flush=True)
 
 
 def part_calls(kind: str, tmp: Path, opts: Options, side: Side, fork: bool) -> None:
@@ -614,6 +645,12 @@ def table(sides: dict[str, Side]) -> list[str]:
             a_idle, b_idle = r.idle.get(part), k.idle.get(part)
             rows.append(f"| idle server CPU, {part} set-up (% of a core) | {_num(a_idle and a_idle * 100, 2)} | "
                         f"{_num(b_idle and b_idle * 100, 2)} | {ratio(a_idle, b_idle)} |")
+    if r.check_seconds is not None and r.start_seconds is not None and r.start_memory_kib is not None:
+        rows.append(f"| `sip-router check` of the register YAML (s; median of 3) | {r.check_seconds:.1f} | | |")
+        rows.append(f"| start on the register runs' state, {r.start_bindings} bindings, until every process "
+                    f"answers (s) | {r.start_seconds:.1f} | | |")
+        rows.append(f"| memory 1 s after that start (MiB; RSS, or PSS of all processes with workers) | "
+                    f"{r.start_memory_kib / 1024:.1f} | | |")
     for p in ("p50", "p99"):
         if p in r.pdd or p in k.pdd:
             a_ms, b_ms = r.pdd.get(p), k.pdd.get(p)
