@@ -41,7 +41,14 @@ TIMER_C = 180.0
 TIMER_D = 32.0
 
 
-class State(enum.Enum):
+class _Fast(enum.Enum):
+    """Members hash by identity, in C: every message looks up (state, event) pairs in
+    ``TABLE`` and actions in the proxy's handlers, and Enum's own ``__hash__`` is Python."""
+
+    __hash__ = object.__hash__
+
+
+class State(_Fast):
     CALLING = "calling"
     PROCEEDING = "proceeding"
     COMPLETED = "completed"      # a final failure came and was ACKed
@@ -49,7 +56,7 @@ class State(enum.Enum):
     TERMINATED = "terminated"
 
 
-class Event(enum.Enum):
+class Event(_Fast):
     PROVISIONAL = "1xx"
     SUCCESS = "2xx"
     FAILURE = "3xx-6xx"
@@ -61,7 +68,7 @@ class Event(enum.Enum):
     CANCEL = "cancel"
 
 
-class Action(enum.Enum):
+class Action(_Fast):
     # run by the branch itself
     RETRANSMIT = "retransmit"                 # Timer A: the INVITE again, the interval doubled
     STOP_A_B = "stop_a_b"                     # a provisional: no more retransmissions, no Timer B

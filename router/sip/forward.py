@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from router.policy.model import EDGE_CLIENT_HEADER
 from router.sip import ids
 from router.sip.message import (
+    PRETTY_SEEN,
     SipMessage,
     is_number,
     parse_name_addr,
@@ -91,7 +92,8 @@ def is_loop(msg: SipMessage, local: Local, hashed: str | None = None) -> bool:
 
 def render(start: str, headers: list[tuple[str, str]], body: bytes) -> bytes:
     lines = [start]
-    lines.extend(f"{pretty_name(n)}: {v}" for n, v in headers if n != "content-length")
+    known = PRETTY_SEEN.get        # the names seen before, without a call each
+    lines.extend(f"{known(n) or pretty_name(n)}: {v}" for n, v in headers if n != "content-length")
     lines.append(f"Content-Length: {len(body)}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 

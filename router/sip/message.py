@@ -47,17 +47,17 @@ def is_number(text: str, max_digits: int = 10) -> bool:
     return 0 < len(text) <= max_digits and text.isascii() and text.isdigit()
 
 
-_PRETTY_SEEN: dict[str, str] = {}
+PRETTY_SEEN: dict[str, str] = dict(PRETTY)   # PRETTY and every name written so far (``render``)
 _SEEN_LIMIT = 512           # names remembered; beyond that (a flood of made-up names) computed each time
 
 
 def pretty_name(name: str) -> str:
-    found = PRETTY.get(name) or _PRETTY_SEEN.get(name)
+    found = PRETTY_SEEN.get(name)
     if found is not None:
         return found
     pretty = "-".join(part.capitalize() for part in name.split("-"))
-    if len(_PRETTY_SEEN) < _SEEN_LIMIT:
-        _PRETTY_SEEN[name] = pretty
+    if len(PRETTY_SEEN) < _SEEN_LIMIT:
+        PRETTY_SEEN[name] = pretty
     return pretty
 
 
