@@ -318,6 +318,8 @@ class TallyCollector(Collector):
         yield CounterMetricFamily("sip_router_messages_sent", "SIP messages sent.", value=stats.get("sent", 0))
         yield CounterMetricFamily("sip_router_send_errors", "SIP messages that could not be sent.",
                                   value=stats.get("send_errors", 0))
+        yield CounterMetricFamily("sip_router_calls_shed", "New calls answered 503 because the router was "
+                                  "behind (overload).", value=stats.get("shed", 0))
         yield _counter("sip_router_calls", "Calls routed, counted at the answer or the final failure, by the "
                        "receive method of their first step and outcome.", ["method", "outcome"], t.calls)
         yield t.loop.family("sip_router_loop_busy_seconds",

@@ -56,6 +56,7 @@ from router.sip.transaction import ResponseCache, transaction_key
 SERVER = "sip-router/0.1"
 DEFAULT_LOCAL = Local("127.0.0.1", 5060)
 HOUSEKEEPING = 1.0          # seconds between sweeps of nonces, failure counters and ended dialogs
+SHED_RETRY_AFTER = 1        # seconds, in the 503 to a new call while the router is behind
 ALLOW = "REGISTER, OPTIONS, INVITE, ACK, CANCEL, BYE"
 KNOWN_NOT_SERVED = frozenset({"SUBSCRIBE", "NOTIFY", "MESSAGE", "INFO", "PUBLISH", "REFER",
                               "UPDATE", "PRACK"})
@@ -80,6 +81,10 @@ class SipCore:
                                    settings.keepalive_max_missed)
         self.keepalive.watch(self.location.bindings(now), now)
         self._housekeeping_at = now + HOUSEKEEPING
+        # Set by the engine while it is behind (datagrams queue faster than it works them off):
+        # a new call then gets 503 at once, so the calls already under way, and registrations,
+        # keep their answers in time instead of every one of them waiting in the queue.
+        self.overloaded = False
         self.handlers: dict[str, Callable[[SipMessage, Source, float], list[Command]]] = {
             "REGISTER": self._register,
             "OPTIONS": self._options,
@@ -212,6 +217,10 @@ class SipCore:
         key = transaction_key(msg)
         if self.proxy.has_call(key):
             return list(self.proxy.retransmission(key))
+        if self.overloaded:
+            return [*self._reply(msg, source, now, Reply(503, phrase(503), (("Retry-After", str(SHED_RETRY_AFTER)),)),
+                                 cache=False),
+                    Log("call.shed", (("call_id", msg.call_id),), "debug")]
         if int(msg.header("max-forwards") or "70") == 0:
             return self._reply(msg, source, now, Reply(483, phrase(483)))
         if is_loop(msg, self.local):

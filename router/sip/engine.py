@@ -62,6 +62,11 @@ POLL_MS = 10
 # polled every ``POLL_MS``.
 SELECT_POLL_MS = 250
 BATCH = 256
+# Passes in a row that read a full batch: the router is behind (overload) until a pass finds
+# less than a batch waiting.  One full pass is a burst (a commit, a GC pass); a few in a row
+# mean the queue grows, and once SIPp's or a phone's retransmissions (T1, 0.5 s) join it,
+# the load only grows: without shedding, throughput collapsed to a fifth above saturation.
+BEHIND_PASSES = 2
 KNOWN_ADDRESSES = 100_000    # remembered as checked; past that, each send checks its host again
 IDLE_INTERVAL = 1.0          # reload flag and run-time policy changes
 _PJ_LEVELS = {0: "critical", 1: "error", 2: "warning", 3: "info", 4: "debug", 5: "debug", 6: "debug"}
@@ -191,7 +196,9 @@ class Engine:
         self.account: TrunkAccount | None = None
         self.trunk: Trunk | None = None
         self.pj_log_level = pj_log_level
-        self.stats = {"requests": 0, "responses": 0, "sent": 0, "send_errors": 0}
+        self.stats = {"requests": 0, "responses": 0, "sent": 0, "send_errors": 0, "shed": 0}
+        self.full_passes = 0           # passes in a row that read a full batch (``BEHIND_PASSES``)
+        self.shed_from = 0             # the shed count when the current overload began
         if shared is not None:            # one set of counters: status and the metrics see the hand-overs
             self.stats.update(shared.stats)
             shared.stats = self.stats
@@ -347,6 +354,7 @@ class Engine:
                     pass
             busy_from = time.monotonic()      # the wait is over: from here on, messages queue up
             batch, self.received = self.received, []
+            self._track_backlog(len(batch))
             for is_response, packet in batch:
                 self._handle(packet, is_response)
             if self.core.next_timer() <= time.time():
@@ -373,6 +381,22 @@ class Engine:
             self.tally.loop.observe(time.monotonic() - busy_from)
         if self.failure is not None:
             raise LayoutMismatch(self.failure)
+
+    def _track_backlog(self, taken: int) -> None:
+        """A pass that reads a full batch left datagrams waiting; ``BEHIND_PASSES`` in a row
+        mean they arrive faster than the router works them off.  New calls are then refused
+        with 503 (``SipCore.overloaded``) until a pass finds less than a batch waiting."""
+        self.full_passes = self.full_passes + 1 if taken >= BATCH else 0
+        behind = self.full_passes >= BEHIND_PASSES
+        if behind == self.core.overloaded:
+            return
+        self.core.overloaded = behind
+        if behind:
+            self.shed_from = self.stats["shed"]
+            self.log.warning("sip.overload.started", detail="datagrams arrive faster than the router answers "
+                             "them: new calls get 503 with Retry-After until it catches up")
+        else:
+            self.log.warning("sip.overload.ended", calls_refused=self.stats["shed"] - self.shed_from)
 
     def wake(self) -> None:
         """From another thread: a job is on the inbox; end the loop's wait now."""
@@ -454,6 +478,8 @@ class Engine:
                 self.commit.save_call(command.record)
                 self.tally.call_saved(command.record)
             elif type(command) is Log:
+                if command.event == "call.shed":
+                    self.stats["shed"] += 1
                 self.tally.event(command)
                 if log.enabled(command.level):       # a filtered line costs no dict of its fields
                     getattr(self.log, command.level)(command.event, **dict(command.fields))

@@ -197,3 +197,23 @@ def test_refusal_keeps_the_transaction_and_drops_the_contacts():
     assert msg.status == 500 and msg.header("to") == "<sip:1002@pbx.test>;tag=b"
     assert msg.header("via") == "SIP/2.0/UDP 127.0.0.1:5071;branch=z9hG4bK-1;received=127.0.0.1;rport=5071"
     assert msg.all("contact") == []
+
+
+def test_the_engine_calls_itself_behind_after_full_passes_in_a_row_and_recovers_at_once():
+    from router.config import parse_policy
+    from router.sip.core import SipCore
+    from router.sip.engine import BATCH, BEHIND_PASSES
+    policy = parse_policy("domain: pbx.test\nusers: []\n", "r.yaml")
+    core = SipCore(policy, [], 1000.0)
+    engine = Engine((), core, Nothing(), Nothing())  # type: ignore[arg-type]
+    for _ in range(BEHIND_PASSES - 1):               # full passes, a few: a burst
+        engine._track_backlog(BATCH)
+    assert not core.overloaded
+    engine._track_backlog(BATCH - 1)                 # a break: the count starts again
+    for _ in range(BEHIND_PASSES - 1):
+        engine._track_backlog(BATCH)
+    assert not core.overloaded
+    engine._track_backlog(BATCH)                     # BEHIND_PASSES in a row: behind
+    assert core.overloaded
+    engine._track_backlog(BATCH - 1)                 # less than a batch waited: caught up
+    assert not core.overloaded

@@ -498,3 +498,20 @@ def test_an_ended_dialog_is_forgotten_by_housekeeping_even_with_no_call_timer_du
     assert core.next_timer() <= 1036.5                         # housekeeping still wakes the core
     core.handle_timer(1043.0)
     assert len(core.proxy.dialogs) == 0
+
+
+def test_while_the_router_is_behind_a_new_call_gets_503_and_a_call_under_way_goes_on(core):
+    first = sent(core.on_request(invite(branch="z9hG4bKearly"), ACD, 1000.0))
+    legs = [m for m in first if m.is_request]
+    assert legs                                            # rung before the overload
+    core.overloaded = True
+    (refused,) = sent(core.on_request(invite(branch="z9hG4bKlate").replace(b"call-1", b"call-2"), ACD, 1000.1))
+    assert refused.status == 503 and refused.header("retry-after") == "1"
+    ringing = (f"SIP/2.0 180 Ringing\r\nVia: {legs[0].all('via')[0]}\r\nVia: {legs[0].all('via')[1]}\r\n"
+               f"From: {legs[0].header('from')}\r\nTo: {legs[0].header('to')};tag=ph\r\nCall-ID: call-1\r\n"
+               "CSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n").encode()
+    toward_caller = sent(core.on_response(ringing, Source("10.1.1.1", 7001), 1000.2), "10.0.0.1", 5060)
+    assert [m.status for m in toward_caller] == [180]
+    core.overloaded = False                                # caught up: the caller's retry is routed
+    again = sent(core.on_request(invite(branch="z9hG4bKretry").replace(b"call-1", b"call-3"), ACD, 1001.2))
+    assert [m for m in again if m.is_request]
