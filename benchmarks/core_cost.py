@@ -63,15 +63,15 @@ class Timed:
         self.now = 1000.0
 
     def request(self, data: bytes, source: Source) -> list[Command]:
-        started = time.perf_counter()
-        out = self.core.on_request(data, source, self.now)
-        self._timers()
-        self.spent += time.perf_counter() - started
-        return out
+        return self._timed(self.core.on_request, data, source)
 
     def response(self, data: bytes, source: Source) -> list[Command]:
+        return self._timed(self.core.on_response, data, source)
+
+    def _timed(self, handler: Callable[[bytes, Source, float], list[Command]], data: bytes,
+               source: Source) -> list[Command]:
         started = time.perf_counter()
-        out = self.core.on_response(data, source, self.now)
+        out = handler(data, source, self.now)
         self._timers()
         self.spent += time.perf_counter() - started
         return out

@@ -63,6 +63,11 @@ class Dialog:
     cseq_offset: int = 0                       # added to the caller's CSeq toward the callee
     ended: bool = False
 
+    @property
+    def key(self) -> tuple[str, str]:
+        """Its key in ``Dialogs.table``: the Call-ID and the callee's tag."""
+        return self.call_id, self.callee_tag
+
 
 @dataclass(frozen=True)
 class Stranger:
@@ -88,7 +93,7 @@ class Dialogs:
 
     def open(self, dialog: Dialog) -> bool:
         """Record an answered dialog; False if it was already open (a 2xx retransmission)."""
-        key = (dialog.call_id, dialog.callee_tag)
+        key = dialog.key
         if key in self.table:
             return False
         self.table[key] = dialog
@@ -139,7 +144,7 @@ class Dialogs:
         if msg.method == "BYE" and not dialog.ended:
             dialog.ended = True
             dialog.expires_at = now + ENDED_LINGER
-            heapq.heappush(self._expiry, (dialog.expires_at, (dialog.call_id, dialog.callee_tag)))
+            heapq.heappush(self._expiry, (dialog.expires_at, dialog.key))
             if dialog.record is None:
                 return out
             record = replace(dialog.record, ended_at=now)
