@@ -103,7 +103,7 @@ def _database(args: argparse.Namespace, policy: Policy) -> sqlite3.Connection:
 
 
 def _state(args: argparse.Namespace) -> tuple[PolicyState, sqlite3.Connection]:
-    policy = load_policy(args.config)
+    policy = load_policy(args.config, parallel=True)
     conn = _database(args, policy)
     return PolicyState(policy, SqlitePolicyStore(conn), time.time()), conn
 
@@ -121,7 +121,7 @@ def _user_id(policy: Policy, key: str | None, found: bool) -> str | None:
 
 def cmd_check(args: argparse.Namespace) -> int:
     path = args.file or args.config
-    policy = load_policy(path)
+    policy = load_policy(path, parallel=True)
     devices = sum(len(u.devices) for u in policy.users)
     summary = {"file": path, "users": len(policy.users), "devices": devices, "queues": len(policy.queues),
                "trunk": policy.trunk is not None, "database": policy.database}
@@ -277,7 +277,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_registrations(args: argparse.Namespace) -> int:
-    policy = load_policy(args.config)
+    policy = load_policy(args.config, parallel=True)
     now = time.time()
     bindings = SqliteBindingStore(_database(args, policy)).load(now)
     if args.user:
@@ -301,7 +301,7 @@ def cmd_registrations(args: argparse.Namespace) -> int:
 def cmd_calls(args: argparse.Namespace) -> int:
     if args.live:
         return _live_calls(args)
-    policy = load_policy(args.config)
+    policy = load_policy(args.config, parallel=True)
     user = policy.user(args.user) if args.user else None
     records = SqliteCallStore(_database(args, policy)).recent(user.id if user else args.user, args.limit)
     _user_id(policy, args.user, bool(records))
@@ -322,7 +322,7 @@ def cmd_calls(args: argparse.Namespace) -> int:
 def _ask(args: argparse.Namespace, command: str, request: dict[str, Any] | None = None,
          timeout: float = control_client.TIMEOUT) -> Any:
     try:
-        path = load_policy(args.config).control_socket
+        path = load_policy(args.config, parallel=True).control_socket
     except ConfigError:
         # an edit in progress: the router still runs, on its last good policy, at the same place
         draft = control_client.socket_of_draft(args.config, DEFAULT_STATE_DIR)
@@ -343,7 +343,7 @@ def _live_calls(args: argparse.Namespace) -> int:
     calls = result.get("calls", []) if isinstance(result, dict) else result or []
     if args.user:
         try:                               # an extension names its user here as everywhere
-            user = load_policy(args.config).user(args.user)
+            user = load_policy(args.config, parallel=True).user(args.user)
         except ConfigError:
             user = None
         wanted = {args.user, user.id if user else args.user}

@@ -11,6 +11,9 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+from collections.abc import Callable, Iterable
+from itertools import chain
+from typing import Protocol
 
 import yaml
 
@@ -38,20 +41,27 @@ from router.policy.model import (
     WebSettings,
 )
 from router.policy.numbers import canonical
-from router.yamlnodes import MapReader, Problems, scalar_text
+from router.yamlnodes import Loader, MapReader, Place, Problems, place, scalar_text
 
 DEFAULT_CONFIG = "config/router.yaml"
-_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)   # libyaml when present: 10x faster
 MIN_RING_TIMEOUT = 3.0
 METHODS = [m.value for m in ReceiveMethod]
 KINDS = [k.value for k in DeviceKind]
+# Members by value: a dict lookup is several times cheaper than ``Enum(value)``, read per user.
+_METHOD = {m.value: m for m in ReceiveMethod}
+_KIND = {k.value: k for k in DeviceKind}
+_ROLE = {r.value: r for r in Role}
+_ROLES = list(_ROLE)
 _HEX32 = re.compile(r"^[0-9a-fA-F]{32}$")
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 _TOKEN = re.compile(r"^[A-Za-z0-9._~!$&'*+-]+$")  # safe in a SIP URI user part
 
 
-def load_policy(path: str) -> Policy:
-    """Read and validate the policy file at ``path``; raise ``ConfigError``."""
+def load_policy(path: str, parallel: bool = False) -> Policy:
+    """Read and validate the policy file at ``path``; raise ``ConfigError``.
+
+    ``parallel``: a long users list is read on two cores (``config_split``), which forks:
+    only for a process with no other threads, such as the CLI or the parse child."""
     try:
         with open(path, "rb") as handle:
             data = handle.read()
@@ -65,13 +75,22 @@ def load_policy(path: str) -> Policy:
         raise ConfigError([f"{path}:{line}:{column}: byte 0x{data[exc.start]:02x} is not UTF-8 text; "
                            "save the file as UTF-8"]) from None
     with paused_gc():
+        if parallel:
+            from router.config_split import parse_split  # imports this module
+            policy = parse_split(text, path)
+            if policy is not None:
+                return policy
         return parse_policy(text, path)
 
 
 def parse_policy(text: str, filename: str = "<config>") -> Policy:
-    problems = Problems(filename)
+    return policy_from(compose(text, filename), filename)
+
+
+def compose(text: str, filename: str) -> yaml.Node:
+    """The node tree of ``text``; ``ConfigError`` (file:line:column) if it is not YAML."""
     try:
-        root = yaml.compose(text, Loader=_LOADER)
+        root = yaml.compose(text, Loader=Loader)
     except yaml.MarkedYAMLError as exc:
         raise ConfigError([_yaml_error(text, filename, exc)]) from None
     except yaml.reader.ReaderError as exc:      # a control character, before any token
@@ -82,10 +101,27 @@ def parse_policy(text: str, filename: str = "<config>") -> Policy:
                            "is not allowed in the file"]) from None
     if root is None:
         raise ConfigError([f"{filename}:1: the file is empty"])
+    return root
+
+
+class MoreUsers(Protocol):
+    """The rest of the users list, read elsewhere while this process reads the rest."""
+
+    def begin(self, country: str, first: int) -> None:
+        """Start reading, given the country and the index of the first of these users."""
+
+    def end(self, problems: Problems) -> tuple[list[User | None], list[Place]]:
+        """The users (None for one with a problem; its problems go to ``problems``) and
+        their places in the file."""
+
+
+def policy_from(root: yaml.Node, filename: str, more_users: MoreUsers | None = None) -> Policy:
+    """The policy in a composed file; ``ConfigError`` with every problem found."""
+    problems = Problems(filename)
     top = MapReader(root, "", problems)
     if not top.ok:
         raise ConfigError(problems.lines)
-    policy = _build(top, filename, problems)
+    policy = _build(top, filename, problems, more_users)
     top.done()
     if problems.lines or policy is None:
         raise ConfigError(problems.lines)
@@ -110,7 +146,8 @@ def _yaml_error(text: str, filename: str, exc: yaml.MarkedYAMLError) -> str:
     return f"{filename}:{line + 1}:{column + 1}: not valid YAML: {exc.problem}{hint}"
 
 
-def _build(top: MapReader, filename: str, problems: Problems) -> Policy | None:
+def _build(top: MapReader, filename: str, problems: Problems,
+           more_users: MoreUsers | None) -> Policy | None:
     domain = top.str("domain", required=True)
     country = top.str("country", "VN").upper()
     base = os.path.dirname(os.path.abspath(filename)) if not filename.startswith("<") else os.getcwd()
@@ -127,14 +164,21 @@ def _build(top: MapReader, filename: str, problems: Problems) -> Policy | None:
                   for i, n in enumerate(top.list("trusted_peers")))
     queues = tuple(_queue(n, f"queues[{i}]", problems, country, routing)
                    for i, n in enumerate(top.list("queues")))
-    users = tuple(_user(n, f"users[{i}]", problems, country)
-                  for i, n in enumerate(top.list("users")))
+    nodes = top.list("users")
+    if more_users is not None:
+        more_users.begin(country, len(nodes))
+    read, places = read_users(nodes, 0, problems, country)
+    if more_users is not None:
+        more, more_places = more_users.end(problems)
+        read += more
+        places += more_places
+    users = tuple(read)
     edge = _edge(top.sub("edge"), state_dir, problems)
     web = _web(top.sub("web"), state_dir, problems)
     metrics = _metrics(top.sub("metrics"), problems)
     control = _control(top.sub("control"))
     workers = _workers(top, listen, problems)
-    _cross_check(top, users, queues, trunk, routing, problems)
+    _cross_check(top, users, places, queues, trunk, routing, problems)
     if edge is not None:
         _check_edge(top, edge, listen, peers, problems)
     if any(x is None for x in (*listen, *peers, *queues, *users)) or domain is None:
@@ -512,9 +556,17 @@ def _device(node: yaml.Node, path: str, problems: Problems) -> Device | None:
     m.done()
     if did is None or kind is None or username is None:
         return None
-    return Device(id=did, kind=DeviceKind(kind), auth_username=username, password=password,
+    return Device(id=did, kind=_KIND[kind], auth_username=username, password=password,
                   ha1_md5=ha1.lower() if ha1 else None,
                   ha1_sha256=ha1_256.lower() if ha1_256 else None)
+
+
+def read_users(nodes: list[yaml.Node], first: int, problems: Problems,
+               country: str) -> tuple[list[User | None], list[Place]]:
+    """The users in ``nodes`` (``users[first]`` onwards; None for one with a problem) and
+    where each is in the file."""
+    return ([_user(n, f"users[{first + i}]", problems, country) for i, n in enumerate(nodes)],
+            [place(n) for n in nodes])
 
 
 def _user(node: yaml.Node, path: str, problems: Problems, country: str) -> User | None:
@@ -524,14 +576,14 @@ def _user(node: yaml.Node, path: str, problems: Problems, country: str) -> User 
     uid = m.str("id", required=True)
     if uid is not None and not _TOKEN.match(uid):
         problems.add(m.node_of("id"), f"{path}.id", f"{uid!r} may hold only letters, digits and . _ ~ - +")
-    devices = tuple(_device(n, f"{path}.devices[{i}]", problems) for i, n in enumerate(m.list("devices")))
+    devices = [_device(n, f"{path}.devices[{i}]", problems) for i, n in enumerate(m.list("devices"))]
     method = m.choice("receive_method", METHODS, "all_devices")
     result = User(
         id=uid or "", display_name=m.str("display_name", uid or ""),
-        extension=m.str("extension"), role=Role(m.choice("role", ["admin", "agent"], "agent")),
-        receive_method=ReceiveMethod(method), agent_phone=_number(m, "agent_phone", country),
+        extension=m.str("extension"), role=_ROLE[m.choice("role", _ROLES, "agent")],
+        receive_method=_METHOD[method], agent_phone=_number(m, "agent_phone", country),
         default_queue=m.str("default_queue"),
-        devices=tuple(d for d in devices if d is not None),
+        devices=tuple([d for d in devices if d is not None]),
         fallback=_methods(m, "fallback", problems),
         ring_timeout=m.number("ring_timeout", None, minimum=MIN_RING_TIMEOUT),
         password_hash=_password_hash(m, path, problems))
@@ -590,41 +642,53 @@ def _control(m: MapReader | None) -> ControlSettings:
     return result
 
 
-def _duplicates(problems: Problems, what: str, values: list[tuple[str, yaml.Node, str]]) -> None:
-    """Report each repeat of a value at the repeat, naming where it was first used."""
+def _duplicates(problems: Problems, what: str, values: list[str],
+                entries: Callable[[], Iterable[tuple[str, Place, str]]]) -> None:
+    """Report each repeat of a value at the repeat, naming where it was first used.
+    ``values`` alone settle the usual case, no repeat; ``entries`` (value, node, path)
+    are made only when there is one to report."""
+    if len(set(values)) == len(values):
+        return
     first: dict[str, str] = {}
-    for value, node, path in values:
+    for value, where, path in entries():
         if value in first:
-            problems.add(node, path, f"{what} {value!r} is already used by {first[value]}")
+            problems.add_at(where, path, f"{what} {value!r} is already used by {first[value]}")
         else:
             first[value] = path
 
 
-def _cross_check(top: MapReader, users: tuple[User | None, ...], queues: tuple[Queue | None, ...],
-                 trunk: Trunk | None, routing: Routing, problems: Problems) -> None:
-    user_nodes = top.list("users")
-    placed = [(u, user_nodes[i], f"users[{i}]") for i, u in enumerate(users) if u is not None]
+def _cross_check(top: MapReader, users: tuple[User | None, ...], places: list[Place],
+                 queues: tuple[Queue | None, ...], trunk: Trunk | None, routing: Routing,
+                 problems: Problems) -> None:
+    placed = [u for u in users if u is not None]
+
+    def at() -> Iterable[tuple[User, Place, str]]:
+        return ((u, places[i], f"users[{i}]") for i, u in enumerate(users) if u is not None)
     queue_ids = {q.id for q in queues if q is not None}
     _duplicates(problems, "user id or extension",
-                [(u.id, n, p) for u, n, p in placed]
-                + [(u.extension, n, p) for u, n, p in placed if u.extension])
-    _duplicates(problems, "device id", [(d.id, n, p) for u, n, p in placed for d in u.devices])
-    _duplicates(problems, "device username",
-                [(d.auth_username, n, p) for u, n, p in placed for d in u.devices])
+                [u.id for u in placed] + [u.extension for u in placed if u.extension],
+                lambda: chain(((u.id, n, p) for u, n, p in at()),
+                              ((u.extension, n, p) for u, n, p in at() if u.extension)))
+    _duplicates(problems, "device id", [d.id for u in placed for d in u.devices],
+                lambda: ((d.id, n, p) for u, n, p in at() for d in u.devices))
+    _duplicates(problems, "device username", [d.auth_username for u in placed for d in u.devices],
+                lambda: ((d.auth_username, n, p) for u, n, p in at() for d in u.devices))
     queue_nodes = top.list("queues")
-    _duplicates(problems, "queue id",
-                [(q.id, queue_nodes[i], f"queues[{i}]") for i, q in enumerate(queues) if q is not None])
+    _duplicates(problems, "queue id", [q.id for q in queues if q is not None],
+                lambda: ((q.id, place(queue_nodes[i]), f"queues[{i}]")
+                         for i, q in enumerate(queues) if q is not None))
+    agent = ReceiveMethod.AGENT_PHONE
+    by_default = agent in routing.default_fallback
     for i, u in enumerate(users):
         if u is None:
             continue
-        node = user_nodes[i]
-        chain = (u.receive_method, *(u.fallback if u.fallback is not None else routing.default_fallback))
-        if ReceiveMethod.AGENT_PHONE in chain:
+        where = places[i]
+        if u.receive_method is agent or (by_default if u.fallback is None else agent in u.fallback):
             if u.agent_phone is None:
-                problems.add(node, f"users[{i}].agent_phone",
-                             f"user {u.id!r} may ring agent_phone but has no valid agent_phone number")
+                problems.add_at(where, f"users[{i}].agent_phone",
+                                f"user {u.id!r} may ring agent_phone but has no valid agent_phone number")
             if trunk is None:
-                problems.add(node, f"users[{i}]",
-                             f"user {u.id!r} may ring agent_phone but no trunk is configured")
+                problems.add_at(where, f"users[{i}]",
+                                f"user {u.id!r} may ring agent_phone but no trunk is configured")
         if u.default_queue is not None and u.default_queue not in queue_ids:
-            problems.add(node, f"users[{i}].default_queue", f"no queue with id {u.default_queue!r}")
+            problems.add_at(where, f"users[{i}].default_queue", f"no queue with id {u.default_queue!r}")

@@ -4,8 +4,8 @@ Composing YAML keeps a node and two position marks per scalar: about 600 MB of
 short-lived objects for 100,000 users.  Built in the router's own heap, the frozen
 policy ends up interleaved with them, and the allocator can hand none of those
 arenas back: the router would keep the parse's peak (~800 MB) for its whole life.
-The child parses and validates, then sends the policy (a few tens of MB) back
-pickled; the parent unpickles it into compact, contiguous memory.  The child is the
+The child parses and validates (a long users list on two cores: ``config_split``),
+then sends the policy (a few tens of MB) back pickled; the parent unpickles it into compact, contiguous memory.  The child is the
 same interpreter running this module, so the pickle never crosses a trust boundary.
 
 ``check`` and the other short CLI commands load in-process: they exit straight away.
@@ -77,7 +77,7 @@ def _assemble(head: Policy, chunks: list[bytes]) -> Policy:
 
 def _child(path: str) -> int:
     try:
-        policy = load_policy(path)
+        policy = load_policy(path, parallel=True)
         users = policy.users
         chunks = [pickle.dumps(users[i:i + CHUNK], protocol=pickle.HIGHEST_PROTOCOL)
                   for i in range(0, len(users), CHUNK)]

@@ -56,6 +56,7 @@ def describe(exc: BaseException) -> str:
 NOT_A_DATABASE = ("file is not a database: restore it from a backup, or move it aside and the router "
                   "starts a new, empty one (without the run-time changes, audit and registrations)")
 _MAGIC = b"SQLite format 3\x00"       # the first 16 bytes of every SQLite database file
+_ABSENT = object()                       # no such user in the policy: equal to no stored value
 
 
 # ------------------------------------------------------------------ schema versions
@@ -221,21 +222,23 @@ class SqlitePolicyStore:
 
     def observe_yaml(self, policy: Policy, now: float) -> SeenAt:
         seen = SeenAt()
-        current = {field: {user.id: (user.id, yaml_value(user, field)) for user in policy.users}
-                   for field in FIELDS}
+        users = policy.users
+        own = {user.id: user.id for user in users}     # noted under the policy's own strings
+        updates: list[tuple[str, str, str | None, float]] = []
+        current = {field: {user.id: yaml_value(user, field) for user in users} for field in FIELDS}
         # Row by row, not into one big dict first: at 100,000 users that is 300,000 rows.
         for user_id, field, value, seen_at in self.conn.execute(
                 "SELECT user_id, field, value, seen_at FROM yaml_values"):
-            found = current.get(field, {}).get(user_id)
-            if found is not None and found[1] == value:
-                seen.note(found[0], field, seen_at)        # keyed by the policy's own string
-        updates: list[tuple[str, str, str | None, float]] = []
+            values = current.get(field)
+            if values is not None and values.get(user_id, _ABSENT) == value:
+                seen.note(own[user_id], field, seen_at)
         for field in FIELDS:
-            noted = seen.of_field(field)
-            for user in policy.users:
-                if user.id not in noted:
-                    seen.note(user.id, field, now)
-                    updates.append((user.id, field, yaml_value(user, field), now))
+            noted, current_field = seen.of_field(field), current[field]
+            if len(noted) < len(current_field):
+                for user_id, value in current_field.items():
+                    if user_id not in noted:
+                        seen.note(user_id, field, now)
+                        updates.append((user_id, field, value, now))
         if updates:
             with self.conn:
                 self.conn.execute("BEGIN IMMEDIATE")

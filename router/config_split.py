@@ -1,0 +1,209 @@
+"""Read a long users list on two cores.
+
+Theory of operation.  Composing YAML and reading its users costs about 30 µs per user,
+all in one thread: three seconds for 100,000 users.  When the users list is long, the
+text is cut in two at the start of the middle user (a line with the list's ``-`` at the
+list's own indentation):
+
+- the *first half* is the whole file with the users after the cut blanked out;
+- the *second half* is the line ``users:`` followed by the users after the cut.
+
+Both keep every line where it was (blank lines stand in for the rest), so every node,
+and every problem found in it, has its line and column in the real file.  A forked
+process composes the second half while this one composes the first; it then waits for
+the country (a top-level setting, needed to read phone numbers), reads its users and
+sends them back pickled, with their places and problems.  This process reads the
+rest of the file and cross-checks all the users together, as for the whole file.
+
+The cut is a guess made from lines, so it is trusted only when both halves confirm it:
+each composes without error, ``users:`` is where the cut found it, and each half holds
+exactly the items counted.  Anything else -- a YAML error in either half, an item
+counted wrong (a multi-line string, a flow list), the forked process failing -- and the
+caller parses the whole file in one piece, so the policy and every message are those
+of a whole-file parse.
+
+The fork happens only in processes without other threads: the CLI and the parse child.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import signal
+from dataclasses import dataclass
+
+import yaml
+
+from router.config import compose, policy_from, read_users
+from router.errors import ConfigError
+from router.policy.model import Policy, User
+from router.yamlnodes import Place, Problems
+
+MIN_USERS = 4000                # below this, one core is quick enough and a fork is not
+CHUNK = 5000                    # users per pickle sent back
+
+# Patterns that start with a newline, not ``^``: a literal first character lets the
+# regex engine skip through 14 MB in a few milliseconds instead of trying every position.
+_USERS_KEY = re.compile(r"\nusers:[ \t]*(?:#[^\n]*)?(?=\n|\Z)")
+_CONTENT = re.compile(r"\n[ ]*[^ \n#]")                 # a line that is neither blank nor a comment
+_ITEM = re.compile(r"\n( *)-(?=[ \t\n]|\Z)")             # a list item, with its indentation
+_TOP_LEVEL = re.compile(r"\n[^ \t\n#-]")                 # a line that starts a top-level key
+
+
+class _NotConfirmed(Exception):
+    """A half did not confirm the cut: parse the whole file instead."""
+
+
+@dataclass(frozen=True, slots=True)
+class Cut:
+    first: str              # the whole file, the users from the cut on blanked out
+    second: str             # ``users:`` and the users from the cut on, on their own lines
+    users_line: int         # where ``users:`` is (0-based line)
+    at: int                 # the line of the first user after the cut
+    first_count: int        # users counted before the cut
+    second_count: int       # users counted from the cut on
+
+
+def cut(text: str) -> Cut | None:
+    """Where to cut ``text`` in two, or None when its users list is short or its
+    shape unusual (no ``users:`` key of its own line, several documents, CR line ends)."""
+    text = "\n" + text                     # every line, the first too, follows a newline
+    keys = list(_USERS_KEY.finditer(text))
+    if len(keys) != 1 or "\r" in text or "\n---" in text or "\n..." in text:
+        return None
+    begin = keys[0].end()
+    content = _CONTENT.search(text, begin)             # the first line of the list
+    if content is None:
+        return None
+    first_item = _ITEM.match(text, content.start())
+    if first_item is None:
+        return None                                    # not a block list
+    top_key = _TOP_LEVEL.search(text, content.start())
+    end = top_key.start() + 1 if top_key is not None else len(text)
+    item = re.compile(rf"\n{first_item.group(1)}-(?=[ \t\n]|\Z)")   # at the list's own indentation
+    starts = [found.start() + 1 for found in item.finditer(text, content.start(), end)]
+    if len(starts) < MIN_USERS:
+        return None
+    middle = len(starts) // 2
+    at = starts[middle]
+    at_line = text.count("\n", 1, at)
+    blanked = "\n" * text.count("\n", at, end)
+    return Cut(first=text[1:at] + blanked + text[end:],
+               second="\n" * (at_line - 1) + "users:\n" + text[at:end],
+               users_line=text.count("\n", 1, keys[0].start() + 1), at=at_line,
+               first_count=middle, second_count=len(starts) - middle)
+
+
+def parse_split(text: str, filename: str) -> Policy | None:
+    """The policy, read on two cores; None when the file is not cut (the caller then
+    parses it whole).  ``ConfigError`` as for the whole file."""
+    where = cut(text)
+    if where is None:
+        return None
+    country_read, country_write = os.pipe()
+    result_read, result_write = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                                   # the second half
+        status = 1
+        try:
+            os.close(country_write)
+            os.close(result_read)
+            _second_half(where, filename, country_read, result_write)
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(country_read)
+    os.close(result_write)
+    try:
+        return _first_half(where, filename, country_write, result_read)
+    except _NotConfirmed:
+        return None
+    finally:
+        for fd in (country_write, result_read):
+            try:
+                os.close(fd)
+            except OSError:
+                pass                                               # closed already
+        try:
+            os.kill(pid, signal.SIGKILL)     # done already, or composing a half no longer wanted
+        except ProcessLookupError:
+            pass
+        os.waitpid(pid, 0)
+
+
+def _first_half(where: Cut, filename: str, country_write: int, result_read: int) -> Policy:
+    try:
+        root = compose(where.first, filename)
+    except ConfigError:
+        raise _NotConfirmed from None
+    users = _users_node(root)
+    if users is None or users[0].start_mark.line != where.users_line or len(users[1].value) != where.first_count:
+        raise _NotConfirmed
+
+    return policy_from(root, filename, _SecondHalf(where, country_write, result_read))
+
+
+class _SecondHalf:
+    """The forked process's users, as ``config.MoreUsers``."""
+
+    def __init__(self, where: Cut, country_write: int, result_read: int) -> None:
+        self.where = where
+        self.country_write = country_write
+        self.result_read = result_read
+
+    def begin(self, country: str, first: int) -> None:
+        if first != self.where.first_count:
+            raise _NotConfirmed
+        try:
+            os.write(self.country_write, country.encode())
+        except BrokenPipeError:
+            raise _NotConfirmed from None            # the second half did not confirm the cut
+        os.close(self.country_write)
+
+    def end(self, problems: Problems) -> tuple[list[User | None], list[Place]]:
+        with os.fdopen(self.result_read, "rb", closefd=False) as answer:
+            data = answer.read()
+        try:
+            kind, *rest = pickle.loads(data)
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError):
+            raise _NotConfirmed from None
+        if kind != "ok":
+            raise _NotConfirmed
+        chunks, places, found = rest
+        read: list[User | None] = []
+        for chunk in chunks:
+            read.extend(pickle.loads(chunk))
+        problems.merge(found)
+        return read, places
+
+
+def _second_half(where: Cut, filename: str, country_read: int, result_write: int) -> None:
+    with os.fdopen(result_write, "wb") as out:
+        try:
+            root = compose(where.second, filename)
+        except ConfigError:
+            root = None
+        users = _users_node(root) if isinstance(root, yaml.MappingNode) and len(root.value) == 1 else None
+        if users is None or users[0].start_mark.line != where.at - 1 or len(users[1].value) != where.second_count:
+            out.write(pickle.dumps(("no",)))
+            return
+        with os.fdopen(country_read, "rb") as given:
+            country = given.read().decode()
+        if not country:
+            return                                                # the first half gave up
+        problems = Problems(filename)
+        read, places = read_users(users[1].value, where.first_count, problems, country)
+        chunks = [pickle.dumps(read[i:i + CHUNK], protocol=pickle.HIGHEST_PROTOCOL)
+                  for i in range(0, len(read), CHUNK)]
+        out.write(pickle.dumps(("ok", chunks, places, problems.found), protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def _users_node(root: yaml.Node) -> tuple[yaml.Node, yaml.SequenceNode] | None:
+    """The ``users`` key and its list, in a composed top-level mapping."""
+    if not isinstance(root, yaml.MappingNode):
+        return None
+    for key, value in root.value:
+        if isinstance(key, yaml.ScalarNode) and key.value == "users" and isinstance(value, yaml.SequenceNode):
+            return key, value
+    return None

@@ -1,0 +1,125 @@
+"""A long users list read on two cores: the same policy, and the same messages, as
+reading the whole file in one piece; any doubt about the cut and it is read whole."""
+
+from __future__ import annotations
+
+import pytest
+
+from router.config import parse_policy
+from router.config_split import MIN_USERS, cut, parse_split
+from router.errors import ConfigError
+
+HEAD = """\
+# A contact centre with many agents
+domain: pbx.test
+country: us
+trunk: {address: 127.0.0.1}
+queues:
+  - {id: q1, hotline: "12025550100"}
+users:
+"""
+TAIL = """\
+routing: {ring_timeout: 20}
+"""
+
+
+def user(i: int) -> str:
+    """Users in several styles: block and flow, with and without agent phones and desk phones."""
+    if i % 3 == 0:
+        return (f"  - id: u{i}\n    extension: '{10000 + i}'\n    receive_method: agent_phone\n"
+                f"    agent_phone: '1201{7000000 + i:07d}'\n    default_queue: q1\n"
+                f"    devices:\n      - {{id: d{i}, kind: app, password: pw{i}}}\n")
+    if i % 3 == 1:
+        return (f"  - {{id: u{i}, display_name: 'Agent {i}', receive_method: ip_phone, "
+                f"devices: [{{id: d{i}, kind: ip_phone, username: desk{i}, password: pw{i}}}, "
+                f"{{id: e{i}, kind: web, password: w{i}}}]}}\n")
+    return f"  # agent {i} works nights\n  - id: u{i}\n    fallback: [app]\n    devices: []\n\n"
+
+
+def centre(count: int = MIN_USERS + 500, change: dict[int, str] | None = None) -> str:
+    users = [user(i) for i in range(count)]
+    for i, text in (change or {}).items():
+        users[i] = text
+    return HEAD + "".join(users) + TAIL
+
+
+def whole_problems(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_policy(text, "router.yaml")
+    return info.value.problems
+
+
+def test_a_long_users_list_read_on_two_cores_is_the_policy_read_whole():
+    text = centre()
+    assert cut(text) is not None
+    policy = parse_split(text, "router.yaml")
+    assert policy is not None
+    assert policy == parse_policy(text, "router.yaml")
+    assert len(policy.users) == MIN_USERS + 500
+    assert policy.user("u4497").agent_phone == "12017004497"      # the second half knew the country: US
+    assert policy.routing.default_ring_timeout == 20                # the keys after the list are read
+
+
+def test_mistakes_in_both_halves_are_reported_as_for_the_whole_file_with_their_lines():
+    middle = (MIN_USERS + 500) // 2
+    text = centre(change={
+        10: "  - {id: u10, receive_method: desk, devices: []}\n",
+        middle + 100: "  - {id: u10, devices: []}\n",                            # a repeat across the cut
+        middle + 200: "  - id: u-bad\n    agent_phone: '12'\n    receive_method: agent_phone\n",
+        MIN_USERS + 400: "  - {id: late, devices: [{id: d1, kind: app, password: x}]}\n",  # device id again
+    })
+    with pytest.raises(ConfigError) as info:
+        parse_split(text, "router.yaml")
+    assert info.value.problems == whole_problems(text)
+    found = "\n".join(info.value.problems)
+    assert f"users[{middle + 100}]: user id or extension 'u10' is already used by users[10]" in found
+    assert "receive_method: 'desk' is not one of" in found
+    line = text.split("\n").index("  - id: u-bad") + 1
+    assert f"router.yaml:{line + 1}:" in found                     # the bad agent_phone, on its own line
+
+
+def test_an_anchor_used_across_the_cut_falls_back_to_reading_the_whole_file():
+    """The second half cannot see an anchor in the first: it does not confirm the cut,
+    and the file is read whole, where the alias is fine."""
+    text = centre(change={3: "  - {id: u3, devices: &shared []}\n",
+                          MIN_USERS: f"  - {{id: u{MIN_USERS}, devices: *shared}}\n"})
+    assert parse_split(text, "router.yaml") is None
+    assert parse_policy(text, "router.yaml").user(f"u{MIN_USERS}") is not None
+
+
+def test_a_yaml_error_in_the_second_half_is_left_to_the_whole_file_parse():
+    text = centre(change={MIN_USERS: "  - {id: broken, devices: [\n"})
+    assert parse_split(text, "router.yaml") is None
+    assert "not valid YAML" in whole_problems(text)[0]
+
+
+def test_a_string_over_several_lines_that_looks_like_an_item_is_not_miscounted():
+    """A quoted name continued on a line that starts like a list item: the count from the
+    lines is one too many, the halves do not confirm it, and the file is read whole."""
+    middle = (MIN_USERS + 500) // 2
+    text = centre(change={middle - 1: f'  - id: u{middle - 1}\n    display_name: "Night\n  - shift"\n'})
+    assert parse_split(text, "router.yaml") is None
+    assert parse_policy(text, "router.yaml").user(f"u{middle - 1}").display_name == "Night - shift"
+
+
+@pytest.mark.parametrize("text", [
+    centre(count=50),                                                   # short: one core is enough
+    centre().replace("users:\n", "users: # everyone\n---\n", 1),        # several documents
+    HEAD.replace("users:\n", "users: [") + "{id: a}]\n",                # a flow list
+    centre().replace("\n", "\r\n"),                                     # CR LF line ends
+    centre() + "users:\n  - {id: again}\n",                             # users: twice
+])
+def test_files_of_an_unusual_shape_are_not_cut(text):
+    assert cut(text) is None
+
+
+def test_the_halves_keep_every_line_where_it_was():
+    text = centre()
+    where = cut(text)
+    assert where is not None
+    lines, first, second = text.split("\n"), where.first.split("\n"), where.second.split("\n")
+    assert len(first) == len(lines)
+    assert lines[where.users_line] == "users:" and first[where.users_line] == "users:"
+    assert second[where.at - 1] == "users:" and second[where.at] == lines[where.at]
+    assert first[where.at] == "" and first[-2] == lines[-2]
+    assert where.first_count + where.second_count == MIN_USERS + 500
