@@ -9,6 +9,7 @@ Record-Route, and a new Request-URI.  Route entries naming us are consumed
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 from dataclasses import dataclass
@@ -177,18 +178,23 @@ def strip_top_via(response: SipMessage, replace: dict[str, str] | None = None) -
     return render(f"SIP/2.0 {response.status} {response.reason}", headers, response.body)
 
 
+@functools.lru_cache(maxsize=4096)
+def _address_text(text: str) -> str | None:
+    """``text`` as an IP address in its usual form, or None if it is not one.  Remembered:
+    every response is checked this way, and the senders' addresses repeat."""
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return None
+
+
 def via_destination(via_value: str) -> tuple[str, int]:
     """Where a response goes back to, read from a (stamped) Via: ``received`` if it
     is an address, else the sent-by host; ``rport`` if it is a port, else the sent-by
     port.  Raises ``ValueError`` when the Via itself does not parse."""
     via = parse_via(via_value)
-    host = via.host
-    received = (via.params.get("received") or "").strip("[]")
-    if received:
-        try:
-            host = str(ipaddress.ip_address(received))
-        except ValueError:
-            pass
+    received = via.params.get("received")
+    host = (_address_text(received.strip("[]")) or via.host) if received else via.host
     rport = via.params.get("rport") or ""
     port = int(rport) if is_number(rport, 5) and 0 < int(rport) < 65536 else (via.port or 5060)
     return host.strip("[]"), port
