@@ -121,9 +121,8 @@ class Router:
             self.policy_state = PolicyState(policy, SqlitePolicyStore(self.conn), now)
             self.bindings: BindingStore = SqliteBindingStore(self.conn)
             purged = self.bindings.purge_expired(now)
-            loaded = self.bindings.load(now)
-            if shared is not None:               # the other workers' users are theirs
-                loaded = [b for b in loaded if shared.owns(b.user_id)]
+            # With workers, the other workers' users are theirs.
+            loaded = self.bindings.load(now, keep=shared.owns if shared is not None else None)
             # Start-up may wait for a CLI write; the PJSIP thread may not, once it runs.
             self.conn.execute(f"PRAGMA busy_timeout = {int(STATE_BUSY_TIMEOUT * 1000)}")
         except sqlite3.Error as exc:

@@ -5,8 +5,9 @@ short-lived objects for 100,000 users.  Built in the router's own heap, the froz
 policy ends up interleaved with them, and the allocator can hand none of those
 arenas back: the router would keep the parse's peak (~800 MB) for its whole life.
 The child parses and validates (a long users list on two cores: ``config_split``),
-then sends the policy (a few tens of MB) back pickled; the parent unpickles it into compact, contiguous memory.  The child is the
-same interpreter running this module, so the pickle never crosses a trust boundary.
+then sends the policy (a few tens of MB) back pickled; the parent unpickles it into
+compact, contiguous memory.  The child is the same interpreter running this module,
+so the pickle never crosses a trust boundary.
 
 ``check`` and the other short CLI commands load in-process: they exit straight away.
 """

@@ -101,9 +101,17 @@ def parse_split(text: str, filename: str) -> Policy | None:
     where = cut(text)
     if where is None:
         return None
-    country_read, country_write = os.pipe()
-    result_read, result_write = os.pipe()
-    pid = os.fork()
+    try:
+        country_read, country_write = os.pipe()
+        result_read, result_write = os.pipe()
+    except OSError:
+        return None                                                # out of descriptors: one core
+    try:
+        pid = os.fork()
+    except OSError:
+        for fd in (country_read, country_write, result_read, result_write):
+            os.close(fd)
+        return None                                                # no process to spare: one core
     if pid == 0:                                                   # the second half
         status = 1
         try:
@@ -115,16 +123,13 @@ def parse_split(text: str, filename: str) -> Policy | None:
             os._exit(status)
     os.close(country_read)
     os.close(result_write)
+    second = _SecondHalf(where, country_write, result_read)
     try:
-        return _first_half(where, filename, country_write, result_read)
+        return _first_half(where, filename, second)
     except _NotConfirmed:
         return None
     finally:
-        for fd in (country_write, result_read):
-            try:
-                os.close(fd)
-            except OSError:
-                pass                                               # closed already
+        second.close()
         try:
             os.kill(pid, signal.SIGKILL)     # done already, or composing a half no longer wanted
         except ProcessLookupError:
@@ -132,7 +137,7 @@ def parse_split(text: str, filename: str) -> Policy | None:
         os.waitpid(pid, 0)
 
 
-def _first_half(where: Cut, filename: str, country_write: int, result_read: int) -> Policy:
+def _first_half(where: Cut, filename: str, second: _SecondHalf) -> Policy:
     try:
         root = compose(where.first, filename)
     except ConfigError:
@@ -140,30 +145,29 @@ def _first_half(where: Cut, filename: str, country_write: int, result_read: int)
     users = _users_node(root)
     if users is None or users[0].start_mark.line != where.users_line or len(users[1].value) != where.first_count:
         raise _NotConfirmed
-
-    return policy_from(root, filename, _SecondHalf(where, country_write, result_read))
+    return policy_from(root, filename, second)
 
 
 class _SecondHalf:
-    """The forked process's users, as ``config.MoreUsers``."""
+    """The forked process's users, as ``config.MoreUsers``; owns this end of both pipes."""
 
     def __init__(self, where: Cut, country_write: int, result_read: int) -> None:
         self.where = where
-        self.country_write = country_write
-        self.result_read = result_read
+        self.open = {"country": country_write, "result": result_read}
 
     def begin(self, country: str, first: int) -> None:
         if first != self.where.first_count:
             raise _NotConfirmed
         try:
-            os.write(self.country_write, country.encode())
+            os.write(self.open["country"], country.encode())
         except BrokenPipeError:
             raise _NotConfirmed from None            # the second half did not confirm the cut
-        os.close(self.country_write)
+        self._close("country")                       # the end of the country: it may start
 
     def end(self, problems: Problems) -> tuple[list[User | None], list[Place]]:
-        with os.fdopen(self.result_read, "rb", closefd=False) as answer:
+        with os.fdopen(self.open["result"], "rb", closefd=False) as answer:
             data = answer.read()
+        self._close("result")
         try:
             kind, *rest = pickle.loads(data)
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError):
@@ -176,6 +180,15 @@ class _SecondHalf:
             read.extend(pickle.loads(chunk))
         problems.merge(found)
         return read, places
+
+    def _close(self, name: str) -> None:
+        fd = self.open.pop(name, None)
+        if fd is not None:
+            os.close(fd)
+
+    def close(self) -> None:
+        for name in list(self.open):
+            self._close(name)
 
 
 def _second_half(where: Cut, filename: str, country_read: int, result_write: int) -> None:

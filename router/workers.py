@@ -308,7 +308,7 @@ def supervise(config_path: str, policy: Policy, parsed: bytes | None = None) -> 
             if time.monotonic() >= next_watchdog:
                 notifier.watchdog()
                 next_watchdog = time.monotonic() + 1.0
-            time.sleep(0.2)
+            time.sleep(0.05 if pending else 0.2)       # a start is timed to the worker that answers last
     finally:
         notifier.send("STOPPING=1")
         control.close()

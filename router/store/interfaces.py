@@ -6,7 +6,7 @@ facts and hands them records; how they are kept is the store's business.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol
 
 from router.policy.effective import Change, Key
@@ -54,8 +54,8 @@ class BindingWriter(Protocol):
 class BindingStore(BindingWriter, Protocol):
     """The location service's durable copy: written by the engine, read at start and by the CLI."""
 
-    def load(self, now: float) -> list[Binding]:
-        """Every binding not yet expired at ``now``."""
+    def load(self, now: float, keep: Callable[[str], bool] | None = None) -> list[Binding]:
+        """Every binding not yet expired at ``now`` (with ``keep``: of the users it keeps)."""
 
     def purge_expired(self, now: float) -> int:
         """Delete bindings expired at ``now``; return how many."""

@@ -21,6 +21,7 @@ import sys
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from router.errors import RouterError
 from router.policy.effective import FIELDS, Change, Key, SeenAt, yaml_value
@@ -300,9 +301,13 @@ class SqliteBindingStore:
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
 
-    def load(self, now: float) -> list[Binding]:
-        rows = self.conn.execute(
+    def load(self, now: float, keep: Callable[[str], bool] | None = None) -> list[Binding]:
+        """The bindings not yet expired; with ``keep``, only those of the users it keeps
+        (a worker's own), chosen before a ``Binding`` is made of the row."""
+        rows: Iterable[tuple[Any, ...]] = self.conn.execute(
             f"SELECT {_BINDING_COLUMNS} FROM bindings WHERE expires_at > ?", (now,))
+        if keep is not None:
+            rows = [r for r in rows if keep(r[0])]
         # Addresses, transports and user agents repeat across thousands of bindings:
         # one string object each, not one per row.
         kinds = {k.value: k for k in DeviceKind}
