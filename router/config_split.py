@@ -8,16 +8,18 @@ list's own indentation):
 - the *first half* is the whole file with the users after the cut blanked out;
 - the *second half* is the line ``users:`` followed by the users after the cut.
 
-Both keep every line where it was (blank lines stand in for the rest), so every node,
-and every problem found in it, has its line and column in the real file.  A forked
+Both keep every line where it was (a comment line and blank lines stand in for the
+rest), so every node, and every problem found in it, has its line and column in the
+real file.  A forked
 process composes the second half while this one composes the first; it then waits for
 the country (a top-level setting, needed to read phone numbers), reads its users and
 sends them back pickled, with their places and problems.  This process reads the
 rest of the file and cross-checks all the users together, as for the whole file.
 
 The cut is a guess made from lines, so it is trusted only when both halves confirm it:
-each composes without error, ``users:`` is where the cut found it, and each half holds
-exactly the items counted.  Anything else -- a YAML error in either half, an item
+each composes without error, ``users:`` is where the cut found it, each half holds
+exactly the items counted, and no value of the last user before the cut runs on past
+it.  Files with anchors or aliases are not cut at all.  Anything else -- a YAML error in either half, an item
 counted wrong (a multi-line string, a flow list), the forked process failing -- and the
 caller parses the whole file in one piece, so the policy and every message are those
 of a whole-file parse.
@@ -49,6 +51,8 @@ _USERS_KEY = re.compile(r"\nusers:[ \t]*(?:#[^\n]*)?(?=\n|\Z)")
 _CONTENT = re.compile(r"\n[ ]*[^ \n#]")                 # a line that is neither blank nor a comment
 _ITEM = re.compile(r"\n( *)-(?=[ \t\n]|\Z)")             # a list item, with its indentation
 _TOP_LEVEL = re.compile(r"\n[^ \t\n#-]")                 # a line that starts a top-level key
+_OTHER_BREAKS = ("\r", "\x85", "\u2028", "\u2029")
+_ANCHOR_OR_ALIAS = re.compile(r"[\s\[{,][&*][^\s,\[\]{}]")  # ``&name`` or ``*name`` starting a value
 
 
 class _NotConfirmed(Exception):
@@ -66,11 +70,15 @@ class Cut:
 
 
 def cut(text: str) -> Cut | None:
-    """Where to cut ``text`` in two, or None when its users list is short or its
-    shape unusual (no ``users:`` key of its own line, several documents, CR line ends)."""
+    """Where to cut ``text`` in two, or None when its users list is short or its shape
+    unusual: no ``users:`` key on its own line, several documents, line breaks other than
+    LF (libyaml counts CR, NEL, LS and PS too), anchors or aliases (an anchor is known
+    only in its half, and one defined twice is an error only in the whole file)."""
     text = "\n" + text                     # every line, the first too, follows a newline
     keys = list(_USERS_KEY.finditer(text))
-    if len(keys) != 1 or "\r" in text or "\n---" in text or "\n..." in text:
+    if (len(keys) != 1 or "\n---" in text or "\n..." in text
+            or any(br in text for br in _OTHER_BREAKS)
+            or (("&" in text or "*" in text) and _ANCHOR_OR_ALIAS.search(text))):
         return None
     begin = keys[0].end()
     content = _CONTENT.search(text, begin)             # the first line of the list
@@ -88,7 +96,9 @@ def cut(text: str) -> Cut | None:
     middle = len(starts) // 2
     at = starts[middle]
     at_line = text.count("\n", 1, at)
-    blanked = "\n" * text.count("\n", at, end)
+    # A comment at column 0 where the cut user was ends whatever the user before it left
+    # open, as that user's line did: a block scalar kept with ``|+`` gets no extra lines.
+    blanked = "#" + "\n" * text.count("\n", at, end)
     return Cut(first=text[1:at] + blanked + text[end:],
                second="\n" * (at_line - 1) + "users:\n" + text[at:end],
                users_line=text.count("\n", 1, keys[0].start() + 1), at=at_line,
@@ -103,9 +113,14 @@ def parse_split(text: str, filename: str) -> Policy | None:
         return None
     try:
         country_read, country_write = os.pipe()
-        result_read, result_write = os.pipe()
     except OSError:
         return None                                                # out of descriptors: one core
+    try:
+        result_read, result_write = os.pipe()
+    except OSError:
+        os.close(country_read)
+        os.close(country_write)
+        return None
     try:
         pid = os.fork()
     except OSError:
@@ -143,9 +158,26 @@ def _first_half(where: Cut, filename: str, second: _SecondHalf) -> Policy:
     except ConfigError:
         raise _NotConfirmed from None
     users = _users_node(root)
-    if users is None or users[0].start_mark.line != where.users_line or len(users[1].value) != where.first_count:
+    if (users is None or users[0].start_mark.line != where.users_line or len(users[1].value) != where.first_count
+            or (users[1].value and _ends_after(users[1].value[-1], where.at))):
         raise _NotConfirmed
     return policy_from(root, filename, second)
+
+
+def _ends_after(node: yaml.Node, line: int) -> bool:
+    """Does a value in ``node`` (the last user before the cut) run on past the start of
+    ``line``?  A quote or bracket left open there would close only after the users list:
+    in the whole file that swallows the users after the cut, so the halves must not be
+    trusted.  Block collections end where the next less indented line starts, so only
+    scalars and flow collections say where their text ends."""
+    if isinstance(node, yaml.ScalarNode) or getattr(node, "flow_style", False):
+        end = node.end_mark
+        return bool(end.line > line or (end.line == line and end.column > 0))
+    if isinstance(node, yaml.SequenceNode):
+        return any(_ends_after(child, line) for child in node.value)
+    if isinstance(node, yaml.MappingNode):
+        return any(_ends_after(key, line) or _ends_after(value, line) for key, value in node.value)
+    return False
 
 
 class _SecondHalf:

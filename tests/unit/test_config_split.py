@@ -78,28 +78,45 @@ def test_mistakes_in_both_halves_are_reported_as_for_the_whole_file_with_their_l
     assert f"router.yaml:{line + 1}:" in found                     # the bad agent_phone, on its own line
 
 
-def test_an_anchor_used_across_the_cut_falls_back_to_reading_the_whole_file():
-    """The second half cannot see an anchor in the first: it does not confirm the cut,
-    and the file is read whole, where the alias is fine."""
+def test_an_anchor_used_across_the_cut_leaves_the_file_to_be_read_whole():
+    """An anchor is known only in its own half: a file with anchors is not cut, and
+    read whole, the alias is fine."""
     text = centre(change={3: "  - {id: u3, devices: &shared []}\n",
                           MIN_USERS: f"  - {{id: u{MIN_USERS}, devices: *shared}}\n"})
     assert parse_split(text, "router.yaml") is None
     assert parse_policy(text, "router.yaml").user(f"u{MIN_USERS}") is not None
 
 
-def test_a_yaml_error_in_the_second_half_is_left_to_the_whole_file_parse():
-    text = centre(change={MIN_USERS: "  - {id: broken, devices: [\n"})
-    assert parse_split(text, "router.yaml") is None
+def test_an_anchor_defined_in_both_halves_is_refused_as_in_the_whole_file():
+    text = centre(change={3: "  - {id: u3, devices: &same []}\n",
+                          MIN_USERS: f"  - {{id: u{MIN_USERS}, devices: &same []}}\n"})
+    assert cut(text) is None
     assert "not valid YAML" in whole_problems(text)[0]
 
 
-def test_a_string_over_several_lines_that_looks_like_an_item_is_not_miscounted():
-    """A quoted name continued on a line that starts like a list item: the count from the
-    lines is one too many, the halves do not confirm it, and the file is read whole."""
+def test_a_kept_block_scalar_just_before_the_cut_gets_no_extra_lines():
     middle = (MIN_USERS + 500) // 2
-    text = centre(change={middle - 1: f'  - id: u{middle - 1}\n    display_name: "Night\n  - shift"\n'})
+    text = centre(change={middle - 1: f"  - id: u{middle - 1}\n    display_name: |+\n      Night shift\n"})
+    policy = parse_split(text, "router.yaml")
+    assert policy is not None
+    assert policy.user(f"u{middle - 1}").display_name == "Night shift\n"
+    assert policy == parse_policy(text, "router.yaml")
+
+
+def test_a_quote_left_open_before_the_cut_is_not_trusted():
+    """A name never closed in the last user before the cut, closed by a stray quote after
+    the list: the whole file reads one long name and none of the users after it.  Each
+    half on its own is valid and holds the users counted, so only the name running on
+    past the cut shows that the halves must not be trusted."""
+    count = MIN_USERS + 500
+    middle = count // 2
+    users = [f"  - {{id: u{i}, devices: []}}\n" for i in range(count)]
+    users[middle - 1] = f"  - id: u{middle - 1}\n    display_name: 'Ann\n"
+    text = HEAD + "".join(users) + "closed: here'\n"
+    assert cut(text) is not None
     assert parse_split(text, "router.yaml") is None
-    assert parse_policy(text, "router.yaml").user(f"u{middle - 1}").display_name == "Night - shift"
+    whole = parse_policy(text, "router.yaml")
+    assert len(whole.users) == middle
 
 
 @pytest.mark.parametrize("text", [
@@ -108,6 +125,7 @@ def test_a_string_over_several_lines_that_looks_like_an_item_is_not_miscounted()
     HEAD.replace("users:\n", "users: [") + "{id: a}]\n",                # a flow list
     centre().replace("\n", "\r\n"),                                     # CR LF line ends
     centre() + "users:\n  - {id: again}\n",                             # users: twice
+    centre(change={7: "  - {id: u7, display_name: \"Ann\u2028\"}\n"}),       # a line break libyaml counts
 ])
 def test_files_of_an_unusual_shape_are_not_cut(text):
     assert cut(text) is None
@@ -121,5 +139,5 @@ def test_the_halves_keep_every_line_where_it_was():
     assert len(first) == len(lines)
     assert lines[where.users_line] == "users:" and first[where.users_line] == "users:"
     assert second[where.at - 1] == "users:" and second[where.at] == lines[where.at]
-    assert first[where.at] == "" and first[-2] == lines[-2]
+    assert first[where.at] == "#" and first[where.at + 1] == "" and first[-2] == lines[-2]
     assert where.first_count + where.second_count == MIN_USERS + 500
