@@ -645,7 +645,7 @@ def _control(m: MapReader | None) -> ControlSettings:
 def _duplicates(problems: Problems, what: str, values: list[str],
                 entries: Callable[[], Iterable[tuple[str, Place, str]]]) -> None:
     """Report each repeat of a value at the repeat, naming where it was first used.
-    ``values`` alone settle the usual case, no repeat; ``entries`` (value, node, path)
+    ``values`` alone settle the usual case, no repeat; ``entries`` (value, place, path)
     are made only when there is one to report."""
     if len(set(values)) == len(values):
         return

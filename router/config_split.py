@@ -43,7 +43,6 @@ from router.policy.model import Policy, User
 from router.yamlnodes import Place, Problems
 
 MIN_USERS = 4000                # below this, one core is quick enough and a fork is not
-CHUNK = 5000                    # users per pickle sent back
 
 # Patterns that start with a newline, not ``^``: a literal first character lets the
 # regex engine skip through 14 MB in a few milliseconds instead of trying every position.
@@ -206,10 +205,7 @@ class _SecondHalf:
             raise _NotConfirmed from None
         if kind != "ok":
             raise _NotConfirmed
-        chunks, places, found = rest
-        read: list[User | None] = []
-        for chunk in chunks:
-            read.extend(pickle.loads(chunk))
+        read, places, found = rest
         problems.merge(found)
         return read, places
 
@@ -239,9 +235,7 @@ def _second_half(where: Cut, filename: str, country_read: int, result_write: int
             return                                                # the first half gave up
         problems = Problems(filename)
         read, places = read_users(users[1].value, where.first_count, problems, country)
-        chunks = [pickle.dumps(read[i:i + CHUNK], protocol=pickle.HIGHEST_PROTOCOL)
-                  for i in range(0, len(read), CHUNK)]
-        out.write(pickle.dumps(("ok", chunks, places, problems.found), protocol=pickle.HIGHEST_PROTOCOL))
+        out.write(pickle.dumps(("ok", read, places, problems.found), protocol=pickle.HIGHEST_PROTOCOL))
 
 
 def _users_node(root: yaml.Node) -> tuple[yaml.Node, yaml.SequenceNode] | None:

@@ -125,12 +125,12 @@ class MapReader:
         self.problems = problems
         self.items: dict[str, tuple[yaml.Node, yaml.Node]] = {}
         self.used: set[str] = set()
-        if node.__class__ is not yaml.MappingNode and not isinstance(node, yaml.MappingNode):
+        if not isinstance(node, yaml.MappingNode):
             problems.add(node, path, "must be a mapping of key: value")
             return
         items = self.items
         for key_node, value_node in node.value:
-            key = key_node.value if key_node.__class__ is yaml.ScalarNode else None
+            key = scalar_text(key_node)
             if key is None:
                 problems.add(key_node, path, "keys must be plain words")
                 continue
