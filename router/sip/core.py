@@ -117,6 +117,8 @@ class SipCore:
 
     # --------------------------------------------------------------- entry points
     def on_request(self, data: bytes, source: Source, now: float) -> list[Command]:
+        if not data.strip():
+            return []       # a keep-alive: CRLFs that phones send to hold their NAT mapping open
         try:
             msg = parse(data)
         except MalformedMessage as exc:

@@ -16,11 +16,13 @@ Other threads never call pjsua2: they put callables on ``self.inbox`` and the
 loop runs them between polls (the control socket's commands come this way).
 Every message and command is also counted in ``self.tally`` -- plain ints, no
 lock -- which the metrics thread reads when scraped (``router.metrics``).
-With several workers (``router.sip.sharing``) the loop waits in ``select`` on
-the shared UDP sockets, the hand-over channel and PJSIP's own socket instead
-of inside PJSIP, reads the shared sockets itself, and lets PJSIP handle only
-its own port (the worker's port, and the trunk registration) with
-``libHandleEvents(0)``.
+Over UDP the loop waits in ``select`` instead of inside PJSIP -- on PJSIP's
+own sockets and, with several workers (``router.sip.sharing``), the shared
+UDP sockets and the hand-over channel -- and reads the datagrams itself: a
+recvfrom costs a fraction of PJSIP's poll, parse and callback.  Only when
+the router registers to a trunk does PJSIP read its own sockets (the
+registrar's answers belong to PJSIP's transactions), with
+``libHandleEvents(0)``; the router module's callback then delivers the rest.
 Signal handlers only set flags; the loop looks at them.  Every SWIG object
 (endpoint, log writer, transports) is owned here and released in ``close`` in
 reverse order.
@@ -50,7 +52,7 @@ from router.sip.commit import FLUSH_INTERVAL, GroupCommit
 from router.sip.core import SipCore
 from router.sip.message import parse
 from router.sip.pjsip_module import LayoutMismatch, Packet, RouterModule, quiet_until_configured
-from router.sip.sharing import SharedPorts, SharingError
+from router.sip.sharing import MAX_DATAGRAM, SharedPorts, SharingError
 from router.sip.transaction import transaction_key
 from router.store.interfaces import BindingWriter, CallWriter
 
@@ -110,6 +112,18 @@ def _find_udp_socket(address: str, port: int) -> socket.socket | None:
             pass
         sock.close()
     return None
+
+
+def read_datagrams(sock: socket.socket, out: list[tuple[bool, Packet]], limit: int) -> None:
+    """Read what waits on the UDP socket ``sock`` into ``out``, up to ``limit`` entries in all.
+    A recvfrom per datagram costs a fraction of PJSIP's poll, parse and callback, and the
+    core parses every message itself anyway."""
+    for _ in range(limit - len(out)):
+        try:
+            data, address = sock.recvfrom(MAX_DATAGRAM)
+        except OSError:         # nothing left (EAGAIN), or an ICMP error reported on the socket
+            return
+        out.append((data.startswith(b"SIP/"), Packet(data, address[0], address[1], "udp", 0)))
 
 
 class PjLogWriter(pj.LogWriter):  # type: ignore[misc]
@@ -244,6 +258,7 @@ class Engine:
             if item.transport == "udp":
                 sock = _find_udp_socket(item.address, item.port)
                 if sock is not None:
+                    sock.setblocking(False)      # PJSIP's ioqueue made it so already; say it here too
                     self.pj_sockets.append(sock)
                     if self.shared is None:
                         self.udp.setdefault(sock.family, sock)
@@ -406,10 +421,12 @@ class Engine:
             pass           # already a byte waiting, or closing: the loop wakes anyway
 
     def _poll_select(self, wait_ms: int) -> None:
-        """Wait for any of the router's sockets; with shared ports, read those here.  PJSIP
-        gets a zero-wait poll when its own port has a datagram, and otherwise every
-        ``POLL_MS`` for its timers (the trunk registration), not on every pass: a hand-over
-        wakes the loop for one datagram, which should not wait behind a poll of PJSIP."""
+        """Wait for any of the router's sockets and read the UDP ones here, without PJSIP:
+        the shared ports, and PJSIP's own UDP sockets too unless the router registers to a
+        trunk (the registrar's answers arrive there and belong to PJSIP's transactions).  PJSIP
+        gets a zero-wait poll when it must read its own port, and otherwise every
+        ``POLL_MS`` for its timers, not on every pass: a hand-over wakes the loop for one
+        datagram, which should not wait behind a poll of PJSIP."""
         shared = self.shared
         try:
             ready = select.select([*(shared.readable() if shared is not None else ()), *self.pj_sockets,
@@ -424,8 +441,17 @@ class Engine:
                 pass
         if ready and shared is not None:
             shared.drain(ready, self.received, BATCH)
+        pj_ready = False
+        if ready:
+            own = self.account is None
+            for sock in self.pj_sockets:
+                if sock in ready:
+                    if own:
+                        read_datagrams(sock, self.received, BATCH)
+                    else:
+                        pj_ready = True
         now = time.monotonic()
-        if now >= self.pj_poll_at or any(sock in ready for sock in self.pj_sockets):
+        if now >= self.pj_poll_at or pj_ready:
             self.pj_poll_at = now + POLL_MS / 1000
             while self.ep.libHandleEvents(0) > 0 and len(self.received) < BATCH:
                 pass

@@ -63,6 +63,12 @@ def test_garbage_is_dropped_and_logged_not_answered(core):
     assert sends(commands) == [] and isinstance(commands[0], Log)
 
 
+@pytest.mark.parametrize("ping", [b"\r\n\r\n", b"\r\n", b" \r\n\t"])
+def test_a_phones_crlf_keep_alive_is_neither_answered_nor_logged(core, ping):
+    """pjsua-based softphones send CRLF every few seconds to hold their NAT mapping open."""
+    assert core.on_request(ping, Source("127.0.0.1", 5070), 1000.0) == []
+
+
 def test_replies_go_where_the_request_came_from(core):
     (send,) = [c for c in core.on_request(req("OPTIONS", extra=""), Source("10.1.1.1", 6000), 1000.0)
                if isinstance(c, Send)]
