@@ -2,18 +2,22 @@
 and the commands the pure core hands the engine (send bytes, log a line,
 persist a record).  Every module of the core speaks these types; none of them
 defines its own.  ``PHRASES`` is the one table of reason phrases.
+
+The types made for every message (``Source``, ``Send``, ``Log``) are immutable
+named tuples: a frozen dataclass sets each field through ``object.__setattr__``
+and cost four times as much to make.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from router.policy.model import Binding
 from router.records import CallRecord
 
 
-@dataclass(frozen=True, slots=True)
-class Source:
+class Source(NamedTuple):
     """Where a request came from, as the transport saw it."""
 
     host: str
@@ -49,8 +53,7 @@ class Reply:
     headers: tuple[tuple[str, str], ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
-class Send:
+class Send(NamedTuple):
     """Bytes to put on the wire, to ``host:port`` over ``transport`` (``conn``: a held TCP transport)."""
 
     data: bytes
@@ -60,8 +63,7 @@ class Send:
     conn: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class Log:
+class Log(NamedTuple):
     """A structured log line; calls carry their call_id in ``fields``."""
 
     event: str

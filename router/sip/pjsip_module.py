@@ -23,7 +23,7 @@ import ipaddress
 import socket
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import pjsua2
 
@@ -85,8 +85,7 @@ class TpSelector(ctypes.Structure):
                 ("transport", ctypes.c_void_p)]
 
 
-@dataclass(frozen=True)
-class Packet:
+class Packet(NamedTuple):
     """One received message, copied out of PJSIP's buffers."""
 
     data: bytes
