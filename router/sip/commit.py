@@ -152,7 +152,10 @@ class GroupCommit:
         self.retry_at = now + min(FLUSH_INTERVAL * 2 ** self.failures, RETRY_MAX)
         if self.failing_since is None:
             self.failing_since = now
+            # sqlite3 names the exact code (SQLITE_BUSY_SNAPSHOT, SQLITE_FULL ...) where "database
+            # is locked" alone would not say which of several causes it was.
             self.log.error("state.write.failed", error=str(exc), kind=type(exc).__name__,
+                           code=getattr(exc, "sqlite_errorname", None),
                            pending_bindings=len(self.pending), pending_calls=len(self.pending_calls),
                            detail="kept for retry; REGISTERs are answered 500 until a write succeeds; "
                                   "calls are still routed")
