@@ -64,11 +64,13 @@ POLL_MS = 10
 # polled every ``POLL_MS``.
 SELECT_POLL_MS = 250
 BATCH = 256
-# Passes in a row that read a full batch: the router is behind (overload) until a pass finds
-# less than a batch waiting.  One full pass is a burst (a commit, a GC pass); a few in a row
-# mean the queue grows, and once SIPp's or a phone's retransmissions (T1, 0.5 s) join it,
-# the load only grows: without shedding, throughput collapsed to a fifth above saturation.
-BEHIND_PASSES = 2
+# How long the loop may read full batches, pass after pass, before it calls itself behind
+# (overload) -- until a pass finds less than a batch waiting.  A full pass or two is a burst: a
+# commit, a GC pass, or, with workers sharing the cores with other busy processes, a few tens
+# of milliseconds without the CPU.  Full passes for longer mean the queue grows, and once
+# SIPp's or a phone's retransmissions (T1, 0.5 s) join it, the load only grows: without
+# shedding, throughput collapsed to a fifth above saturation.  0.2 s is well before T1.
+BEHIND_FOR = 0.2
 KNOWN_ADDRESSES = 100_000    # remembered as checked; past that, each send checks its host again
 IDLE_INTERVAL = 1.0          # reload flag and run-time policy changes
 _PJ_LEVELS = {0: "critical", 1: "error", 2: "warning", 3: "info", 4: "debug", 5: "debug", 6: "debug"}
@@ -211,7 +213,7 @@ class Engine:
         self.trunk: Trunk | None = None
         self.pj_log_level = pj_log_level
         self.stats = {"requests": 0, "responses": 0, "sent": 0, "send_errors": 0, "shed": 0}
-        self.full_passes = 0           # passes in a row that read a full batch (``BEHIND_PASSES``)
+        self.behind_since: float | None = None   # when the passes that read a full batch began
         self.shed_from = 0             # the shed count when the current overload began
         if shared is not None:            # one set of counters: status and the metrics see the hand-overs
             self.stats.update(shared.stats)
@@ -369,7 +371,7 @@ class Engine:
                     pass
             busy_from = time.monotonic()      # the wait is over: from here on, messages queue up
             batch, self.received = self.received, []
-            self._track_backlog(len(batch))
+            self._track_backlog(len(batch), busy_from)
             for is_response, packet in batch:
                 self._handle(packet, is_response)
             if self.core.next_timer() <= time.time():
@@ -397,12 +399,18 @@ class Engine:
         if self.failure is not None:
             raise LayoutMismatch(self.failure)
 
-    def _track_backlog(self, taken: int) -> None:
-        """A pass that reads a full batch left datagrams waiting; ``BEHIND_PASSES`` in a row
+    def _track_backlog(self, taken: int, now: float) -> None:
+        """A pass that reads a full batch left datagrams waiting; full passes for ``BEHIND_FOR``
         mean they arrive faster than the router works them off.  New calls are then refused
-        with 503 (``SipCore.overloaded``) until a pass finds less than a batch waiting."""
-        self.full_passes = self.full_passes + 1 if taken >= BATCH else 0
-        behind = self.full_passes >= BEHIND_PASSES
+        with 503 (``SipCore.overloaded``) until a pass finds less than a batch waiting.
+        ``now``: when this pass began (monotonic)."""
+        if taken < BATCH:
+            self.behind_since = None
+            behind = False
+        else:
+            if self.behind_since is None:
+                self.behind_since = now
+            behind = now - self.behind_since >= BEHIND_FOR
         if behind == self.core.overloaded:
             return
         self.core.overloaded = behind

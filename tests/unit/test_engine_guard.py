@@ -199,21 +199,27 @@ def test_refusal_keeps_the_transaction_and_drops_the_contacts():
     assert msg.all("contact") == []
 
 
-def test_the_engine_calls_itself_behind_after_full_passes_in_a_row_and_recovers_at_once():
+def test_the_engine_calls_itself_behind_after_full_passes_for_a_while_and_recovers_at_once():
     from router.config import parse_policy
     from router.sip.core import SipCore
-    from router.sip.engine import BATCH, BEHIND_PASSES
+    from router.sip.engine import BATCH, BEHIND_FOR
     policy = parse_policy("domain: pbx.test\nusers: []\n", "r.yaml")
     core = SipCore(policy, [], 1000.0)
     engine = Engine((), core, Nothing(), Nothing())  # type: ignore[arg-type]
-    for _ in range(BEHIND_PASSES - 1):               # full passes, a few: a burst
-        engine._track_backlog(BATCH)
+    now = 50.0
+    for _ in range(3):                               # full passes for less than BEHIND_FOR: a burst
+        engine._track_backlog(BATCH, now)
+        now += BEHIND_FOR / 4
     assert not core.overloaded
-    engine._track_backlog(BATCH - 1)                 # a break: the count starts again
-    for _ in range(BEHIND_PASSES - 1):
-        engine._track_backlog(BATCH)
-    assert not core.overloaded
-    engine._track_backlog(BATCH)                     # BEHIND_PASSES in a row: behind
+    engine._track_backlog(BATCH - 1, now)            # a break: the clock starts again
+    started = now + 0.01
+    engine._track_backlog(BATCH, started)
+    engine._track_backlog(BATCH, started + BEHIND_FOR * 0.9)
+    assert not core.overloaded                       # full passes, but not yet for BEHIND_FOR
+    now = started + BEHIND_FOR * 1.01
+    engine._track_backlog(BATCH, now)                # full passes for BEHIND_FOR: behind
     assert core.overloaded
-    engine._track_backlog(BATCH - 1)                 # less than a batch waited: caught up
+    engine._track_backlog(BATCH, now + 1.0)          # still full: still behind
+    assert core.overloaded
+    engine._track_backlog(BATCH - 1, now + 1.1)      # less than a batch waited: caught up
     assert not core.overloaded
