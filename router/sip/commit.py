@@ -23,6 +23,11 @@ FLUSH_INTERVAL = 0.05
 RETRY_MAX = 1.0              # a failing state database is retried at most this far apart
 MAX_PENDING_CALLS = 100_000  # call records kept for retry while the database fails
 RETRY_AFTER = 10             # seconds, on the 500 a REGISTER gets when its binding was not stored
+# Seconds a write may keep finding the database locked by another writer (a worker, the CLI,
+# the web app) before it counts as failing.  Until then the batch and the 200s wait for the
+# next flush: the SIP thread waits at most a quarter of a second per attempt, and a worker
+# that holds the lock may be kept off a busy host's CPU for longer than that.
+BUSY_PATIENCE = 2.0
 
 
 def refusal(answer: bytes) -> bytes:
@@ -50,7 +55,11 @@ class GroupCommit:
     retransmitted REGISTER answered from the core's transaction cache while its
     200 is held is dropped (``is_held``): it leaves once, after the write.
 
-    When a write fails (disk full, I/O error, read-only or locked database) the
+    A database locked by another writer (another worker, the CLI, the web app)
+    is waited for: the batch and its 200s wait for the next flush, for up to
+    ``BUSY_PATIENCE``, and only then does the lock count as a failure.
+
+    When a write fails (disk full, I/O error, read-only or long-locked database) the
     batch is kept and retried, first after ``FLUSH_INTERVAL`` and then backing off
     to ``RETRY_MAX``; ``state.write.failed`` is logged once per failure streak and
     ``state.write.recovered`` when a write succeeds again.  The held 200s become
@@ -79,7 +88,8 @@ class GroupCommit:
         self.retry_at = 0.0
         self.dropped_calls = 0
         self.refused_in_streak = 0
-        self.stats = {"commits": 0, "held": 0, "refused": 0, "write_failures": 0}
+        self.busy_since: float | None = None   # when writes began to find the database locked
+        self.stats = {"commits": 0, "held": 0, "refused": 0, "write_failures": 0, "write_busy": 0}
 
     def save(self, command: SaveBindings) -> None:
         self.pending[command.device_id] = command
@@ -112,6 +122,8 @@ class GroupCommit:
             try:
                 self.bindings.replace_many(self.pending.values())
             except Exception as exc:   # noqa: BLE001 -- any store failure: keep the batch, keep routing
+                if self._wait_for_lock(exc, now, force):
+                    return             # the batch, the call records and the 200s wait for the next flush
                 problem, stored = exc, False
             else:
                 self.pending = {}
@@ -120,12 +132,15 @@ class GroupCommit:
             try:
                 self.calls.save_many(self.pending_calls.values())
             except Exception as exc:   # noqa: BLE001
-                problem = exc
+                if not self._wait_for_lock(exc, now, force):
+                    problem = exc
             else:
                 self.pending_calls = {}
         if problem is None:
+            self.busy_since = None if not self.pending_calls else self.busy_since
             self._recovered(now)
         else:
+            self.busy_since = None
             self._failed(problem, now)
         held, self.held = self.held, []
         self.held_data = set()
@@ -145,6 +160,19 @@ class GroupCommit:
         if self.refused is not None:
             self.refused(command, replacement)
         return replacement
+
+    def _wait_for_lock(self, exc: Exception, now: float, force: bool) -> bool:
+        """Is ``exc`` another writer holding the lock, for less than ``BUSY_PATIENCE`` so far?
+        Then the write is tried again at the next flush, and nothing is refused or logged.
+        Never on the last flush before the router stops (``force``): there is no next one."""
+        if force or not str(getattr(exc, "sqlite_errorname", "")).startswith("SQLITE_BUSY"):
+            return False
+        if self.busy_since is None:
+            self.busy_since = now
+        if now - self.busy_since >= BUSY_PATIENCE:
+            return False
+        self.stats["write_busy"] += 1
+        return True
 
     def _failed(self, exc: Exception, now: float) -> None:
         self.failures += 1

@@ -167,6 +167,75 @@ def test_a_new_200_while_the_database_fails_waits_for_the_retry_and_is_refused()
     assert [s.data[:12] for s in sent] == [b"SIP/2.0 500 "]
 
 
+def locked() -> sqlite3.OperationalError:
+    exc = sqlite3.OperationalError("database is locked")
+    exc.sqlite_errorname = "SQLITE_BUSY"        # type: ignore[attr-defined]  -- as sqlite3 sets it
+    return exc
+
+
+class LockedStore(FlakyStore):
+    """Another writer holds the lock for the next ``locked_for`` attempts."""
+
+    def __init__(self, locked_for: int) -> None:
+        super().__init__()
+        self.locked_for = locked_for
+
+    def replace_many(self, sets):
+        self.attempts += 1
+        if self.locked_for > 0:
+            self.locked_for -= 1
+            raise locked()
+        for item in sets:
+            self.bindings[item.device_id] = item.bindings
+
+
+def test_a_database_locked_by_another_worker_for_a_moment_delays_the_200_but_never_refuses_it():
+    store = LockedStore(locked_for=3)
+    with structlog.testing.capture_logs() as logs:
+        commit, sent = make(store)
+        answer = Send(OK_200, "127.0.0.1", 5071)
+        commit.save(save())
+        commit.hold(answer)
+        commit.save_call(record(1))
+        now = 100.0
+        for _ in range(3):                      # locked: nothing sent, nothing dropped, nothing logged
+            commit.flush(now)
+            now += 0.05
+            assert sent == [] and commit.pending and commit.pending_calls
+        commit.flush(now)                       # the lock is free: stored, then the 200 leaves
+    assert sent == [answer] and "minh-desk" in store.bindings and "call-1" in store.calls
+    assert commit.stats["write_busy"] == 3 and commit.stats["write_failures"] == 0
+    assert [e["event"] for e in logs] == []
+
+
+def test_a_database_locked_for_longer_than_the_patience_fails_as_any_write_does():
+    from router.sip.commit import BUSY_PATIENCE
+    store = LockedStore(locked_for=10**6)
+    with structlog.testing.capture_logs() as logs:
+        commit, sent = make(store)
+        commit.save(save())
+        commit.hold(Send(OK_200, "127.0.0.1", 5071))
+        now = 100.0
+        while not sent and now < 100.0 + 2 * BUSY_PATIENCE:
+            commit.flush(now)
+            now += 0.05
+    (reply,) = sent
+    assert reply.data.startswith(b"SIP/2.0 500 ")
+    assert now - 100.0 >= BUSY_PATIENCE
+    (failed,) = [e for e in logs if e["event"] == "state.write.failed"]
+    assert failed["code"] == "SQLITE_BUSY"
+
+
+def test_the_last_flush_before_stopping_does_not_wait_for_a_locked_database():
+    store = LockedStore(locked_for=1)
+    commit, sent = make(store)
+    commit.save(save())
+    commit.hold(Send(OK_200, "127.0.0.1", 5071))
+    commit.flush(100.0, force=True)
+    (reply,) = sent
+    assert reply.data.startswith(b"SIP/2.0 500 ")
+
+
 def test_call_records_failing_alone_do_not_refuse_stored_bindings():
     class CallsBroken(FlakyStore):
         def save_many(self, records):
