@@ -80,7 +80,10 @@ from router.store.sqlite import (
 from router.workers import inherited_policy, own_ports, steering, supervise, user_id_of, worker_socket
 
 EXIT_OK, EXIT_START_FAILED, EXIT_LAYOUT, EXIT_STATE = 0, 1, 3, 4
-STATE_BUSY_TIMEOUT = 0.25    # the PJSIP thread waits at most this long for another writer's lock
+# The PJSIP thread waits at most this long for another writer's lock (SQLite's busy handler
+# sleeps meanwhile); a write that still finds it locked waits for the next flush instead
+# (``GroupCommit``), so the loop never sleeps long behind a worker that holds the lock.
+STATE_BUSY_TIMEOUT = 0.02
 CONTROL_TIMEOUT = 5.0        # seconds a control command waits for the PJSIP thread
 STATUS_INTERVAL = 5.0        # seconds between systemd STATUS= lines
 LOGGED_CHANGES = 200         # run-time changes logged one by one per refresh; beyond, a count
