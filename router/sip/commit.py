@@ -27,7 +27,7 @@ RETRY_AFTER = 10             # seconds, on the 500 a REGISTER gets when its bind
 # the web app) before it counts as failing.  Until then the batch and the 200s wait for the
 # next flush: the SIP thread waits at most a quarter of a second per attempt, and a worker
 # that holds the lock may be kept off a busy host's CPU for longer than that.
-BUSY_PATIENCE = 2.0
+BUSY_PATIENCE = 1.0
 
 
 def refusal(answer: bytes) -> bytes:

@@ -406,8 +406,8 @@ def test_a_running_router_keeps_routing_when_the_database_becomes_unwritable(mak
 
 def test_a_database_locked_by_another_writer_delays_nothing_for_long_and_loses_nothing(lab):
     """An operator's sqlite3 shell left inside a write transaction: the router waits at
-    most 250 ms per attempt, answers 500 rather than acknowledge an unstored binding,
-    and writes it when the lock goes."""
+    most 20 ms per attempt and a second in all, answers 500 rather than acknowledge an
+    unstored binding, and writes it when the lock goes."""
     other = sqlite3.connect(lab.tmp / "state" / "router.db", isolation_level=None)
     try:
         other.execute("BEGIN IMMEDIATE")
