@@ -25,8 +25,8 @@ MAX_PENDING_CALLS = 100_000  # call records kept for retry while the database fa
 RETRY_AFTER = 10             # seconds, on the 500 a REGISTER gets when its binding was not stored
 # Seconds a write may keep finding the database locked by another writer (a worker, the CLI,
 # the web app) before it counts as failing.  Until then the batch and the 200s wait for the
-# next flush: the SIP thread waits at most a quarter of a second per attempt, and a worker
-# that holds the lock may be kept off a busy host's CPU for longer than that.
+# next flush: the SIP thread waits only a moment per attempt (``app.STATE_BUSY_TIMEOUT``),
+# and a worker that holds the lock may be kept off a busy host's CPU for longer than that.
 BUSY_PATIENCE = 1.0
 
 
@@ -137,7 +137,8 @@ class GroupCommit:
             else:
                 self.pending_calls = {}
         if problem is None:
-            self.busy_since = None if not self.pending_calls else self.busy_since
+            if not self.pending_calls:          # else the call records still wait for the lock
+                self.busy_since = None
             self._recovered(now)
         else:
             self.busy_since = None

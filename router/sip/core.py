@@ -117,7 +117,7 @@ class SipCore:
 
     # --------------------------------------------------------------- entry points
     def on_request(self, data: bytes, source: Source, now: float) -> list[Command]:
-        if not data.strip():
+        if data[:1].isspace() and not data.strip():   # the strip (a copy) only for what may be one
             return []       # a keep-alive: CRLFs that phones send to hold their NAT mapping open
         try:
             msg = parse(data)

@@ -52,7 +52,7 @@ from router.sip.commit import FLUSH_INTERVAL, GroupCommit
 from router.sip.core import SipCore
 from router.sip.message import parse
 from router.sip.pjsip_module import LayoutMismatch, Packet, RouterModule, quiet_until_configured
-from router.sip.sharing import MAX_DATAGRAM, SharedPorts, SharingError
+from router.sip.sharing import SharedPorts, SharingError, read_datagrams
 from router.sip.transaction import transaction_key
 from router.store.interfaces import BindingWriter, CallWriter
 
@@ -114,18 +114,6 @@ def _find_udp_socket(address: str, port: int) -> socket.socket | None:
             pass
         sock.close()
     return None
-
-
-def read_datagrams(sock: socket.socket, out: list[tuple[bool, Packet]], limit: int) -> None:
-    """Read what waits on the UDP socket ``sock`` into ``out``, up to ``limit`` entries in all.
-    A recvfrom per datagram costs a fraction of PJSIP's poll, parse and callback, and the
-    core parses every message itself anyway."""
-    for _ in range(limit - len(out)):
-        try:
-            data, address = sock.recvfrom(MAX_DATAGRAM)
-        except OSError:         # nothing left (EAGAIN), or an ICMP error reported on the socket
-            return
-        out.append((data.startswith(b"SIP/"), Packet(data, address[0], address[1], "udp", 0)))
 
 
 class PjLogWriter(pj.LogWriter):  # type: ignore[misc]

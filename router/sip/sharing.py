@@ -192,6 +192,18 @@ class SharedPorts:
         self.sockets.clear()
 
 
+def read_datagrams(sock: socket.socket, out: list[tuple[bool, Packet]], limit: int) -> None:
+    """Read what waits on the UDP socket ``sock`` into ``out``, up to ``limit`` entries in all
+    (PJSIP's own socket: a recvfrom per datagram costs a fraction of PJSIP's poll, parse and
+    callback, and the core parses every message itself anyway)."""
+    for _ in range(limit - len(out)):
+        try:
+            data, address = sock.recvfrom(MAX_DATAGRAM)
+        except OSError:         # nothing left (EAGAIN), or an ICMP error reported on the socket
+            return
+        out.append(_received(data, address[0], address[1]))
+
+
 def _received(data: bytes, host: str, port: int) -> tuple[bool, Packet]:
     """A datagram as the engine takes it in: (is it a response, the packet)."""
     return data.startswith(b"SIP/"), Packet(data, host, port, "udp", 0)
