@@ -66,7 +66,7 @@ from router.sip.core import SipCore
 from router.sip.engine import Engine, EngineError
 from router.sip.forward import Local
 from router.sip.location import ownership_moves
-from router.sip.pjsip_module import LayoutMismatch
+from router.sip.pjsip_module import LayoutMismatch, release_free_memory
 from router.sip.sharing import Channels, SharedPorts, SharingError, inherited
 from router.store.interfaces import BindingStore, CallStore
 from router.store.sqlite import (
@@ -125,7 +125,8 @@ class Router:
             self.bindings: BindingStore = SqliteBindingStore(self.conn)
             purged = self.bindings.purge_expired(now)
             # With workers, the other workers' users are theirs.
-            loaded = self.bindings.load(now, keep=shared.owns if shared is not None else None)
+            loaded = self.bindings.load(now, keep=shared.owns if shared is not None else None,
+                                        names=policy_names(policy))
             # Start-up may wait for a CLI write; the PJSIP thread may not, once it runs.
             self.conn.execute(f"PRAGMA busy_timeout = {int(STATE_BUSY_TIMEOUT * 1000)}")
         except sqlite3.Error as exc:
@@ -248,7 +249,9 @@ class Router:
             self.notifier.send("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
             try:
                 prepared = self.prepare_reload()
-                return self.on_loop.call(lambda: self.adopt(prepared, time.time()), CONTROL_TIMEOUT)
+                answer = self.on_loop.call(lambda: self.adopt(prepared, time.time()), CONTROL_TIMEOUT)
+                release_free_memory()          # what the replaced policy held
+                return answer
             finally:
                 self.notifier.send("READY=1")
 
@@ -359,6 +362,7 @@ class Router:
         # The policy and the loaded bindings live for the whole run: move them out
         # of the cyclic collector's sight so per-packet garbage collections stay cheap.
         self.collector.start()
+        release_free_memory()
         policy = self.policy_state.yaml_policy
         if self.worker in (None, 0):       # one trunk registration for the whole router
             self.engine.set_trunk(policy.trunk, self.resolve(policy.trunk) if policy.trunk else None)
@@ -391,6 +395,13 @@ class Router:
             self.notifier.close()
         self.log.info("router.stopped", **self.engine.stats, loop_busy=self.engine.tally.loop.summary())
         return code
+
+
+def policy_names(policy: Policy) -> dict[str, str]:
+    """The policy's user and device id strings, for loaded bindings to share."""
+    names = {u.id: u.id for u in policy.users}
+    names.update((d.id, d.id) for u in policy.users for d in u.devices)
+    return names
 
 
 def _shown(field: str, value: str | None) -> str | None:

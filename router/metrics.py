@@ -153,8 +153,10 @@ class Tally:
     gauges: Gauges = field(default_factory=Gauges)
     invites: dict[str, float] = field(default_factory=dict)             # call id -> taken in at
     # device -> the (kind, transport) of each of its bindings; the few distinct pairs are
-    # shared objects (the registrations dict's own keys), one small tuple per device.
+    # shared objects (the registrations dict's own keys), and so are the few distinct
+    # tuples of them (``key_sets``): no tuple per device.
     by_device: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
+    key_sets: dict[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]] = field(default_factory=dict)
 
     # ------------------------------------------------------------ per message
     def received(self, data: bytes) -> None:
@@ -223,12 +225,16 @@ class Tally:
             self.registrations[key] -= 1
         keys = tuple(self._count(b) for b in save.bindings)
         if keys:
-            self.by_device[save.device_id] = keys
+            self.by_device[save.device_id] = self._shared(keys)
 
     def bindings_loaded(self, bindings: Iterable[Binding]) -> None:
         """Count what the router starts with (like ``bindings_saved``, in one pass)."""
         for b in bindings:
-            self.by_device[b.device_id] = (*self.by_device.get(b.device_id, ()), self._count(b))
+            self.by_device[b.device_id] = self._shared((*self.by_device.get(b.device_id, ()), self._count(b)))
+
+    def _shared(self, keys: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+        """One tuple object per distinct set of keys: a handful, not one per device."""
+        return self.key_sets.setdefault(keys, keys)
 
     def _count(self, binding: Binding) -> tuple[str, str]:
         key = (binding.kind.value, binding.device_transport)

