@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from router.policy import authz
-from router.policy.effective import Change, Effective, Key, apply
+from router.policy.effective import Change, Effective, Key, SeenTimes, apply
 from router.policy.model import Policy
 from router.store.interfaces import PolicyStore
 
@@ -30,7 +30,7 @@ class PreparedReload:
     """A reloaded YAML policy worked out on another thread, ready to adopt in one step."""
 
     yaml_policy: Policy
-    seen: Mapping[Key, float]
+    seen: SeenTimes
     latest: dict[Key, Change]
     view: PolicyView
 
@@ -56,7 +56,7 @@ class PolicyState:
         self._latest = store.latest_changes()
         self.view = self._build()
 
-    def _build(self, yaml_policy: Policy | None = None, seen: Mapping[Key, float] | None = None) -> PolicyView:
+    def _build(self, yaml_policy: Policy | None = None, seen: SeenTimes | None = None) -> PolicyView:
         policy, sources = apply(yaml_policy or self.yaml_policy, self._seen if seen is None else seen,
                                 self._latest)
         return PolicyView(policy, sources, self._marker)

@@ -10,8 +10,10 @@ edit of that value in the YAML wins over an older run-time change.
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from router.policy.model import Policy, ReceiveMethod, User
 
@@ -60,46 +62,64 @@ def effective(yaml: str | None, yaml_seen_at: float, change: Change | None) -> E
     return Effective(yaml, "yaml", yaml_seen_at)
 
 
-class SeenAt(Mapping[Key, float]):
-    """When each YAML value was first seen with its current content, kept per field
-    and keyed by the policy's own user-id strings, with each distinct time stored once:
-    a tuple key and a float per value would cost ~50 MB at 100,000 users."""
+class SeenTimes(Protocol):
+    """When a YAML value was first seen with its content (0.0: never)."""
+
+    def get(self, key: Key, default: float, /) -> float: ...
+
+
+class SeenAt:
+    """When each YAML value was first seen with its current content.
+
+    Nearly every value is first seen at one moment (the start that recorded the
+    YAML, or the day the users were imported), so once built (``compact``) each
+    field keeps that most common time once and only the users whose time differs:
+    with 100,000 users three 100,000-entry dicts (12 MB in every process) become a
+    few entries.  Asked for a user nobody noted, it answers the field's common
+    time: callers ask only for the users of the policy it was built for, which are
+    all noted."""
 
     def __init__(self) -> None:
         self._by_field: dict[str, dict[str, float]] = {field: {} for field in FIELDS}
+        self._common: dict[str, float] = {}
         self._times: dict[float, float] = {}
 
     def note(self, user_id: str, field: str, at: float) -> None:
         self._by_field[field][user_id] = self._times.setdefault(at, at)
 
-    def of_field(self, field: str) -> Mapping[str, float]:
-        return self._by_field[field]
+    def is_noted(self, user_id: str, field: str) -> bool:
+        """Before ``compact``: was a time noted for this user's field?"""
+        return user_id in self._by_field[field]
 
-    def __getitem__(self, key: Key) -> float:
+    def count(self, field: str) -> int:
+        """Before ``compact``: how many users have a time noted for ``field``."""
+        return len(self._by_field[field])
+
+    def compact(self) -> None:
+        """Keep each field's most common time once, and the others per user."""
+        for field, by_user in self._by_field.items():
+            if not by_user:
+                continue
+            common = Counter(by_user.values()).most_common(1)[0][0]
+            self._common[field] = common
+            self._by_field[field] = {user_id: at for user_id, at in by_user.items() if at != common}
+
+    def get(self, key: Key, default: float = 0.0, /) -> float:
         user_id, field = key
         by_user = self._by_field.get(field)
         if by_user is None:
-            raise KeyError(key)
-        return by_user[user_id]
-
-    def __contains__(self, key: object) -> bool:
-        if not isinstance(key, tuple) or len(key) != 2:
-            return False
-        by_user = self._by_field.get(key[1])
-        return by_user is not None and key[0] in by_user
-
-    def __iter__(self) -> Iterator[Key]:
-        return ((user_id, field) for field, by_user in self._by_field.items() for user_id in by_user)
-
-    def __len__(self) -> int:
-        return sum(len(by_user) for by_user in self._by_field.values())
+            return default
+        found = by_user.get(user_id)
+        if found is not None:
+            return found
+        return self._common.get(field, default)
 
 
 class Sources(Mapping[Key, Effective]):
     """Where each changeable value comes from, worked out when asked: three records
     per user, built for every user on every change, would cost more than the change."""
 
-    def __init__(self, policy: Policy, yaml_seen: Mapping[Key, float], latest: Mapping[Key, Change]) -> None:
+    def __init__(self, policy: Policy, yaml_seen: SeenTimes, latest: Mapping[Key, Change]) -> None:
         self._policy = policy
         self._seen = yaml_seen
         self._latest = latest
@@ -118,7 +138,7 @@ class Sources(Mapping[Key, Effective]):
         return len(self._policy.users) * len(FIELDS)
 
 
-def apply(policy: Policy, yaml_seen: Mapping[Key, float],
+def apply(policy: Policy, yaml_seen: SeenTimes,
           latest: Mapping[Key, Change]) -> tuple[Policy, Sources]:
     """The policy with run-time changes that win laid over the YAML values.
 

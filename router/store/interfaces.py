@@ -6,16 +6,16 @@ facts and hands them records; how they are kept is the store's business.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
-from router.policy.effective import Change, Key
+from router.policy.effective import Change, Key, SeenTimes
 from router.policy.model import Binding, Policy
 from router.records import CallRecord
 
 
 class PolicyStore(Protocol):
-    def observe_yaml(self, policy: Policy, now: float) -> Mapping[Key, float]:
+    def observe_yaml(self, policy: Policy, now: float) -> SeenTimes:
         """Record the YAML values now in force; return when each was first seen."""
 
     def latest_changes(self) -> dict[Key, Change]:

@@ -233,12 +233,13 @@ class SqlitePolicyStore:
             if values is not None and values.get(user_id, _ABSENT) == value:
                 seen.note(own[user_id], field, seen_at)
         for field in FIELDS:
-            noted, current_field = seen.of_field(field), current[field]
-            if len(noted) < len(current_field):
+            current_field = current[field]
+            if seen.count(field) < len(current_field):
                 for user_id, value in current_field.items():
-                    if user_id not in noted:
+                    if not seen.is_noted(user_id, field):
                         seen.note(user_id, field, now)
                         updates.append((user_id, field, value, now))
+        seen.compact()
         if updates:
             with self.conn:
                 self.conn.execute("BEGIN IMMEDIATE")

@@ -180,3 +180,18 @@ class TestChangesAtScale:
         view = state.adopt(prepared)
         assert view.policy.user("lan").agent_phone == "84911112222"
         assert view.policy.user("minh").receive_method is ReceiveMethod.APP
+
+
+def test_first_seen_times_keep_each_users_own_time_after_compaction():
+    from router.policy.effective import SeenAt
+    seen = SeenAt()
+    for i in range(1000):                          # the whole YAML recorded at the first start
+        seen.note(f"u{i}", "receive_method", 100.0)
+    seen.note("u7", "receive_method", 300.0)       # u7's method edited in the YAML later
+    seen.compact()
+    assert seen.get(("u7", "receive_method"), 0.0) == 300.0
+    assert seen.get(("u8", "receive_method"), 0.0) == 100.0
+    assert seen.get(("u8", "agent_phone"), 0.0) == 0.0      # nothing noted for that field
+    assert seen.get(("u8", "no_such_field"), 0.0) == 0.0
+    seen.note("u9", "receive_method", 400.0)       # noted after compaction: its own time
+    assert seen.get(("u9", "receive_method"), 0.0) == 400.0
