@@ -51,7 +51,7 @@ from types import FrameType
 from typing import Any
 
 from router import log
-from router.config_child import load_policy_apart, parse_apart, policy_of
+from router.config_child import load_policy_apart
 from router.control import views
 from router.control.server import ControlError, ControlServer, OnLoop
 from router.control.systemd import Notifier
@@ -67,7 +67,7 @@ from router.sip.engine import Engine, EngineError
 from router.sip.forward import Local
 from router.sip.location import ownership_moves
 from router.sip.pjsip_module import LayoutMismatch, release_free_memory
-from router.sip.sharing import Channels, SharedPorts, SharingError, inherited
+from router.sip.sharing import Channels, SharedPorts
 from router.store.interfaces import BindingStore, CallStore
 from router.store.sqlite import (
     SqliteBindingStore,
@@ -77,7 +77,7 @@ from router.store.sqlite import (
     connect,
     describe,
 )
-from router.workers import inherited_policy, own_ports, steering, supervise, user_id_of, worker_socket
+from router.workers import own_ports, steering, user_id_of, worker_socket
 
 EXIT_OK, EXIT_START_FAILED, EXIT_LAYOUT, EXIT_STATE = 0, 1, 3, 4
 # The PJSIP thread waits at most this long for another writer's lock (SQLite's busy handler
@@ -411,23 +411,9 @@ def _shown(field: str, value: str | None) -> str | None:
     return value
 
 
-def run(config_path: str) -> int:
-    began = time.monotonic()
-    try:
-        channels = inherited()
-    except SharingError as exc:
-        log.configure("info", "auto")
-        log.get("router").error("router.start.failed", detail=str(exc))
-        return EXIT_START_FAILED
-    parsed = inherited_policy() if channels is not None else parse_apart(config_path)
-    if channels is None and parsed is not None:
-        head = policy_of(parsed, users=False)
-        if head is not None and head.workers > 1:
-            log.configure(head.log.level, head.log.format)
-            return supervise(config_path, head, parsed)
-    found = policy_of(parsed) if parsed is not None else None
-    policy = found if found is not None else load_policy_apart(config_path)
-    del parsed
+def run(config_path: str, policy: Policy, channels: Channels | None, began: float) -> int:
+    """Run one router process (alone, or worker ``channels.index``) on ``policy``, parsed
+    from ``config_path`` since ``began``; ``router.launch`` decides which process this is."""
     log.configure(policy.log.level, policy.log.format)
     if channels is not None:
         log.bind(worker=channels.index)

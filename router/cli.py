@@ -374,7 +374,7 @@ def cmd_edge_config(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from router.app import run
+    from router.launch import run
     return run(args.config)
 
 

@@ -117,10 +117,10 @@ class Supervisor:
         self.reload = False
 
     # ------------------------------------------------------------------ the workers
-    def start(self, parsed: bytes | None) -> None:
+    def start(self, policy_fd: int | None) -> None:
+        """Start the workers; ``policy_fd``: the parsed policy for them to read (closed here)."""
         pairs = make_pairs(self.count)
         env = {k: v for k, v in os.environ.items() if k not in _HIDDEN_ENV}
-        policy_fd = policy_file(parsed) if parsed is not None else None
         try:
             for index in range(self.count):
                 value, fds = worker_env(index, pairs)
@@ -252,9 +252,10 @@ def _added(values: list[Any]) -> Any:
     return sum(numbers) if len(numbers) == len(values) else values[0]
 
 
-def supervise(config_path: str, policy: Policy, parsed: bytes | None = None) -> int:
-    """Run the workers for ``policy`` (the head: no users needed); ``parsed``: the
-    child's parse of the file, handed to each worker so none parses it again."""
+def supervise(config_path: str, policy: Policy, policy_fd: int | None = None) -> int:
+    """Run the workers for ``policy`` (the head: no users needed); ``policy_fd``: a
+    file holding the child's parse of the file (``policy_file``), handed to each
+    worker so none parses it again."""
     supervisor = Supervisor(config_path, policy)
     logger = supervisor.log
 
@@ -273,10 +274,11 @@ def supervise(config_path: str, policy: Policy, parsed: bytes | None = None) -> 
     except StateError as exc:
         logger.error("router.start.failed", database=exc.path, reason=exc.reason,
                      detail="the state database cannot be opened or written", exit_status=EXIT_STATE)
+        if policy_fd is not None:
+            os.close(policy_fd)
         return EXIT_STATE
     os.makedirs(policy.state_dir, exist_ok=True)
-    supervisor.start(parsed)
-    del parsed
+    supervisor.start(policy_fd)
     control = ControlServer(policy.control_socket, supervisor.handlers(), log.get("control"))
     control.start()
     pending = set(range(supervisor.count))

@@ -65,3 +65,16 @@ def test_only_the_sip_package_imports_pjsua2_or_ctypes():
 def test_one_module_holds_the_raw_pointers():
     users = [p.name for p in (ROOT / "sip").glob("*.py") if "ctypes" in imported_modules(p)]
     assert users == ["pjsip_module.py"]
+
+
+def test_the_supervisor_of_several_workers_never_loads_the_sip_core():
+    """``sip-router run`` decides which process it is in ``router.launch``; the supervisor
+    stays there and in ``router.workers``, so it holds no copy of the SIP stack's modules."""
+    import subprocess
+    import sys
+    probe = ("import sys, router.launch; "
+             "print(' '.join(m for m in ('router.app', 'router.sip.core', 'router.sip.engine', "
+             "'router.sip.proxy', 'router.metrics') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT.parent, capture_output=True, text=True,
+                         check=True, timeout=60)
+    assert out.stdout.strip() == ""
