@@ -195,3 +195,9 @@ def test_first_seen_times_keep_each_users_own_time_after_compaction():
     assert seen.get(("u8", "no_such_field"), 0.0) == 0.0
     seen.note("u9", "receive_method", 400.0)       # noted after compaction: its own time
     assert seen.get(("u9", "receive_method"), 0.0) == 400.0
+
+
+def test_the_lookups_are_built_at_start_not_by_the_first_register(policy, store):
+    state = PolicyState(policy, store, now=100.0)
+    built = state.view.policy.__dict__            # cached_property keeps what it built here
+    assert "_users_by_key" in built and "_devices_by_auth" in built
