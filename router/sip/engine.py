@@ -52,7 +52,7 @@ from router.sip.commit import FLUSH_INTERVAL, GroupCommit
 from router.sip.core import SipCore
 from router.sip.message import parse
 from router.sip.pjsip_module import LayoutMismatch, Packet, RouterModule, quiet_until_configured
-from router.sip.sharing import SharedPorts, SharingError, read_datagrams
+from router.sip.sharing import SharedPorts, SharingError, read_datagrams, stamp_arrivals
 from router.sip.transaction import transaction_key
 from router.store.interfaces import BindingWriter, CallWriter
 
@@ -64,12 +64,16 @@ POLL_MS = 10
 # polled every ``POLL_MS``.
 SELECT_POLL_MS = 250
 BATCH = 256
-# How long the loop may read full batches, pass after pass, before it calls itself behind
-# (overload) -- until a pass finds less than a batch waiting.  A full pass or two is a burst: a
-# commit, a GC pass, or, with workers sharing the cores with other busy processes, a few tens
-# of milliseconds without the CPU.  Full passes for longer mean the queue grows, and once
-# SIPp's or a phone's retransmissions (T1, 0.5 s) join it, the load only grows: without
-# shedding, throughput collapsed to a fifth above saturation.  0.2 s is well before T1.
+# The loop is behind (overload) when a pass reads a full batch whose oldest datagram waited
+# ``MAX_QUEUE_WAIT`` in the socket (the kernel stamps each arrival), until a pass finds less
+# than a batch waiting.  Once SIPp's or a phone's retransmissions (T1, 0.5 s) join the queue
+# the load only grows: without shedding, throughput collapsed to a fifth above saturation.
+# A full batch alone is not overload: a commit, a GC pass, or, with workers sharing the cores
+# with other busy processes, a few tens of milliseconds without the CPU leave one, and the
+# loop works it off.  0.2 s of waiting is well before T1.  Where no arrival time is known
+# (PJSIP reads the sockets: TCP, or a trunk registration) full batches for ``BEHIND_FOR``
+# count instead.
+MAX_QUEUE_WAIT = 0.2
 BEHIND_FOR = 0.2
 KNOWN_ADDRESSES = 100_000    # remembered as checked; past that, each send checks its host again
 IDLE_INTERVAL = 1.0          # reload flag and run-time policy changes
@@ -202,6 +206,7 @@ class Engine:
         self.pj_log_level = pj_log_level
         self.stats = {"requests": 0, "responses": 0, "sent": 0, "send_errors": 0, "shed": 0}
         self.behind_since: float | None = None   # when the passes that read a full batch began
+        self.oldest_arrival: float | None = None  # wall-clock arrival of the oldest datagram of this pass
         self.shed_from = 0             # the shed count when the current overload began
         if shared is not None:            # one set of counters: status and the metrics see the hand-overs
             self.stats.update(shared.stats)
@@ -249,6 +254,7 @@ class Engine:
                 sock = _find_udp_socket(item.address, item.port)
                 if sock is not None:
                     sock.setblocking(False)      # PJSIP's ioqueue made it so already; say it here too
+                    stamp_arrivals(sock)         # PJSIP's own reads ignore the stamps
                     self.pj_sockets.append(sock)
                     if self.shared is None:
                         self.udp.setdefault(sock.family, sock)
@@ -359,7 +365,8 @@ class Engine:
                     pass
             busy_from = time.monotonic()      # the wait is over: from here on, messages queue up
             batch, self.received = self.received, []
-            self._track_backlog(len(batch), busy_from)
+            arrived, self.oldest_arrival = self.oldest_arrival, None
+            self._track_backlog(len(batch), busy_from, None if arrived is None else time.time() - arrived)
             for is_response, packet in batch:
                 self._handle(packet, is_response)
             if self.core.next_timer() <= time.time():
@@ -387,18 +394,22 @@ class Engine:
         if self.failure is not None:
             raise LayoutMismatch(self.failure)
 
-    def _track_backlog(self, taken: int, now: float) -> None:
-        """A pass that reads a full batch left datagrams waiting; full passes for ``BEHIND_FOR``
-        mean they arrive faster than the router works them off.  New calls are then refused
-        with 503 (``SipCore.overloaded``) until a pass finds less than a batch waiting.
-        ``now``: when this pass began (monotonic)."""
+    def _track_backlog(self, taken: int, now: float, waited: float | None = None) -> None:
+        """A pass that reads a full batch left datagrams waiting; when its oldest datagram had
+        waited ``MAX_QUEUE_WAIT`` (``waited``, seconds; None when unknown: full passes for
+        ``BEHIND_FOR`` instead), they arrive faster than the router works them off.  New calls
+        are then refused with 503 (``SipCore.overloaded``) until a pass finds less than a batch
+        waiting.  ``now``: when this pass began (monotonic)."""
         if taken < BATCH:
             self.behind_since = None
             behind = False
         else:
             if self.behind_since is None:
                 self.behind_since = now
-            behind = now - self.behind_since >= BEHIND_FOR
+            if waited is not None:
+                behind = self.core.overloaded or waited >= MAX_QUEUE_WAIT
+            else:
+                behind = now - self.behind_since >= BEHIND_FOR
         if behind == self.core.overloaded:
             return
         self.core.overloaded = behind
@@ -436,14 +447,14 @@ class Engine:
             except OSError:
                 pass
         if ready and shared is not None:
-            shared.drain(ready, self.received, BATCH)
+            self._arrived(shared.drain(ready, self.received, BATCH))
         pj_ready = False
         if ready:
             own = self.account is None
             for sock in self.pj_sockets:
                 if sock in ready:
                     if own:
-                        read_datagrams(sock, self.received, BATCH)
+                        self._arrived(read_datagrams(sock, self.received, BATCH))
                     else:
                         pj_ready = True
         now = time.monotonic()
@@ -451,6 +462,10 @@ class Engine:
             self.pj_poll_at = now + POLL_MS / 1000
             while self.ep.libHandleEvents(0) > 0 and len(self.received) < BATCH:
                 pass
+
+    def _arrived(self, arrived: float | None) -> None:
+        if arrived is not None and (self.oldest_arrival is None or arrived < self.oldest_arrival):
+            self.oldest_arrival = arrived
 
     def _guarded(self, step: Callable[[float], list[Command]], now: float) -> None:
         try:

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from router.policy.model import Listen
 from router.sip.pjsip_module import Packet, spread_at_random
@@ -30,6 +32,11 @@ ENV = "SIP_ROUTER_WORKER"          # "<index>/<count>/<inbox fd>,<outbox fd of w
 HANDOFF = b"\x00sr1 "             # never the start of a SIP message
 BUFFER = 4 * 1024 * 1024
 MAX_DATAGRAM = 65535
+# Linux's SO_TIMESTAMPNS (asm-generic/socket.h; Python's socket module does not name it):
+# each datagram then carries the kernel's time of arrival, a struct timespec.
+SO_TIMESTAMPNS = 35
+_STAMP_SPACE = socket.CMSG_SPACE(16)
+_TIMESPEC = struct.Struct("@qq")
 
 
 class SharingError(Exception):
@@ -126,6 +133,7 @@ class SharedPorts:
                 raise SharingError(f"cannot share udp {entry.address}:{entry.port}: "
                                    f"{exc.strerror or exc}") from None
             sock.setblocking(False)
+            stamp_arrivals(sock)
             self.sockets.append(sock)
             try:
                 spread_at_random(sock, self.channels.count)
@@ -142,23 +150,32 @@ class SharedPorts:
     def readable(self) -> list[socket.socket]:
         return [*self.sockets, self.channels.inbox]
 
-    def drain(self, ready: list[socket.socket], out: list[tuple[bool, Packet]], limit: int) -> None:
-        """Read what ``ready`` holds (at most ``limit`` in all): ours into ``out``, the rest handed on."""
+    def drain(self, ready: list[socket.socket], out: list[tuple[bool, Packet]], limit: int) -> float | None:
+        """Read what ``ready`` holds (at most ``limit`` in all): ours into ``out``, the rest handed
+        on.  Returns when the oldest datagram read from a shared port arrived (None: none read)."""
+        oldest: float | None = None
         for sock in ready:
             if sock is self.channels.inbox:
                 self._drain_inbox(out, limit)
             elif sock in self.sockets:
-                self._drain_shared(sock, out, limit)
+                arrived = self._drain_shared(sock, out, limit)
+                if arrived is not None and (oldest is None or arrived < oldest):
+                    oldest = arrived
+        return oldest
 
-    def _drain_shared(self, sock: socket.socket, out: list[tuple[bool, Packet]], limit: int) -> None:
+    def _drain_shared(self, sock: socket.socket, out: list[tuple[bool, Packet]], limit: int) -> float | None:
         me = self.channels.index
-        for _ in range(limit):
+        arrived: float | None = None
+        for index in range(limit):
             try:
-                data, address = sock.recvfrom(MAX_DATAGRAM)
+                if index:
+                    data, address = sock.recvfrom(MAX_DATAGRAM)
+                else:                   # the first one waited longest: when did it arrive?
+                    data, address, arrived = recv_stamped(sock)
             except (BlockingIOError, InterruptedError):
-                return
+                return arrived
             except OSError:         # an ICMP error reported on the socket: nothing to read
-                return
+                return arrived
             host, port = address[0], address[1]
             owner = self.steering.owner(data)
             if owner is None or owner == me:
@@ -169,6 +186,7 @@ class SharedPorts:
                 self.stats["handed_over"] += 1
             except OSError:         # the owner is gone or far behind: as if the network lost it
                 self.stats["handover_dropped"] += 1
+        return arrived
 
     def _drain_inbox(self, out: list[tuple[bool, Packet]], limit: int) -> None:
         for _ in range(limit):
@@ -192,16 +210,40 @@ class SharedPorts:
         self.sockets.clear()
 
 
-def read_datagrams(sock: socket.socket, out: list[tuple[bool, Packet]], limit: int) -> None:
+def read_datagrams(sock: socket.socket, out: list[tuple[bool, Packet]], limit: int) -> float | None:
     """Read what waits on the UDP socket ``sock`` into ``out``, up to ``limit`` entries in all
     (PJSIP's own socket: a recvfrom per datagram costs a fraction of PJSIP's poll, parse and
-    callback, and the core parses every message itself anyway)."""
-    for _ in range(limit - len(out)):
+    callback, and the core parses every message itself anyway).  Returns when the first
+    (oldest) datagram read arrived, when the socket stamps arrivals (``stamp_arrivals``)."""
+    arrived: float | None = None
+    for index in range(limit - len(out)):
         try:
-            data, address = sock.recvfrom(MAX_DATAGRAM)
+            if index:
+                data, address = sock.recvfrom(MAX_DATAGRAM)
+            else:
+                data, address, arrived = recv_stamped(sock)
         except OSError:         # nothing left (EAGAIN), or an ICMP error reported on the socket
-            return
+            return arrived
         out.append(_received(data, address[0], address[1]))
+    return arrived
+
+
+def stamp_arrivals(sock: socket.socket) -> None:
+    """Have the kernel stamp each datagram on ``sock`` with its time of arrival."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+    except OSError:
+        pass                    # not Linux: the overload rule goes by full batches alone
+
+
+def recv_stamped(sock: socket.socket) -> tuple[bytes, Any, float | None]:
+    """One datagram, its sender, and when it arrived (wall clock; None without a stamp)."""
+    data, ancillary, _flags, address = sock.recvmsg(MAX_DATAGRAM, _STAMP_SPACE)
+    for level, kind, value in ancillary:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(value) >= 16:
+            seconds, nanoseconds = _TIMESPEC.unpack_from(value)
+            return data, address, seconds + nanoseconds / 1e9
+    return data, address, None
 
 
 def _received(data: bytes, host: str, port: int) -> tuple[bool, Packet]:

@@ -3,7 +3,9 @@ and a failing state database (writes are retried, answers stay honest, routing g
 
 from __future__ import annotations
 
+import functools
 import sqlite3
+from typing import Any
 
 import structlog
 
@@ -268,13 +270,24 @@ def test_refusal_keeps_the_transaction_and_drops_the_contacts():
     assert msg.all("contact") == []
 
 
-def test_the_engine_calls_itself_behind_after_full_passes_for_a_while_and_recovers_at_once():
+@functools.cache
+def _one_engine() -> Engine:
+    """PJSIP allows one endpoint per process: the overload tests share this engine."""
     from router.config import parse_policy
     from router.sip.core import SipCore
-    from router.sip.engine import BATCH, BEHIND_FOR
     policy = parse_policy("domain: pbx.test\nusers: []\n", "r.yaml")
-    core = SipCore(policy, [], 1000.0)
-    engine = Engine((), core, Nothing(), Nothing())  # type: ignore[arg-type]
+    return Engine((), SipCore(policy, [], 1000.0), Nothing(), Nothing())  # type: ignore[arg-type]
+
+
+def _fresh_engine() -> tuple[Engine, Any]:
+    engine = _one_engine()
+    engine._track_backlog(0, 0.0)                    # caught up: no overload, no backlog clock
+    return engine, engine.core
+
+
+def test_the_engine_calls_itself_behind_after_full_passes_for_a_while_and_recovers_at_once():
+    from router.sip.engine import BATCH, BEHIND_FOR
+    engine, core = _fresh_engine()
     now = 50.0
     for _ in range(3):                               # full passes for less than BEHIND_FOR: a burst
         engine._track_backlog(BATCH, now)
@@ -292,3 +305,46 @@ def test_the_engine_calls_itself_behind_after_full_passes_for_a_while_and_recove
     assert core.overloaded
     engine._track_backlog(BATCH - 1, now + 1.1)      # less than a batch waited: caught up
     assert not core.overloaded
+
+
+def test_full_passes_are_overload_only_once_the_oldest_datagram_waited_too_long():
+    """With the kernel's arrival stamps, a backlog the loop is working off (a host that kept
+    it off the CPU for a while) is not overload; a queue whose head waited MAX_QUEUE_WAIT is."""
+    from router.sip.engine import BATCH, BEHIND_FOR, MAX_QUEUE_WAIT
+    engine, core = _fresh_engine()
+    now = 50.0
+    for step in range(10):                           # full passes for 5 x BEHIND_FOR, short waits
+        engine._track_backlog(BATCH, now + step * BEHIND_FOR / 2, waited=MAX_QUEUE_WAIT / 2)
+    assert not core.overloaded
+    engine._track_backlog(BATCH, now + 6.0, waited=MAX_QUEUE_WAIT * 1.01)
+    assert core.overloaded                           # the head of the queue waited too long
+    engine._track_backlog(BATCH, now + 6.1, waited=0.01)
+    assert core.overloaded                           # still a full batch: not caught up yet
+    engine._track_backlog(BATCH - 1, now + 6.2, waited=0.01)
+    assert not core.overloaded                       # less than a batch waited: caught up
+    engine._track_backlog(BATCH - 1, now + 6.3, waited=MAX_QUEUE_WAIT * 2)
+    assert not core.overloaded                       # a long wait with no backlog behind it
+
+
+def test_the_kernel_stamps_when_a_datagram_arrived():
+    import socket
+    import time
+
+    from router.sip.sharing import read_datagrams, stamp_arrivals
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        receiver.bind(("127.0.0.1", 0))
+        receiver.setblocking(False)
+        stamp_arrivals(receiver)
+        before = time.time()
+        for n in range(3):
+            sender.sendto(b"OPTIONS sip:x SIP/2.0\r\n\r\n%d" % n, receiver.getsockname())
+        time.sleep(0.05)
+        out: list = []
+        arrived = read_datagrams(receiver, out, 10)
+        assert len(out) == 3 and out[0][1].data.endswith(b"0")
+        assert arrived is not None and before - 0.01 <= arrived <= time.time() - 0.04
+    finally:
+        receiver.close()
+        sender.close()
