@@ -314,9 +314,10 @@ class SqliteBindingStore:
         # one string object each, not one per row (and not in the interpreter's interned
         # table either, which would keep every id for good).
         kinds = {k.value: k for k in DeviceKind}
-        common: dict[str, str] = dict(names) if names is not None else {}
+        ids: Mapping[str, str] = names if names is not None else {}
+        common: dict[str, str] = {}          # the other repeated values, and ids the policy lacks
         same = common.setdefault
-        return [Binding(same(r[0], r[0]), same(r[1], r[1]), kinds[r[2]], r[3], r[4],
+        return [Binding(ids.get(r[0]) or same(r[0], r[0]), ids.get(r[1]) or same(r[1], r[1]), kinds[r[2]], r[3], r[4],
                         1.0 if r[5] == 1.0 else r[5], r[6], r[7],       # one 1.0 object, not one per row
                         same(r[8], r[8]), r[9], same(r[10], r[10]), same(r[11], r[11]), r[12], r[13],
                         path=tuple(json.loads(r[14])) if r[14] else (),
