@@ -3,18 +3,27 @@
 Theory of operation.  Bindings are kept per device (a device's whole set is
 replaced at once, as the registrar decides it), with an index from user to
 the devices that have bindings, so a call for a user reads only that user's
-bindings.  A heap of (earliest expiry, device) drives expiry: ``next_timer``
-is its top, ``expire(now)`` pops what is due and returns a ``SaveBindings``
-for each device whose set shrank.  Heap entries made stale by a later update
-are skipped when popped and the heap is rebuilt when stale entries pile up.
+bindings.  Expiry goes by whole seconds: each device is filed under the second
+at or after its earliest expiry, a heap holds those seconds, ``next_timer`` is
+the earliest and ``expire(now)`` takes every second that is due and returns a
+``SaveBindings`` for each device whose set shrank.  A binding is thus removed
+within a second of its expiry; it is never routed to after it (every read
+checks ``expires_at``).  Entries made stale by a later update are skipped when
+their second comes, and the seconds are refiled when stale entries pile up.
 ``follow`` adopts a new policy: bindings of devices that are gone are dropped,
 the others follow their device's current user and kind; ``follow_moves`` does
 the same for a reload from a diff of the two policies worked out beforehand.
+
+Memory: with 100,000 bindings every per-device object counts.  A device with one
+binding, and a user with one registered device, is stored as that one object,
+not as a one-element tuple, and a device waits for expiry as one list slot in
+its second (not as a heap entry of its own); together ~11 MB less at 100,000.
 """
 
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 
@@ -22,91 +31,134 @@ from router.policy.model import Binding, DeviceKind, Policy
 from router.sip.commands import SaveBindings
 
 
+def _many(value: Binding | tuple[Binding, ...] | None) -> tuple[Binding, ...]:
+    if value is None:
+        return ()
+    return value if isinstance(value, tuple) else (value,)
+
+
+def _ids(value: str | tuple[str, ...] | None) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    return value if isinstance(value, tuple) else (value,)
+
+
 class Location:
     def __init__(self, bindings: Iterable[Binding], now: float) -> None:
         # What ``put`` would make of each device, built in one go: 100,000 at start-up.
-        # Tuples, not lists and sets: with 100,000 bindings a one-element set per user
-        # and a list per device cost ~20 MB more than these.
         grouped: dict[str, list[Binding]] = {}
         for b in bindings:
             if b.expires_at > now:
                 grouped.setdefault(b.device_id, []).append(b)
-        self.by_device: dict[str, tuple[Binding, ...]] = {d: tuple(bs) for d, bs in grouped.items()}
+        self._by_device: dict[str, Binding | tuple[Binding, ...]] = {
+            d: bs[0] if len(bs) == 1 else tuple(bs) for d, bs in grouped.items()}
         del grouped
-        self.devices_of: dict[str, tuple[str, ...]] = {}        # user -> devices with bindings, sorted
-        for device_id, bs in self.by_device.items():
-            user_id = bs[0].user_id
-            self.devices_of[user_id] = (*self.devices_of.get(user_id, ()), device_id)
-        for user_id, devices in self.devices_of.items():
-            if len(devices) > 1:
-                self.devices_of[user_id] = tuple(sorted(devices))
-        # heap of (expires_at, device)
-        self.expiries = [(min(b.expires_at for b in bs), device_id) for device_id, bs in self.by_device.items()]
-        heapq.heapify(self.expiries)
+        self._devices: dict[str, str | tuple[str, ...]] = {}    # user -> devices with bindings, sorted
+        for device_id, value in self._by_device.items():
+            user_id = _many(value)[0].user_id
+            known = self._devices.get(user_id)
+            self._devices[user_id] = device_id if known is None else (*_ids(known), device_id)
+        for user_id, devices in self._devices.items():
+            if isinstance(devices, tuple):
+                self._devices[user_id] = tuple(sorted(devices))
+        self._due: dict[int, list[str]] = {}        # second -> devices that may expire then
+        self._seconds: list[int] = []               # heap of the keys of ``_due``
+        self._filed = 0                             # entries in ``_due``, stale ones included
+        self._refile()
+
+    @property
+    def devices(self) -> int:
+        """How many devices have bindings."""
+        return len(self._by_device)
+
+    def devices_of(self, user_id: str) -> tuple[str, ...]:
+        """The user's devices that have bindings, sorted by id."""
+        return _ids(self._devices.get(user_id))
 
     def put(self, user_id: str, device_id: str, bindings: Sequence[Binding]) -> None:
         """The one place the indexes change: ``bindings`` is the device's whole set."""
-        old = self.by_device.get(device_id)
+        old = _many(self._by_device.get(device_id))
         if old and (not bindings or old[0].user_id != user_id):
             self._forget(old[0].user_id, device_id)
         if bindings:
-            self.by_device[device_id] = tuple(bindings)
-            devices = self.devices_of.get(user_id, ())
+            self._by_device[device_id] = bindings[0] if len(bindings) == 1 else tuple(bindings)
+            devices = self.devices_of(user_id)
             if device_id not in devices:
-                self.devices_of[user_id] = tuple(sorted((*devices, device_id)))
-            heapq.heappush(self.expiries, (min(b.expires_at for b in bindings), device_id))
-            if len(self.expiries) > 4 * len(self.by_device) + 64:   # drop stale entries
-                self.expiries = [(min(b.expires_at for b in bs), d) for d, bs in self.by_device.items()]
-                heapq.heapify(self.expiries)
+                self._devices[user_id] = device_id if not devices else tuple(sorted((*devices, device_id)))
+            self._file(min(b.expires_at for b in bindings), device_id)
+            if self._filed > 4 * len(self._by_device) + 64:   # drop stale entries
+                self._refile()
         else:
-            self.by_device.pop(device_id, None)
+            self._by_device.pop(device_id, None)
 
     def _forget(self, user_id: str, device_id: str) -> None:
-        devices = self.devices_of.get(user_id)
-        if devices is None or device_id not in devices:
+        devices = self.devices_of(user_id)
+        if device_id not in devices:
             return
         rest = tuple(d for d in devices if d != device_id)
-        if rest:
-            self.devices_of[user_id] = rest
+        if len(rest) > 1:
+            self._devices[user_id] = rest
+        elif rest:
+            self._devices[user_id] = rest[0]
         else:
-            del self.devices_of[user_id]
+            del self._devices[user_id]
+
+    def _file(self, expires_at: float, device_id: str) -> None:
+        second = math.ceil(expires_at)
+        waiting = self._due.get(second)
+        if waiting is None:
+            self._due[second] = [device_id]
+            heapq.heappush(self._seconds, second)
+        else:
+            waiting.append(device_id)
+        self._filed += 1
+
+    def _refile(self) -> None:
+        self._due = {}
+        self._seconds = []
+        self._filed = 0
+        for device_id, value in self._by_device.items():
+            self._file(min(b.expires_at for b in _many(value)), device_id)
 
     # ------------------------------------------------------------------ queries
     def of_device(self, device_id: str) -> tuple[Binding, ...]:
-        return self.by_device.get(device_id, ())
+        return _many(self._by_device.get(device_id))
 
     def bindings(self, now: float, user_id: str | None = None) -> list[Binding]:
         if user_id is None:
-            return [b for bs in self.by_device.values() for b in bs if b.expires_at > now]
-        return [b for d in self.devices_of.get(user_id, ())
-                for b in self.by_device[d] if b.expires_at > now]
+            return [b for value in self._by_device.values() for b in _many(value) if b.expires_at > now]
+        return [b for d in self.devices_of(user_id)
+                for b in _many(self._by_device[d]) if b.expires_at > now]
 
     def is_registered(self, device_id: str, now: float) -> bool:
-        return any(b.expires_at > now for b in self.by_device.get(device_id, ()))
+        return any(b.expires_at > now for b in self.of_device(device_id))
 
     def registered_at(self, device_id: str, host: str, port: int, now: float) -> bool:
         """Does ``device_id`` hold a live binding registered from ``host:port`` (behind the
         edge: the device's own address, as the edge saw it)?"""
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         return any(b.expires_at > now and b.device_address == address
-                   for b in self.by_device.get(device_id, ()))
+                   for b in self.of_device(device_id))
 
     # ------------------------------------------------------------------ time
     def next_timer(self) -> float | None:
-        return self.expiries[0][0] if self.expiries else None
+        return float(self._seconds[0]) if self._seconds else None
 
     def expire(self, now: float) -> list[SaveBindings]:
         """Drop expired bindings."""
         out: list[SaveBindings] = []
-        while self.expiries and self.expiries[0][0] <= now:
-            _, device_id = heapq.heappop(self.expiries)
-            bs = self.by_device.get(device_id)
-            if not bs:
-                continue          # a stale heap entry: the device was updated since
-            live = [b for b in bs if b.expires_at > now]
-            if len(live) != len(bs):
-                out.append(SaveBindings(bs[0].user_id, device_id, tuple(live)))
-                self.put(bs[0].user_id, device_id, live)
+        while self._seconds and self._seconds[0] <= now:
+            second = heapq.heappop(self._seconds)
+            waiting = self._due.pop(second)
+            self._filed -= len(waiting)
+            for device_id in waiting:
+                bs = self.of_device(device_id)
+                if not bs or min(b.expires_at for b in bs) > second:
+                    continue          # a stale entry: the device was updated since
+                live = [b for b in bs if b.expires_at > now]
+                if len(live) != len(bs):
+                    out.append(SaveBindings(bs[0].user_id, device_id, tuple(live)))
+                self.put(bs[0].user_id, device_id, live)     # refiled under its next expiry
         return out
 
     # ------------------------------------------------------------------ policy
@@ -115,7 +167,7 @@ class Location:
         devices that moved, changed kind or left are touched, not every binding."""
         changed: list[SaveBindings] = []
         for device_id, owner in moves.items():
-            old = self.by_device.get(device_id)
+            old = self.of_device(device_id)
             if not old:
                 continue
             if owner is None:
@@ -132,9 +184,9 @@ class Location:
         """Adopt a reloaded policy; only devices whose user or kind changed are touched."""
         changed: list[SaveBindings] = []
         owners = {d.id: (u, d) for u in policy.users for d in u.devices}   # one pass, not one per device
-        for device_id in list(self.by_device):
+        for device_id in list(self._by_device):
             owner = owners.get(device_id)
-            old = self.by_device[device_id]
+            old = self.of_device(device_id)
             if owner is None:
                 self.put(old[0].user_id, device_id, [])
                 changed.append(SaveBindings(old[0].user_id, device_id, ()))

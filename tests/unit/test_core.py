@@ -80,11 +80,12 @@ def test_one_timer_drives_binding_expiry_and_says_when_it_is_next_needed(tmp_pat
                           str(tmp_path / "r.yaml"))
     gone = Binding("minh", "d", DeviceKind.APP, "sip:d@10.0.0.9", expires_at=1000.4)
     core = SipCore(policy, [gone], 1000.0, secret=b"s" * 32)
-    assert core.next_timer() == 1000.4          # the binding's expiry, before housekeeping at 1001
+    assert core.next_timer() == 1001.0          # the second the binding expires in (and housekeeping)
     assert core.handle_timer(1000.3) == []
-    (save,) = core.handle_timer(1000.4)
+    assert core.location.bindings(1000.5, "minh") == []     # never routed to once expired
+    (save,) = core.handle_timer(1001.0)
     assert isinstance(save, SaveBindings) and save.device_id == "d" and save.bindings == ()
-    assert core.next_timer() == 1001.0          # now only the periodic housekeeping is left
+    assert core.next_timer() == 1002.0          # now only the periodic housekeeping is left
 
 
 def test_the_cache_forgets_in_order_and_says_when_it_next_needs_the_engine():

@@ -28,7 +28,7 @@ def test_a_device_that_unregisters_leaves_the_others_and_the_last_one_leaves_no_
     assert location.of_device("lan-mobile") == ()
     location.put("lan", "lan-desk", [])
     assert devices(location, "lan") == []
-    assert "lan" not in location.devices_of
+    assert location.devices_of("lan") == ()
 
 
 def test_a_refreshed_registration_replaces_the_device_set_without_listing_it_twice() -> None:
@@ -51,4 +51,4 @@ def test_an_expired_binding_is_dropped_and_its_user_no_longer_lists_the_device()
     saves = location.expire(NOW + 61)
     assert [(s.device_id, s.bindings) for s in saves] == [("lan-desk", ())]
     assert devices(location, "lan", NOW + 61) == ["lan-mobile"]
-    assert location.devices_of["lan"] == ("lan-mobile",)
+    assert location.devices_of("lan") == ("lan-mobile",)
