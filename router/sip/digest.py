@@ -1,7 +1,7 @@
 """HTTP Digest for SIP (RFC 3261 §22, RFC 7616 computations, RFC 8760 SHA-256); pure.
 
 Theory of operation.  Nonces are stateless to issue: a timestamp and random
-bytes, sealed with an HMAC under a per-process secret, so a forged or altered
+bytes, sealed with a keyed BLAKE2s MAC under a per-process secret, so a forged or altered
 nonce is rejected without a table lookup and an old one is recognised as
 *stale* (the phone retries with the fresh nonce we send, no password prompt).
 Replay protection needs a little state: for each nonce that has been used we
@@ -85,14 +85,20 @@ class NonceBook:
     def __init__(self, ttl: float, secret: bytes | None = None) -> None:
         self.ttl = ttl
         self.secret = secret or os.urandom(32)
+        self._key = self.secret if len(self.secret) <= 32 else hashlib.blake2s(self.secret).digest()
         self.counts: dict[str, tuple[float, int]] = {}   # nonce -> (issued at, highest nc)
         # Nonces in the order first used, for ``prune`` to drop from the front: a tick costs
         # what expired, never a scan of every count (hundreds of thousands at a busy site).
         self._order: deque[tuple[float, str]] = deque()
 
+    def _mac(self, body: bytes) -> bytes:
+        # BLAKE2s in its keyed mode is a MAC of its own: a third of HMAC-SHA256's time on a
+        # 17-byte body, twice per registration (the nonce issued, then checked).
+        return hashlib.blake2s(body, key=self._key, digest_size=12).digest()
+
     def issue(self, now: float) -> str:
         body = struct.pack(">d", now) + ids.token_bytes(9)
-        mac = hmac.digest(self.secret, body, "sha256")[:12]
+        mac = self._mac(body)
         return base64.urlsafe_b64encode(body + mac).decode()
 
     def issued_at(self, nonce: str) -> float | None:
@@ -104,7 +110,7 @@ class NonceBook:
         if len(raw) != 29:
             return None
         body, mac = raw[:17], raw[17:]
-        if not hmac.compare_digest(mac, hmac.digest(self.secret, body, "sha256")[:12]):
+        if not hmac.compare_digest(mac, self._mac(body)):
             return None
         return float(struct.unpack(">d", body[:8])[0])
 

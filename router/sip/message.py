@@ -170,25 +170,16 @@ def parse(data: bytes) -> SipMessage:
         text = head.decode("utf-8")
     except UnicodeDecodeError:
         raise MalformedMessage("headers are not UTF-8") from None
-    lines = text.replace("\r\n", "\n").split("\n")
-    start = lines[0].strip()
-    headers: list[tuple[str, str]] = []
+    start, _, rest = text.partition("\n")
+    start = start.strip()
     names = _NAMES
-    for line in lines[1:]:
-        if not line:
-            continue
-        if line[0] in " \t":        # folded continuation of the previous header (§7.3.1)
-            if not headers:
-                raise MalformedMessage("a folded line comes before any header")
-            name, value = headers[-1]
-            headers[-1] = (name, f"{value} {line.strip()}".strip())
-            continue
-        colon = line.find(":")
-        if colon <= 0:
-            raise MalformedMessage(f"header line without a name and colon: {line[:40]!r}")
-        raw = line[:colon]
-        name = names.get(raw) or _header_name(raw)
-        headers.append((name, line[colon + 1:].strip()))
+    # The usual message (one "Name: value" per line, nothing folded) in one pass of a
+    # compiled pattern; anything else line by line, where each fault gets its own message.
+    found = _HEADER_LINE.findall(rest)
+    if len(found) == rest.count("\n") + 1:
+        headers = [(names.get(raw) or _header_name(raw), value.strip()) for raw, value in found]
+    else:
+        headers = _header_lines(rest)
     match = _REQUEST_LINE.match(start)
     if match:
         method, uri, status, reason = match.group(1), match.group(2), 0, ""
@@ -208,6 +199,30 @@ def parse(data: bytes) -> SipMessage:
 
 
 _NAMES: dict[str, str] = {}          # header name as written -> canonical lower-case name
+# A line that starts with a name (not with white space: that is a folded line) and a colon.
+_HEADER_LINE = re.compile(r"^([^:\s][^:\r\n]*):([^\n]*)", re.MULTILINE)
+
+
+def _header_lines(rest: str) -> list[tuple[str, str]]:
+    """The header lines one by one: folded lines joined (§7.3.1), blank lines skipped."""
+    headers: list[tuple[str, str]] = []
+    names = _NAMES
+    for line in rest.replace("\r\n", "\n").split("\n"):
+        if not line:
+            continue
+        if line[0] in " \t":        # folded continuation of the previous header (§7.3.1)
+            if not headers:
+                raise MalformedMessage("a folded line comes before any header")
+            name, value = headers[-1]
+            headers[-1] = (name, f"{value} {line.strip()}".strip())
+            continue
+        colon = line.find(":")
+        if colon <= 0:
+            raise MalformedMessage(f"header line without a name and colon: {line[:40]!r}")
+        raw = line[:colon]
+        name = names.get(raw) or _header_name(raw)
+        headers.append((name, line[colon + 1:].strip()))
+    return headers
 
 
 def _header_name(raw: str) -> str:
@@ -258,7 +273,9 @@ def parse_cseq(value: str) -> tuple[int, str]:
 
 
 _LIST_ITEM = re.compile(r'(?:"(?:[^"\\]|\\.)*"?|<[^>]*>?|[^,"<])+')
-_AUTH_PARAM = re.compile(r'([A-Za-z][A-Za-z0-9_-]*)\s*=\s*("(?:[^"\\]|\\.)*"|[^\s,]*)')
+# The quoted string as "normal* (escaped normal*)*": the same language as ("(?:[^"\\]|\\.)*"),
+# without an alternation per character (less than half the time on a 200-character header).
+_AUTH_PARAM = re.compile(r'([A-Za-z][A-Za-z0-9_-]*)\s*=\s*("[^"\\]*(?:\\.[^"\\]*)*"|[^\s,]*)')
 
 
 def split_list(value: str) -> list[str]:
@@ -395,7 +412,12 @@ def stamp_received(via_value: str, host: str, port: int, via: Via | None = None)
         via = parse_via(via_value)
     wants_rport = "rport" in via.params and not via.params["rport"]
     if wants_rport:
-        via_value = _EMPTY_RPORT.sub(f";rport={port}", via_value, count=1)
+        at = via_value.find(";rport")
+        end = at + 6
+        if at >= 0 and via_value.count("rport") == 1 and (end == len(via_value) or via_value[end] == ";"):
+            via_value = f"{via_value[:at]};rport={port}{via_value[end:]}"     # the usual ";rport"
+        else:
+            via_value = _EMPTY_RPORT.sub(f";rport={port}", via_value, count=1)
     if (via.host != host or wants_rport) and "received" not in via.params:
         via_value += f";received={host}"
     return via_value

@@ -20,6 +20,7 @@ themselves live in the location service (``location.Location``).
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from collections.abc import Iterable, Mapping
@@ -118,7 +119,7 @@ class Registrar:
     def _update(self, msg: SipMessage, source: Source, user: User, device: Device,
                 now: float) -> Outcome:
         settings = self.policy.registrar
-        to_uri = parse_uri(parse_name_addr(msg.header("to") or "").uri)
+        to_uri = parse_uri((msg.from_to[1] if msg.from_to else parse_name_addr(msg.header("to") or "")).uri)
         if to_uri.user not in (user.id, user.extension):
             return Outcome(Reply(403, phrase(403), (("Warning",
                 f'399 - "device {device.id} belongs to {user.id} and may register only that user"'),)),
@@ -142,7 +143,7 @@ class Registrar:
             addr = parse_name_addr(value)
             if len(addr.uri) > MAX_CONTACT_URI:
                 raise MalformedMessage(f"Contact URI longer than {MAX_CONTACT_URI} characters")
-            parse_uri(addr.uri)
+            contact_uri = parse_uri(addr.uri)
             expires = _int_or_none(addr.params.get("expires"))
             if expires is None:
                 expires = header_expires if header_expires is not None else settings.default_expires
@@ -163,7 +164,7 @@ class Registrar:
             if expires == 0:
                 updated.pop(addr.uri, None)
                 continue
-            reason = None if path else reach.nat_reason(parse_uri(addr.uri), msg.top_via, source)
+            reason = None if path else reach.nat_reason(contact_uri, msg.top_via, source)
             if reason is not None:
                 nat = reason
             updated[addr.uri] = Binding(
@@ -204,7 +205,7 @@ class Registrar:
         if "path" in _tokens(msg.header("supported")) and any(b.path for b in self.location.of_device(device.id)):
             headers.extend(("Path", p) for p in msg.all("path"))
         headers.append(("Supported", "path"))
-        headers.append(("Date", time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now))))
+        headers.append(("Date", _http_date(int(now))))
         return Outcome(Reply(200, "OK", tuple(headers)), save, "register.ok",
                        (("user", user.id), ("device", device.id), ("kind", device.kind.value),
                         ("action", action), ("bindings", count), *extra),
@@ -228,6 +229,12 @@ def _path(msg: SipMessage) -> tuple[str, ...]:
         if uri is None or uri.scheme not in ("sip", "sips") or not uri.host:
             raise MalformedMessage(f"Path entry {entry[:60]!r} is not a sip: URI")
     return entries
+
+
+@functools.lru_cache(maxsize=2)
+def _http_date(second: int) -> str:
+    """The Date header of a 200 (RFC 3261 §20.17): made once per second, not per REGISTER."""
+    return time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(second))
 
 
 def _hostport(host: str, port: int) -> str:
