@@ -234,9 +234,14 @@ class Engine:
         cfg.logConfig.level = self.pj_log_level
         cfg.logConfig.consoleLevel = self.pj_log_level
         cfg.logConfig.decor = 0
+        # No media ever flows through the router (it routes SIP messages only): no media
+        # worker thread, no ioqueue of its own and no sound device, so no clock either.
+        # Their threads woke 150 times a second each, on cores the loop needs.
         cfg.medConfig.noVad = True
+        cfg.medConfig.threadCnt = 0
+        cfg.medConfig.hasIoqueue = False
         self.ep.libInit(cfg)
-        self.ep.audDevManager().setNullDev()
+        self.ep.audDevManager().setNoDev()
         for item in self.listen:
             tc = pj.TransportConfig()
             tc.port = item.port
