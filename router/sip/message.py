@@ -289,15 +289,16 @@ def split_list(value: str) -> list[str]:
 
 def parse_params(text: str) -> dict[str, str | None]:
     params: dict[str, str | None] = {}
+    if not text:
+        return params
     for part in text.split(";"):
-        part = part.strip()
-        if not part:
-            continue
         if "=" in part:
             key, _, val = part.partition("=")
             params[key.strip().lower()] = val.strip()
         else:
-            params[part.lower()] = None
+            part = part.strip()
+            if part:
+                params[part.lower()] = None
     return params
 
 
@@ -323,9 +324,12 @@ def _host_port(text: str) -> tuple[str, int | None]:
     if not host:
         raise ValueError("empty host")
     if port_text:
-        if not is_number(port_text, 5) or not 0 < int(port_text) < 65536:
+        if not (len(port_text) <= 5 and port_text.isascii() and port_text.isdigit()):
             raise ValueError(f"port {port_text[:20]!r} is not valid")
-        return host.lower(), int(port_text)
+        port = int(port_text)
+        if not 0 < port < 65536:
+            raise ValueError(f"port {port_text[:20]!r} is not valid")
+        return host.lower(), port
     return host.lower(), None
 
 
@@ -362,23 +366,24 @@ def parse_name_addr(value: str, what: str = "") -> NameAddr:
 
     ``what`` names the header in the error ("To: empty URI in ''").
     """
-    where = f"{what}: " if what else ""
     value = value.strip()
     lt = value.find("<")
     if lt >= 0:
         gt = value.find(">", lt)
         if gt < 0:
+            where = f"{what}: " if what else ""
             raise MalformedMessage(f"{where}unterminated <uri> in {value[:60]!r}")
-        display = value[:lt].strip().strip('"')
+        display = value[:lt].strip().strip('"') if lt else ""
         uri = value[lt + 1:gt].strip()
-        params = parse_params(value[gt + 1:])
+        rest = value[gt + 1:]
     else:
         display = ""
         uri, _, rest = value.partition(";")   # addr-spec: params after ; belong to the header
-        params = parse_params(rest)
-    if not uri.strip():
+        uri = uri.strip()
+    if not uri:
+        where = f"{what}: " if what else ""
         raise MalformedMessage(f"{where}empty URI in {value[:60]!r}")
-    return NameAddr(display, uri.strip(), params)
+    return NameAddr(display, uri, parse_params(rest) if rest else {})
 
 
 def auth_params(value: str) -> tuple[str, dict[str, str]]:
