@@ -143,7 +143,8 @@ class Router:
             local = Local(first.advertise or first.address, ports[0], shared.index,
                           tuple(x.port for x in policy.listen))
             listen = tuple(dataclasses.replace(x, port=p) for x, p in zip(policy.listen, ports, strict=True))
-        self.core = SipCore(self.policy_state.view.policy, loaded, now, local=local, resolve=self.resolve)
+        self.core = SipCore(self.policy_state.view.policy, loaded, now, local=local, resolve=self.resolve,
+                            secret=channels.secret if channels is not None else None)
         self.tally = Tally()
         self.tally.bindings_loaded(loaded)
         # Writes are batched on the PJSIP thread itself: a writer thread was measured

@@ -35,7 +35,7 @@ from router import control_client, log
 from router.control.server import ControlError, ControlServer
 from router.control.systemd import Notifier
 from router.policy.model import Policy
-from router.sip.sharing import ENV, make_pairs, worker_env
+from router.sip.sharing import ENV, make_pairs, send_secret, worker_env
 from router.sip.steer import Steering
 from router.store.sqlite import StateError, connect
 
@@ -57,7 +57,8 @@ def steering(policy: Policy, count: int, user_id: Callable[[str], str]) -> Steer
     """How ``count`` workers of ``policy`` share its ports: every worker's own ports, and
     the addresses that name this router in a Route."""
     return Steering(count, {port: k for k in range(count) for port in own_ports(policy, k)},
-                    frozenset(h for x in policy.listen for h in (x.address, x.advertise) if h), user_id)
+                    frozenset(h for x in policy.listen for h in (x.address, x.advertise) if h), user_id,
+                    challenge_anywhere=True)
 
 
 def worker_socket(path: str, index: int | None) -> str:
@@ -120,6 +121,7 @@ class Supervisor:
     def start(self, policy_fd: int | None) -> None:
         """Start the workers; ``policy_fd``: the parsed policy for them to read (closed here)."""
         pairs = make_pairs(self.count)
+        send_secret(pairs, os.urandom(32))
         env = {k: v for k, v in os.environ.items() if k not in _HIDDEN_ENV}
         try:
             for index in range(self.count):

@@ -30,6 +30,8 @@ from router.sip.steer import Steering
 
 ENV = "SIP_ROUTER_WORKER"          # "<index>/<count>/<inbox fd>,<outbox fd of worker 0>,..."
 HANDOFF = b"\x00sr1 "             # never the start of a SIP message
+SECRET = b"\x00sr-secret "        # the first datagram in each worker's inbox
+SECRET_WAIT = 5.0                  # seconds a starting worker waits for it (it is sent first)
 BUFFER = 4 * 1024 * 1024
 MAX_DATAGRAM = 65535
 # Linux's SO_TIMESTAMPNS (asm-generic/socket.h; Python's socket module does not name it):
@@ -51,6 +53,9 @@ class Channels:
     count: int
     inbox: socket.socket
     outboxes: tuple[socket.socket, ...]
+    # The workers' common nonce secret (``send_secret``): a nonce one worker issues is
+    # good at every other, so any worker may challenge a REGISTER (see ``Steering``).
+    secret: bytes | None = None
 
 
 def make_pairs(count: int) -> list[tuple[socket.socket, socket.socket]]:
@@ -62,6 +67,25 @@ def make_pairs(count: int) -> list[tuple[socket.socket, socket.socket]]:
         outbox.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, BUFFER)
         pairs.append((inbox, outbox))
     return pairs
+
+
+def send_secret(pairs: Sequence[tuple[socket.socket, socket.socket]], secret: bytes) -> None:
+    """Put the workers' common nonce secret first in each worker's inbox (before it starts:
+    nothing else is there yet).  The pairs are the supervisor's own, so only its children
+    can read it; it never appears in an environment or on a command line."""
+    for _, outbox in pairs:
+        outbox.send(SECRET + secret)
+
+
+def _read_secret(inbox: socket.socket) -> bytes:
+    inbox.settimeout(SECRET_WAIT)
+    try:
+        packet = inbox.recv(MAX_DATAGRAM)
+    except OSError as exc:
+        raise SharingError(f"no nonce secret in the worker's inbox: {exc}") from None
+    if not packet.startswith(SECRET) or len(packet) <= len(SECRET):
+        raise SharingError("the worker's inbox did not start with the nonce secret")
+    return packet[len(SECRET):]
 
 
 def worker_env(index: int, pairs: Sequence[tuple[socket.socket, socket.socket]]) -> tuple[str, list[int]]:
@@ -81,9 +105,10 @@ def channels_from_env(value: str) -> Channels:
         outboxes = tuple(socket.socket(fileno=fd) for fd in fds[1:])
     except (ValueError, OSError) as exc:
         raise SharingError(f"{ENV}={value!r} is not a worker's channel list: {exc}") from None
+    secret = _read_secret(inbox)
     for sock in (inbox, *outboxes):
         sock.setblocking(False)
-    return Channels(index, count, inbox, outboxes)
+    return Channels(index, count, inbox, outboxes, secret)
 
 
 def encode(host: str, port: int, data: bytes) -> bytes:

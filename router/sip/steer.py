@@ -10,6 +10,11 @@ it is another one:
   put there by the worker that sent the request);
 - a request whose top Route names one of the workers' own ports: that worker
   (an in-dialog request from a UA that sent it to the shared port);
+- a REGISTER without credentials, when the workers share one nonce secret
+  (``challenge_anywhere``): whoever received it.  Its answer is a 401 that needs
+  no state of the user's, and the nonce in it is good at the user's worker,
+  which gets the REGISTER that carries the credentials: half the first
+  REGISTERs of a log-in wave are then not handed over;
 - any other request: the worker of its user, so that one user's REGISTERs,
   calls and their CANCELs and ACKs all meet the same registrar, nonces and
   transactions.  The user is the To user of a REGISTER and the Request-URI user
@@ -44,6 +49,7 @@ _VIA = _line("via", "v")
 _TO = _line("to", "t")
 _CALL_ID = _line("call-id", "i")
 _ROUTE = _line("route")
+_AUTHORIZATION = re.compile(rb"\r\nauthorization[ \t]*:", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,7 @@ class Steering:
     own_ports: dict[int, int]
     hosts: frozenset[str]
     user_id: Callable[[str], str]
+    challenge_anywhere: bool = False     # the workers share a nonce secret
 
     def owner(self, data: bytes) -> int | None:
         """The index of the worker that must handle ``data``, or None for any."""
@@ -84,6 +91,8 @@ class Steering:
             if owner is not None:
                 return owner
         if parts[0] == b"REGISTER":
+            if self.challenge_anywhere and _AUTHORIZATION.search(head) is None:
+                return None
             to = _TO.search(head)
             user = _uri_user(to.group(1)) if to is not None else ""
         else:

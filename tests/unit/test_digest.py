@@ -41,6 +41,13 @@ def test_a_nonce_we_did_not_issue_is_bad():
     assert book.check(c, "REGISTER", ha1, 101.0) == Verdict.BAD
 
 
+def test_a_nonce_one_worker_issued_is_good_at_another_that_shares_its_secret():
+    issuing, owning = NonceBook(ttl=60, secret=b"w" * 32), NonceBook(ttl=60, secret=b"w" * 32)
+    c, ha1 = creds(owning, issuing.issue(100.0))
+    assert owning.check(c, "REGISTER", ha1, 101.0) == Verdict.OK
+    assert owning.check(c, "REGISTER", ha1, 101.5) == Verdict.BAD         # the same count again: a replay
+
+
 def test_an_old_nonce_with_the_right_password_is_stale():
     book = NonceBook(ttl=60)
     c, ha1 = creds(book, book.issue(100.0))

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import os
 import select
 import socket
 import zlib
 
 from router.policy.model import Listen
-from router.sip.sharing import Channels, SharedPorts, decode, encode, make_pairs
+from router.sip.sharing import (
+    Channels,
+    SharedPorts,
+    SharingError,
+    channels_from_env,
+    decode,
+    encode,
+    make_pairs,
+    send_secret,
+    worker_env,
+)
 from router.sip.steer import Steering
 from tests.support import free_port_run
 
@@ -64,3 +75,38 @@ def test_whichever_worker_the_kernel_picks_the_users_own_worker_gets_the_registe
     finally:
         for shared in pair:
             shared.close()
+
+
+def worker_channels(index: int, pairs: list[tuple[socket.socket, socket.socket]]) -> Channels:
+    """What worker ``index`` makes of its environment, on copies of the descriptors it inherits."""
+    _, fds = worker_env(index, pairs)
+    return channels_from_env(f"{index}/{len(pairs)}/{','.join(str(os.dup(fd)) for fd in fds)}")
+
+
+def close_all(pairs: list[tuple[socket.socket, socket.socket]], *channels: Channels) -> None:
+    for sock in (*(s for pair in pairs for s in pair), *(s for c in channels for s in (c.inbox, *c.outboxes))):
+        sock.close()
+
+
+def test_every_worker_reads_the_same_nonce_secret_first_from_its_inbox():
+    pairs = make_pairs(2)
+    send_secret(pairs, b"k" * 32)
+    found = [worker_channels(index, pairs) for index in range(2)]
+    try:
+        assert [c.secret for c in found] == [b"k" * 32, b"k" * 32]
+        assert [c.index for c in found] == [0, 1]
+    finally:
+        close_all(pairs, *found)
+
+
+def test_a_worker_whose_inbox_lacks_the_secret_refuses_to_start():
+    pairs = make_pairs(1)
+    pairs[0][1].send(encode("127.0.0.1", 5060, b"OPTIONS sip:x SIP/2.0\r\n\r\n"))
+    try:
+        worker_channels(0, pairs)
+    except SharingError as exc:
+        assert "nonce secret" in str(exc)
+    else:
+        raise AssertionError("a worker started without the nonce secret")
+    finally:
+        close_all(pairs)

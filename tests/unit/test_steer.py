@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 
 from hypothesis import given
@@ -28,6 +29,17 @@ def test_a_register_goes_to_the_worker_of_its_to_user_named_by_extension_or_id()
         data = request("REGISTER sip:pbx.test SIP/2.0", "Via: SIP/2.0/UDP 10.0.0.9:5060;branch=z9hG4bKa",
                        f"To: <sip:{aor}@pbx.test>", f"From: <sip:{aor}@pbx.test>;tag=1", "Call-ID: r1")
         assert STEER.owner(data) == owner_of("lan")
+
+
+def test_a_first_register_without_credentials_is_challenged_wherever_it_lands_when_workers_share_nonces():
+    sharing = dataclasses.replace(STEER, challenge_anywhere=True)
+    head = ("REGISTER sip:pbx.test SIP/2.0", "Via: SIP/2.0/UDP 10.0.0.9:5060;branch=z9hG4bKa",
+            "To: <sip:1001@pbx.test>", "From: <sip:1001@pbx.test>;tag=1", "Call-ID: r1")
+    assert sharing.owner(request(*head)) is None                  # any worker answers the 401
+    assert STEER.owner(request(*head)) == owner_of("lan")         # without a common secret: the owner
+    for header in ('Authorization: Digest username="desk-1001", realm="pbx.test"',
+                   'authorization : Digest username="desk-1001"'):
+        assert sharing.owner(request(*head, header)) == owner_of("lan")   # credentials: the user's worker
 
 
 def test_a_call_its_cancel_and_its_ack_go_to_the_worker_of_the_called_user():
