@@ -121,9 +121,9 @@ class Supervisor:
     def start(self, policy_fd: int | None) -> None:
         """Start the workers; ``policy_fd``: the parsed policy for them to read (closed here)."""
         pairs = make_pairs(self.count)
-        send_secret(pairs, os.urandom(32))
         env = {k: v for k, v in os.environ.items() if k not in _HIDDEN_ENV}
         try:
+            send_secret(pairs, os.urandom(32))
             for index in range(self.count):
                 value, fds = worker_env(index, pairs)
                 extra = {ENV: value}

@@ -52,7 +52,7 @@ from router.sip.commit import FLUSH_INTERVAL, GroupCommit
 from router.sip.core import SipCore
 from router.sip.message import parse
 from router.sip.pjsip_module import LayoutMismatch, Packet, RouterModule, quiet_until_configured
-from router.sip.sharing import SharedPorts, SharingError, read_datagrams, stamp_arrivals
+from router.sip.sharing import SharedPorts, SharingError, earliest, read_datagrams, stamp_arrivals
 from router.sip.transaction import transaction_key
 from router.store.interfaces import BindingWriter, CallWriter
 
@@ -469,8 +469,7 @@ class Engine:
                 pass
 
     def _arrived(self, arrived: float | None) -> None:
-        if arrived is not None and (self.oldest_arrival is None or arrived < self.oldest_arrival):
-            self.oldest_arrival = arrived
+        self.oldest_arrival = earliest(self.oldest_arrival, arrived)
 
     def _guarded(self, step: Callable[[float], list[Command]], now: float) -> None:
         try:

@@ -26,18 +26,16 @@ import heapq
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
+from typing import TypeVar
 
 from router.policy.model import Binding, DeviceKind, Policy
 from router.sip.commands import SaveBindings
 
-
-def _many(value: Binding | tuple[Binding, ...] | None) -> tuple[Binding, ...]:
-    if value is None:
-        return ()
-    return value if isinstance(value, tuple) else (value,)
+T = TypeVar("T", Binding, str)
 
 
-def _ids(value: str | tuple[str, ...] | None) -> tuple[str, ...]:
+def _many(value: T | tuple[T, ...] | None) -> tuple[T, ...]:
+    """A stored entry (none, one object, or a tuple of them) as a tuple."""
     if value is None:
         return ()
     return value if isinstance(value, tuple) else (value,)
@@ -57,7 +55,7 @@ class Location:
         for device_id, value in self._by_device.items():
             user_id = _many(value)[0].user_id
             known = self._devices.get(user_id)
-            self._devices[user_id] = device_id if known is None else (*_ids(known), device_id)
+            self._devices[user_id] = device_id if known is None else (*_many(known), device_id)
         for user_id, devices in self._devices.items():
             if isinstance(devices, tuple):
                 self._devices[user_id] = tuple(sorted(devices))
@@ -66,14 +64,9 @@ class Location:
         self._filed = 0                             # entries in ``_due``, stale ones included
         self._refile()
 
-    @property
-    def devices(self) -> int:
-        """How many devices have bindings."""
-        return len(self._by_device)
-
     def devices_of(self, user_id: str) -> tuple[str, ...]:
         """The user's devices that have bindings, sorted by id."""
-        return _ids(self._devices.get(user_id))
+        return _many(self._devices.get(user_id))
 
     def put(self, user_id: str, device_id: str, bindings: Sequence[Binding]) -> None:
         """The one place the indexes change: ``bindings`` is the device's whole set."""

@@ -324,7 +324,7 @@ def _host_port(text: str) -> tuple[str, int | None]:
     if not host:
         raise ValueError("empty host")
     if port_text:
-        if not (len(port_text) <= 5 and port_text.isascii() and port_text.isdigit()):
+        if not is_number(port_text, 5):
             raise ValueError(f"port {port_text[:20]!r} is not valid")
         port = int(port_text)
         if not 0 < port < 65536:
@@ -383,7 +383,7 @@ def parse_name_addr(value: str, what: str = "") -> NameAddr:
     if not uri:
         where = f"{what}: " if what else ""
         raise MalformedMessage(f"{where}empty URI in {value[:60]!r}")
-    return NameAddr(display, uri, parse_params(rest) if rest else {})
+    return NameAddr(display, uri, parse_params(rest))
 
 
 def auth_params(value: str) -> tuple[str, dict[str, str]]:

@@ -183,9 +183,7 @@ class SharedPorts:
             if sock is self.channels.inbox:
                 self._drain_inbox(out, limit)
             elif sock in self.sockets:
-                arrived = self._drain_shared(sock, out, limit)
-                if arrived is not None and (oldest is None or arrived < oldest):
-                    oldest = arrived
+                oldest = earliest(oldest, self._drain_shared(sock, out, limit))
         return oldest
 
     def _drain_shared(self, sock: socket.socket, out: list[tuple[bool, Packet]], limit: int) -> float | None:
@@ -251,6 +249,13 @@ def read_datagrams(sock: socket.socket, out: list[tuple[bool, Packet]], limit: i
             return arrived
         out.append(_received(data, address[0], address[1]))
     return arrived
+
+
+def earliest(a: float | None, b: float | None) -> float | None:
+    """The earlier of two arrival times, either of which may be unknown (None)."""
+    if a is None:
+        return b
+    return a if b is None or a <= b else b
 
 
 def stamp_arrivals(sock: socket.socket) -> None:
