@@ -15,7 +15,8 @@ PURE = sorted((ROOT / "policy").glob("*.py")) + [
     ROOT / "sip" / name for name in ("message.py", "digest.py", "ids.py", "registrar.py", "transaction.py", "core.py",
                                     "proxy.py", "branch.py", "forward.py", "admission.py",
                                     "uac_auth.py", "commands.py", "auth.py", "location.py", "dialogs.py",
-                                    "pstn.py", "callrules.py", "reach.py", "keepalive.py", "steer.py")]
+                                    "pstn.py", "callrules.py", "reach.py", "keepalive.py", "steer.py",
+                                    "pacing.py")]
 
 
 def test_every_module_of_the_core_is_checked():
