@@ -6,8 +6,9 @@ router module's callback runs inside ``libHandleEvents`` on this thread.  The
 callback only copies the packet out of PJSIP and returns.  The loop drains
 PJSIP (up to ``BATCH`` packets), then hands each packet to
 ``SipCore.on_request`` and executes the commands it returns: sends go out
-together at the end of the pass (a receiver that several of them reach is
-woken once, not once each), binding writes are batched and flushed every
+together once the pass's datagrams are handled (a receiver that several of
+them reach is woken once, not once each), before the timers, the commit and
+the idle duties run; binding writes are batched and flushed every
 ``FLUSH_INTERVAL`` in one
 SQLite transaction (``GroupCommit``: acknowledged means stored, so the 200
 to a REGISTER waits for the commit of its binding, at most about 50 ms).
@@ -387,6 +388,8 @@ class Engine:
             self._track_backlog(len(batch), busy_from, None if arrived is None else time.time() - arrived)
             for is_response, packet in batch:
                 self._handle(packet, is_response)
+            if self.outgoing:                 # the answers first: not behind timers, a commit or a reload
+                self._send_out()
             if self.core.next_timer() <= time.time():
                 self._guarded(self.core.handle_timer, time.time())
             while True:
