@@ -219,7 +219,7 @@ class Engine:
             self.stats.update(shared.stats)
             shared.stats = self.stats
         self.received: list[tuple[bool, Packet]] = []
-        self.outgoing: list[Send] = []             # this pass's sends, sent at its end (``_send_out``)
+        self.outgoing: list[Send] = []             # this pass's sends, out together (``_send_out``)
         self.pacing = Pacing()
         self.udp: dict[int, socket.socket] = {}    # address family -> PJSIP's own UDP socket
         self.addresses: set[str] = set()           # hosts already checked to be addresses
