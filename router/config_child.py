@@ -20,6 +20,7 @@ import pickle
 import subprocess
 import sys
 
+from router import policy_cache
 from router.config import load_policy
 from router.errors import ConfigError
 from router.gcpolicy import paused_gc
@@ -37,7 +38,13 @@ def load_policy_apart(path: str, timeout: float = 300.0) -> Policy:
 
 def parse_apart(path: str, timeout: float = 300.0) -> bytes | None:
     """The child's answer for ``path`` as it came (see ``policy_of``); None when the
-    child could not run (killed, no interpreter): not the file's fault."""
+    child could not run (killed, no interpreter): not the file's fault.  A big file
+    that has not changed since it was last parsed is not parsed again (``policy_cache``)."""
+    key = policy_cache.file_key(path)
+    if key is not None:
+        kept = policy_cache.load(path, key)
+        if kept is not None:
+            return kept
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
@@ -46,7 +53,11 @@ def parse_apart(path: str, timeout: float = 300.0) -> bytes | None:
                               capture_output=True, env=env, timeout=timeout, check=False)
     except (OSError, subprocess.SubprocessError):
         return None
-    return done.stdout if done.returncode == 0 else None
+    if done.returncode != 0:
+        return None
+    if key is not None and policy_cache.file_key(path) == key:     # not edited while it was read
+        policy_cache.store(path, key, done.stdout)
+    return done.stdout
 
 
 def policy_of(parsed: bytes, users: bool = True) -> Policy | None:

@@ -84,6 +84,15 @@ class SeenAt:
         self._common: dict[str, float] = {}
         self._times: dict[float, float] = {}
 
+    @classmethod
+    def compacted(cls, common: Mapping[str, float], differing: Mapping[str, dict[str, float]]) -> SeenAt:
+        """One already compact: each field's common time, and the users whose time differs."""
+        seen = cls()
+        seen._common.update(common)
+        for field, by_user in differing.items():
+            seen._by_field[field] = by_user
+        return seen
+
     def note(self, user_id: str, field: str, at: float) -> None:
         self._by_field[field][user_id] = self._times.setdefault(at, at)
 

@@ -127,6 +127,7 @@ def test_router_unit_runs_sandboxed_as_its_own_user() -> None:
     unit = DEPLOY / "sip-router.service"
     assert _value(unit, "User") == _value(unit, "Group") == "sip-router"
     assert _value(unit, "ConfigurationDirectory") == _value(unit, "StateDirectory") == "sip-router"
+    assert _value(unit, "CacheDirectory") == "sip-router" and _value(unit, "CacheDirectoryMode") == "0700"
     assert _value(unit, "UMask") == "0027"
     for key in ("ProtectHome", "PrivateTmp", "PrivateDevices", "NoNewPrivileges"):
         assert _value(unit, key) == "yes", key
@@ -158,6 +159,7 @@ def test_router_unit_notifies_reloads_and_stops_restarting_on_a_bad_configuratio
 def test_web_unit_shares_the_user_and_the_state_directory() -> None:
     router, web = DEPLOY / "sip-router.service", DEPLOY / "sip-router-web.service"
     for key in ("User", "Group", "StateDirectory", "StateDirectoryMode", "ConfigurationDirectory", "UMask",
+                "CacheDirectory", "CacheDirectoryMode",
                 "ProtectSystem", "CapabilityBoundingSet", "AmbientCapabilities"):
         assert _value(web, key) == _value(router, key), key
     assert "2" in _value(web, "RestartPreventExitStatus").split()
