@@ -61,7 +61,11 @@ def _code_identity() -> bytes:
     digest = hashlib.sha256()
     digest.update(f"{sys.version}|{yaml.__version__}|{phonenumbers.__version__}".encode())
     package = Path(__file__).resolve().parent
-    for source in sorted(package.rglob("*.py")):
+    sources = []
+    for folder, subfolders, files in os.walk(package):
+        subfolders[:] = [d for d in subfolders if d not in ("node_modules", "__pycache__")]
+        sources += [Path(folder) / name for name in files if name.endswith(".py")]
+    for source in sorted(sources):
         digest.update(str(source.relative_to(package)).encode() + b"\0")
         digest.update(source.read_bytes())
     return digest.digest()
