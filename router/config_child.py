@@ -40,11 +40,9 @@ def parse_apart(path: str, timeout: float = 300.0) -> bytes | None:
     """The child's answer for ``path`` as it came (see ``policy_of``); None when the
     child could not run (killed, no interpreter): not the file's fault.  A big file
     that has not changed since it was last parsed is not parsed again (``policy_cache``)."""
-    key = policy_cache.file_key(path)
-    if key is not None:
-        kept = policy_cache.load(path, key)
-        if kept is not None:
-            return kept
+    key, kept = _kept(path)
+    if kept is not None:
+        return kept
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
@@ -55,9 +53,27 @@ def parse_apart(path: str, timeout: float = 300.0) -> bytes | None:
         return None
     if done.returncode != 0:
         return None
-    if key is not None and policy_cache.file_key(path) == key:     # not edited while it was read
-        policy_cache.store(path, key, done.stdout)
+    if key is not None:
+        _keep(path, key, done.stdout)
     return done.stdout
+
+
+def _kept(path: str) -> tuple[bytes | None, bytes | None]:
+    """The file's cache key and the answer kept for it.  The cache only ever saves time:
+    whatever goes wrong in it is a miss."""
+    try:
+        key = policy_cache.file_key(path)
+        return key, (policy_cache.load(path, key) if key is not None else None)
+    except Exception:  # noqa: BLE001 -- a miss, never a failed start
+        return None, None
+
+
+def _keep(path: str, key: bytes, answer: bytes) -> None:
+    try:
+        if policy_cache.file_key(path) == key:        # not edited while it was read
+            policy_cache.store(path, key, answer)
+    except Exception:  # noqa: BLE001 -- not kept, never a failed start
+        pass
 
 
 def policy_of(parsed: bytes, users: bool = True) -> Policy | None:

@@ -13,9 +13,10 @@ and a miss parses the file as before.
 Only big files are kept (``MIN_SIZE``, a few thousand users: below it a parse
 costs less than reading the cache would save), one entry per YAML path, and
 at most ``KEEP`` entries.  The entry is a pickle, so it is read only from a
-directory and a file this user owns that nobody else may write; anything else
--- another owner, loose modes, a short or foreign file -- is a miss, never an
-error: the cache only saves time.  ``sip-router check`` does not use it: it
+directory and a file this user owns that nobody else may write, and only when a
+SHA-256 of its body, written with it, still matches; anything else -- another
+owner, loose modes, a short, damaged or foreign file -- is a miss (a damaged
+entry is removed), never an error: the cache only saves time.  ``sip-router check`` does not use it: it
 always reads the file.
 
 The directory is systemd's ``CacheDirectory`` (``$CACHE_DIRECTORY``) for the
@@ -29,12 +30,14 @@ import hashlib
 import os
 import stat
 import sys
+import time
 from pathlib import Path
 
 MIN_SIZE = 1 << 20          # bytes of YAML: about 7,000 one-line users
 KEEP = 8                    # entries kept; the oldest beyond that are removed
 _SUFFIX = ".policy"
-_KEY_SIZE = 32              # a SHA-256 digest heads each entry
+_KEY_SIZE = 32              # SHA-256 digests: of the key, then of the body, head each entry
+STALE_PARTIAL = 3600.0      # seconds after which a half-written entry is removed
 
 
 def directory() -> Path:
@@ -59,7 +62,8 @@ def _code_identity() -> bytes:
     import yaml
 
     digest = hashlib.sha256()
-    digest.update(f"{sys.version}|{yaml.__version__}|{phonenumbers.__version__}".encode())
+    digest.update(f"{sys.version}|{yaml.__version__}|{yaml.__with_libyaml__}|"
+                  f"{phonenumbers.__version__}".encode())
     package = Path(__file__).resolve().parent
     sources = []
     for folder, subfolders, files in os.walk(package):
@@ -78,11 +82,11 @@ def file_key(config_path: str) -> bytes | None:
     """The key of the file as it is now; None when it is too small to keep, or unreadable.
     Read in chunks: one 14 MB buffer, once freed, would leave glibc serving the next big
     objects from the heap, which keeps them after they are freed (15 MB more per start)."""
-    digest = hashlib.sha256(_code_identity())
-    digest.update(os.path.abspath(config_path).encode() + b"\0")
     buffer = bytearray(_CHUNK)
     view = memoryview(buffer)
     try:
+        digest = hashlib.sha256(_code_identity())     # a source removed by an upgrade under way: no key
+        digest.update(os.path.abspath(config_path).encode() + b"\0")
         with open(config_path, "rb", buffering=0) as handle:
             if os.fstat(handle.fileno()).st_size < MIN_SIZE:
                 return None
@@ -110,10 +114,15 @@ def load(config_path: str, key: bytes) -> bytes | None:
             info = os.fstat(handle.fileno())
             if not stat.S_ISREG(info.st_mode) or not _private(info) or handle.read(_KEY_SIZE) != key:
                 return None
-            answer = handle.read(info.st_size - _KEY_SIZE)     # one buffer of the exact size
-            return answer if len(answer) == info.st_size - _KEY_SIZE else None
+            body = handle.read(_KEY_SIZE)
+            size = info.st_size - 2 * _KEY_SIZE
+            answer = handle.read(size) if size > 0 else b""     # one buffer of the exact size
     except OSError:
         return None
+    if len(answer) != size or hashlib.sha256(answer).digest() != body:
+        forget(config_path)           # damaged (a crash, a bad disk): parse, and keep a good one
+        return None
+    return answer
 
 
 def store(config_path: str, key: bytes, answer: bytes) -> None:
@@ -127,6 +136,7 @@ def store(config_path: str, key: bytes, answer: bytes) -> None:
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as out:
             out.write(key)
+            out.write(hashlib.sha256(answer).digest())       # the body is checked when read
             out.write(answer)
         os.replace(partial, where)
         _prune(where.parent)
@@ -149,3 +159,7 @@ def _prune(folder: Path) -> None:
     entries = sorted(folder.glob(f"*{_SUFFIX}"), key=lambda p: p.stat().st_mtime, reverse=True)
     for old in entries[KEEP:]:
         old.unlink(missing_ok=True)
+    stale = time.time() - STALE_PARTIAL
+    for partial in folder.glob(f"*{_SUFFIX}.*.tmp"):   # left by a process killed while writing
+        if partial.stat().st_mtime < stale:
+            partial.unlink(missing_ok=True)

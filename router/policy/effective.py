@@ -93,6 +93,10 @@ class SeenAt:
             seen._by_field[field] = by_user
         return seen
 
+    def common(self, field: str) -> float | None:
+        """After ``compact``: the field's most common time (None: nothing noted for it)."""
+        return self._common.get(field)
+
     def note(self, user_id: str, field: str, at: float) -> None:
         self._by_field[field][user_id] = self._times.setdefault(at, at)
 

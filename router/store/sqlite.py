@@ -217,7 +217,10 @@ def _settle(conn: sqlite3.Connection) -> None:
         conn.rollback()
 
 
-_DIGEST_KEY = "yaml_values.digest."     # meta: per field, "<digest of the values> <latest seen_at>"
+# meta: per field, "<digest of the YAML values> <common first-seen time> <latest> <generation>",
+# and the generation of ``yaml_values``, which every write of it here adds one to.
+_DIGEST_KEY = "yaml_values.digest."
+_GENERATION_KEY = "yaml_values.generation"
 
 
 def _values_digest(policy: Policy, field: str) -> str:
@@ -245,12 +248,17 @@ class SqlitePolicyStore:
         own = {user.id: user.id for user in users}     # noted under the policy's own strings
         updates: list[tuple[str, str, str | None, float]] = []
         current = {field: {user.id: yaml_value(user, field) for user in users} for field in FIELDS}
+        read_at = self._generation()        # before the rows: a write after it changes it
+        latest: dict[str, float] = {}
         # Row by row, not into one big dict first: at 100,000 users that is 300,000 rows.
         for user_id, field, value, seen_at in self.conn.execute(
                 "SELECT user_id, field, value, seen_at FROM yaml_values"):
             values = current.get(field)
-            if values is not None and values.get(user_id, _ABSENT) == value:
-                seen.note(own[user_id], field, seen_at)
+            if values is not None:
+                if seen_at > latest.get(field, seen_at - 1):
+                    latest[field] = seen_at
+                if values.get(user_id, _ABSENT) == value:
+                    seen.note(own[user_id], field, seen_at)
         for field in FIELDS:
             current_field = current[field]
             if seen.count(field) < len(current_field):
@@ -258,45 +266,60 @@ class SqlitePolicyStore:
                     if not seen.is_noted(user_id, field):
                         seen.note(user_id, field, now)
                         updates.append((user_id, field, value, now))
+                        latest[field] = max(latest.get(field, now), now)
         seen.compact()
+        commons = {field: common for field in FIELDS for common in (seen.common(field),) if common is not None}
+        if not updates and not commons:
+            return seen
         with self.conn:
             self.conn.execute("BEGIN IMMEDIATE")
+            generation = self._generation()
+            written = generation
             if updates:
                 self.conn.executemany(
                     "INSERT INTO yaml_values (user_id, field, value, seen_at) VALUES (?, ?, ?, ?) "
                     "ON CONFLICT (user_id, field) DO UPDATE SET value=excluded.value, "
                     "seen_at=excluded.seen_at", updates)
-            kept = self._kept_times()
+                written = generation + 1
+            rows = [(_GENERATION_KEY, str(written))]
+            if generation == read_at:       # nobody wrote since the rows were read: they are the table
+                rows += [(f"{_DIGEST_KEY}{field}", f"{digests[field]} {common!r} {latest[field]!r} {written}")
+                         for field, common in commons.items()]
             self.conn.executemany(
-                "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value=excluded.value",
-                [(f"{_DIGEST_KEY}{field}", f"{digests[field]} {common!r} {latest!r}")
-                 for field, (common, latest) in kept.items()])
+                "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET "
+                "value=excluded.value", rows)
         return seen
 
-    def _kept_times(self) -> dict[str, tuple[float, float]]:
-        """Each field's most common and latest time seen, as the table holds them now."""
-        histogram: dict[str, dict[float, int]] = {}
-        for field, at, count in self.conn.execute(
-                "SELECT field, seen_at, COUNT(*) FROM yaml_values GROUP BY field, seen_at"):
-            histogram.setdefault(field, {})[at] = count
-        return {field: (max(times, key=lambda at: times[at]), max(times))
-                for field, times in histogram.items()}
+    def _generation(self) -> int:
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (_GENERATION_KEY,)).fetchone()
+        return int(row[0]) if row is not None and str(row[0]).isdigit() else 0
 
     def _unchanged(self, policy: Policy, digests: dict[str, str]) -> SeenAt | None:
         """The observation, read from the table without comparing 300,000 rows in Python,
         when every value is as the last observation recorded it: the digest of each
-        field's values matches the one kept with it, and nothing wrote a row since (no
-        row is later than the latest time kept with it).  None: compare row by row."""
-        kept = dict(self.conn.execute(
-            "SELECT key, value FROM meta WHERE key LIKE ?", (f"{_DIGEST_KEY}%",)))
+        field's values matches the one kept with it, nothing here wrote the table since
+        (the generation is the one kept), and nothing else did either (no row is later
+        than the latest time kept: an older sip-router does not count generations).
+        None: compare row by row.  One read transaction: the meta and the rows agree."""
+        if self.conn.in_transaction:        # the caller's transaction is the snapshot already
+            return self._read_unchanged(policy, digests)
+        self.conn.execute("BEGIN")
+        try:
+            return self._read_unchanged(policy, digests)
+        finally:
+            self.conn.execute("COMMIT")
+
+    def _read_unchanged(self, policy: Policy, digests: dict[str, str]) -> SeenAt | None:
+        kept = dict(self.conn.execute("SELECT key, value FROM meta WHERE key LIKE 'yaml_values.%'"))
+        generation = kept.get(_GENERATION_KEY, "0")
         common: dict[str, float] = {}
         latest: dict[str, float] = {}
         for field in FIELDS:
-            digest, _, times = kept.get(f"{_DIGEST_KEY}{field}", "").partition(" ")
-            if digest != digests[field]:
+            parts = kept.get(f"{_DIGEST_KEY}{field}", "").split()
+            if len(parts) != 4 or parts[0] != digests[field] or parts[3] != generation:
                 return None
             try:
-                common[field], latest[field] = (float(t) for t in times.split())
+                common[field], latest[field] = float(parts[1]), float(parts[2])
             except ValueError:
                 return None
         own = {user.id: user.id for user in policy.users}

@@ -231,6 +231,43 @@ class TestObservingAnUnchangedYaml:
         assert shortcut.get(("minh", "receive_method"), 0.0) == 200.0
         assert shortcut.get(("lan", "receive_method"), 0.0) == 100.0
 
+    @pytest.mark.parametrize("edit", ["remove_a_user", "add_a_user", "remove_then_add_back"])
+    def test_users_removed_or_added_get_the_times_comparing_gives(self, store, make_policy, monkeypatch, edit):
+        full = make_policy()
+        without = make_policy(base=BASE[:BASE.index("  - id: minh")])
+        first, then = {"remove_a_user": (full, without), "add_a_user": (without, full),
+                       "remove_then_add_back": (full, without)}[edit]
+        store.observe_yaml(first, 100.0)
+        store.observe_yaml(then, 200.0)
+        if edit == "remove_then_add_back":
+            store.observe_yaml(full, 300.0)
+            then = full
+        shortcut = store.observe_yaml(then, 400.0)
+        assert self.all_times(shortcut, then) == self.all_times(self.compared(store, then, 500.0, monkeypatch),
+                                                                 then)
+
+    def test_a_value_written_by_another_process_while_comparing_is_noticed(self, store, make_policy, tmp_path,
+                                                                         monkeypatch):
+        from router.policy.effective import SeenAt
+        mine = make_policy(base=BASE.replace("receive_method: all_devices", "receive_method: app"))
+        theirs = make_policy(base=BASE.replace("receive_method: ip_phone", "receive_method: app"))
+        store.observe_yaml(make_policy(), 100.0)
+        other = SqlitePolicyStore(connect(str(tmp_path / "state.db")))
+        real_compact = SeenAt.compact
+        writes = [lambda: other.observe_yaml(theirs, 150.0)]  # between this process's read and its write
+
+        def compact_after_their_write(seen):
+            while writes:
+                writes.pop()()
+            real_compact(seen)
+        with monkeypatch.context() as patched:
+            patched.setattr(SeenAt, "compact", compact_after_their_write)
+            store.observe_yaml(mine, 200.0)
+        other.conn.close()
+        again = store.observe_yaml(mine, 300.0)      # minh's row says app (theirs), the YAML ip_phone
+        assert again.get(("minh", "receive_method"), 0.0) == 300.0
+        assert self.all_times(again, mine) == self.all_times(self.compared(store, mine, 300.0, monkeypatch), mine)
+
     def test_an_edited_value_is_first_seen_now(self, store, make_policy):
         store.observe_yaml(make_policy(), 100.0)
         edited = make_policy(base=BASE.replace("receive_method: ip_phone", "receive_method: app"))

@@ -87,6 +87,28 @@ def test_an_entry_anyone_else_could_have_written_is_not_used(cache, yaml_file, m
     assert runs.count == 2
 
 
+def test_a_damaged_entry_is_not_used_and_is_replaced_by_a_good_one(cache, yaml_file, monkeypatch):
+    runs = ChildRuns(monkeypatch)
+    config_child.load_policy_apart(str(yaml_file))
+    entry = policy_cache.entry_path(str(yaml_file))
+    data = bytearray(entry.read_bytes())
+    data[len(data) // 2] ^= 0x01                 # one bit of the pickle, behind a good key
+    entry.write_bytes(bytes(data))
+    assert config_child.load_policy_apart(str(yaml_file)) == load_policy(str(yaml_file))
+    assert runs.count == 2
+    config_child.load_policy_apart(str(yaml_file))
+    assert runs.count == 2                       # the good answer is kept again
+
+
+def test_a_cache_that_fails_is_a_miss_never_a_failed_start(cache, yaml_file, monkeypatch):
+    def broken() -> bytes:
+        raise FileNotFoundError("a source file removed by an upgrade under way")
+    monkeypatch.setattr(policy_cache, "_code_identity", broken)
+    runs = ChildRuns(monkeypatch)
+    assert config_child.load_policy_apart(str(yaml_file)) == load_policy(str(yaml_file))
+    assert runs.count == 1 and not cache.exists()
+
+
 def test_a_file_with_errors_gives_the_same_errors_from_the_cache(cache, yaml_file):
     from router.errors import ConfigError
     yaml_file.write_text(yaml_file.read_text().replace("receive_method: ip_phone", "receive_method: phone"))
