@@ -538,24 +538,24 @@ def startup(config: Path, port: int, opts: Options, side: Side) -> None:
         times.append(time.monotonic() - started)
     side.check_seconds = sorted(times)[1]
     side.start_bindings = count_bindings(config.parent / "router.db")
-    for edited in (True, False):
-        if edited:
-            policy_cache.forget(str(config))  # as after an edit: nothing kept, the file is parsed
-        started = time.monotonic()
-        server = RouterServer(config, port, opts.users)
-        try:
-            took = time.monotonic() - started
-            time.sleep(1.0)                       # settled: the parse child gone, the first tick done
-            if edited:
-                side.start_seconds = took
-                side.start_memory_kib = server.memory_kib()
-            else:
-                side.start_unchanged_seconds = took
-        finally:
-            server.stop()
+    policy_cache.forget(str(config))          # as after an edit: nothing kept, the file is parsed
+    side.start_seconds, side.start_memory_kib = timed_start(config, port, opts.users)
+    side.start_unchanged_seconds, _ = timed_start(config, port, opts.users)
     print(f"  {ROUTER}: check {side.check_seconds:.1f} s; start with {side.start_bindings} bindings "
           f"{side.start_seconds:.1f} s ({side.start_unchanged_seconds:.1f} s on the unchanged file), "
           f"memory {side.start_memory_kib / 1024:.0f} MiB", flush=True)
+
+
+def timed_start(config: Path, port: int, users: int) -> tuple[float, int]:
+    """Seconds until every router process answers, and its memory (KiB) 1 s later."""
+    started = time.monotonic()
+    server = RouterServer(config, port, users)
+    try:
+        took = time.monotonic() - started
+        time.sleep(1.0)                       # settled: the parse child gone, the first tick done
+        return took, server.memory_kib()
+    finally:
+        server.stop()
 
 
 def part_calls(kind: str, tmp: Path, opts: Options, side: Side, fork: bool) -> None:

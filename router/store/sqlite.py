@@ -57,6 +57,7 @@ def describe(exc: BaseException) -> str:
 NOT_A_DATABASE = ("file is not a database: restore it from a backup, or move it aside and the router "
                   "starts a new, empty one (without the run-time changes, audit and registrations)")
 _MAGIC = b"SQLite format 3\x00"       # the first 16 bytes of every SQLite database file
+_NEVER = float("-inf")                     # earlier than any time seen
 _ABSENT = object()                       # no such user in the policy: equal to no stored value
 
 
@@ -255,7 +256,7 @@ class SqlitePolicyStore:
                 "SELECT user_id, field, value, seen_at FROM yaml_values"):
             values = current.get(field)
             if values is not None:
-                if seen_at > latest.get(field, seen_at - 1):
+                if seen_at > latest.get(field, _NEVER):
                     latest[field] = seen_at
                 if values.get(user_id, _ABSENT) == value:
                     seen.note(own[user_id], field, seen_at)
@@ -266,7 +267,7 @@ class SqlitePolicyStore:
                     if not seen.is_noted(user_id, field):
                         seen.note(user_id, field, now)
                         updates.append((user_id, field, value, now))
-                        latest[field] = max(latest.get(field, now), now)
+                latest[field] = max(latest.get(field, now), now)      # rows written now, below
         seen.compact()
         commons = {field: common for field in FIELDS for common in (seen.common(field),) if common is not None}
         if not updates and not commons:
@@ -322,7 +323,7 @@ class SqlitePolicyStore:
                 common[field], latest[field] = float(parts[1]), float(parts[2])
             except ValueError:
                 return None
-        own = {user.id: user.id for user in policy.users}
+        own: dict[str, str] | None = None     # built only if some user's time differs
         differing: dict[str, dict[str, float]] = {field: {} for field in FIELDS}
         # One scan for the rows off their field's common time (the few users whose value
         # changed since most were first seen).
@@ -333,6 +334,8 @@ class SqlitePolicyStore:
             if field in differing:
                 if at > latest[field]:
                     return None                 # written since: by whom, compare to know
+                if own is None:
+                    own = {user.id: user.id for user in policy.users}
                 differing[field][own.get(user_id, user_id)] = at
         return SeenAt.compacted(common, differing)
 
