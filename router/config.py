@@ -57,11 +57,13 @@ _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 _TOKEN = re.compile(r"^[A-Za-z0-9._~!$&'*+-]+$")  # safe in a SIP URI user part
 
 
-def load_policy(path: str, parallel: bool = False) -> Policy:
+def load_policy(path: str, parallel: bool = False, pickled: list[bytes] | None = None) -> Policy:
     """Read and validate the policy file at ``path``; raise ``ConfigError``.
 
     ``parallel``: a long users list is read on two cores (``config_split``), which forks:
-    only for a process with no other threads, such as the CLI or the parse child."""
+    only for a process with no other threads, such as the CLI or the parse child.
+    ``pickled``: when the list was read on two cores, filled with the users pickled
+    there (``config_split.pickle_users``); otherwise left empty."""
     try:
         with open(path, "rb") as handle:
             data = handle.read()
@@ -77,7 +79,7 @@ def load_policy(path: str, parallel: bool = False) -> Policy:
     with paused_gc():
         if parallel:
             from router.config_split import parse_split  # imports this module
-            policy = parse_split(text, path)
+            policy = parse_split(text, path, pickled)
             if policy is not None:
                 return policy
         return parse_policy(text, path)
@@ -110,9 +112,10 @@ class MoreUsers(Protocol):
     def begin(self, country: str, first: int) -> None:
         """Start reading, given the country and the index of the first of these users."""
 
-    def end(self, problems: Problems) -> tuple[list[User | None], list[Place]]:
+    def end(self, problems: Problems, read_here: list[User | None]) -> tuple[list[User | None], list[Place]]:
         """The users (None for one with a problem; its problems go to ``problems``) and
-        their places in the file."""
+        their places in the file.  ``read_here``: the users before them, which may be
+        prepared (pickled) while the rest is still being read."""
 
 
 def policy_from(root: yaml.Node, filename: str, more_users: MoreUsers | None = None) -> Policy:
@@ -169,7 +172,7 @@ def _build(top: MapReader, filename: str, problems: Problems,
         more_users.begin(country, len(nodes))
     read, places = read_users(nodes, 0, problems, country)
     if more_users is not None:
-        more, more_places = more_users.end(problems)
+        more, more_places = more_users.end(problems, read)
         read += more
         places += more_places
     users = tuple(read)

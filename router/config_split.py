@@ -16,6 +16,11 @@ the country (a top-level setting, needed to read phone numbers), reads its users
 sends them back pickled, with their places and problems.  This process reads the
 rest of the file and cross-checks all the users together, as for the whole file.
 
+The users travel in chunks of ``CHUNK`` pickled users, the form in which the parse
+child hands them on (``config_child``).  Asked for them (``pickled``), this process
+pickles its own half while the forked one finishes, and keeps the forked one's chunks
+as they came: the whole list is pickled once, half on each core, not again at the end.
+
 The cut is a guess made from lines, so it is trusted only when both halves confirm it:
 each composes without error, ``users:`` is where the cut found it, each half holds
 exactly the items counted, and no value of the last user before the cut runs on past
@@ -33,6 +38,7 @@ import os
 import pickle
 import re
 import signal
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import yaml
@@ -43,6 +49,7 @@ from router.policy.model import Policy, User
 from router.yamlnodes import Place, Problems
 
 MIN_USERS = 4000                # below this, one core is quick enough and a fork is not
+CHUNK = 1000                    # users per pickle: a few milliseconds to unpickle each
 
 # Patterns that start with a newline, not ``^``: a literal first character lets the
 # regex engine skip through 14 MB in a few milliseconds instead of trying every position.
@@ -104,9 +111,16 @@ def cut(text: str) -> Cut | None:
                first_count=middle, second_count=len(starts) - middle)
 
 
-def parse_split(text: str, filename: str) -> Policy | None:
+def pickle_users(users: Sequence[User | None]) -> list[bytes]:
+    """``users`` pickled ``CHUNK`` at a time, in order."""
+    return [pickle.dumps(users[i:i + CHUNK], protocol=pickle.HIGHEST_PROTOCOL)
+            for i in range(0, len(users), CHUNK)]
+
+
+def parse_split(text: str, filename: str, pickled: list[bytes] | None = None) -> Policy | None:
     """The policy, read on two cores; None when the file is not cut (the caller then
-    parses it whole).  ``ConfigError`` as for the whole file."""
+    parses it whole).  ``ConfigError`` as for the whole file.  ``pickled``: filled with
+    the policy's users as ``pickle_users`` gives them, when a policy is returned."""
     where = cut(text)
     if where is None:
         return None
@@ -137,9 +151,12 @@ def parse_split(text: str, filename: str) -> Policy | None:
             os._exit(status)
     os.close(country_read)
     os.close(result_write)
-    second = _SecondHalf(where, country_write, result_read)
+    second = _SecondHalf(where, country_write, result_read, pickled is not None)
     try:
-        return _first_half(where, filename, second)
+        policy = _first_half(where, filename, second)
+        if pickled is not None:
+            pickled[:] = second.chunks
+        return policy
     except _NotConfirmed:
         return None
     finally:
@@ -182,9 +199,11 @@ def _ends_after(node: yaml.Node, line: int) -> bool:
 class _SecondHalf:
     """The forked process's users, as ``config.MoreUsers``; owns this end of both pipes."""
 
-    def __init__(self, where: Cut, country_write: int, result_read: int) -> None:
+    def __init__(self, where: Cut, country_write: int, result_read: int, pickled: bool) -> None:
         self.where = where
         self.open = {"country": country_write, "result": result_read}
+        self.pickled = pickled
+        self.chunks: list[bytes] = []      # every user's, once ``end`` returned (if ``pickled``)
 
     def begin(self, country: str, first: int) -> None:
         if first != self.where.first_count:
@@ -195,7 +214,8 @@ class _SecondHalf:
             raise _NotConfirmed from None            # the second half did not confirm the cut
         self._close("country")                       # the end of the country: it may start
 
-    def end(self, problems: Problems) -> tuple[list[User | None], list[Place]]:
+    def end(self, problems: Problems, read_here: list[User | None]) -> tuple[list[User | None], list[Place]]:
+        mine = pickle_users(read_here) if self.pickled else []     # while the other half works
         with os.fdopen(self.open["result"], "rb", closefd=False) as answer:
             data = answer.read()
         self._close("result")
@@ -205,7 +225,13 @@ class _SecondHalf:
             raise _NotConfirmed from None
         if kind != "ok":
             raise _NotConfirmed
-        read, places, found = rest
+        chunks, places, found = rest
+        try:
+            read = [user for chunk in chunks for user in pickle.loads(chunk)]
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError):
+            raise _NotConfirmed from None
+        if self.pickled:
+            self.chunks = mine + chunks
         problems.merge(found)
         return read, places
 
@@ -235,7 +261,10 @@ def _second_half(where: Cut, filename: str, country_read: int, result_write: int
             return                                                # the first half gave up
         problems = Problems(filename)
         read, places = read_users(users[1].value, where.first_count, problems, country)
-        out.write(pickle.dumps(("ok", read, places, problems.found), protocol=pickle.HIGHEST_PROTOCOL))
+        out.write(pickle.dumps(("ok", pickle_users(read), places, problems.found),
+                               protocol=pickle.HIGHEST_PROTOCOL))
+        out.flush()
+        os._exit(0)      # at once: freeing a million nodes would take a core from the first half
 
 
 def _users_node(root: yaml.Node) -> tuple[yaml.Node, yaml.SequenceNode] | None:

@@ -12,6 +12,7 @@ from router.config import load_policy
 from router.errors import ConfigError
 
 from .conftest import BASE
+from .test_config_split import centre
 
 
 @pytest.fixture
@@ -25,6 +26,12 @@ def test_a_policy_parsed_in_the_child_equals_the_one_parsed_here(good):
     apart = config_child.load_policy_apart(good)
     assert apart == load_policy(good)
     assert apart.user("1002").devices[0].id == "minh-desk"      # its lookups work after the trip
+
+
+def test_a_long_users_list_read_on_two_cores_comes_through_the_child_whole(tmp_path):
+    path = tmp_path / "router.yaml"
+    path.write_text(centre())                   # long enough to be read on two cores
+    assert config_child.load_policy_apart(str(path)) == load_policy(str(path))
 
 
 def test_a_bad_file_gives_the_same_file_line_errors(tmp_path):

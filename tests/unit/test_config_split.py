@@ -3,10 +3,12 @@ reading the whole file in one piece; any doubt about the cut and it is read whol
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 
 from router.config import parse_policy
-from router.config_split import MIN_USERS, cut, parse_split
+from router.config_split import CHUNK, MIN_USERS, cut, parse_split
 from router.errors import ConfigError
 
 HEAD = """\
@@ -58,6 +60,23 @@ def test_a_long_users_list_read_on_two_cores_is_the_policy_read_whole():
     assert len(policy.users) == MIN_USERS + 500
     assert policy.user("u4497").agent_phone == "12017004497"      # the second half knew the country: US
     assert policy.routing.default_ring_timeout == 20                # the keys after the list are read
+
+
+def test_each_half_pickles_its_own_users_for_the_parse_childs_answer():
+    text = centre()
+    pickled: list[bytes] = []
+    policy = parse_split(text, "router.yaml", pickled)
+    assert policy is not None
+    chunks = [pickle.loads(chunk) for chunk in pickled]
+    assert all(0 < len(chunk) <= CHUNK for chunk in chunks)
+    assert tuple(user for chunk in chunks for user in chunk) == policy.users == parse_policy(text, "router.yaml").users
+
+
+def test_no_users_are_handed_on_from_a_file_with_mistakes():
+    pickled: list[bytes] = []
+    with pytest.raises(ConfigError):
+        parse_split(centre(change={4200: "  - {id: u4200, receive_method: desk}\n"}), "router.yaml", pickled)
+    assert pickled == []
 
 
 def test_mistakes_in_both_halves_are_reported_as_for_the_whole_file_with_their_lines():
