@@ -231,3 +231,17 @@ def test_a_directory_where_the_database_should_be_is_named(tmp_path):
         connect(str(tmp_path), create=False)
     with pytest.raises(StateError, match="is a directory"):
         probe(str(tmp_path))
+
+
+def test_a_worker_loads_only_its_own_users_bindings(tmp_path):
+    conn = connect(str(tmp_path / "router.db"))
+    bindings = SqliteBindingStore(conn)
+    bindings.replace_many([SaveBindings(user, f"{user}-desk", (Binding(
+        user, f"{user}-desk", DeviceKind.IP_PHONE, f"sip:{user}@10.0.0.8:5060", 6000.0),))
+        for user in ("lan", "minh", "hoa", "tuan")])
+    mine = bindings.load(now=2000.0, keep=lambda user_id: user_id in ("minh", "tuan"))
+    assert sorted(b.user_id for b in mine) == ["minh", "tuan"]
+    assert len(bindings.load(now=2000.0)) == 4                           # no choice left behind
+    with pytest.raises(sqlite3.OperationalError):
+        bindings.load(now=2000.0, keep=lambda user_id: len(user_id) / 0 > 0)   # a failing choice is not hidden
+    assert len(bindings.load(now=2000.0)) == 4
