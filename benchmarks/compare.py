@@ -83,6 +83,7 @@ QUICK_CALL_RATES = (100, 200, 400)
 ROUTER = "sip-router"
 KAMAILIO = "Kamailio"
 PARTS = ("register", "single", "fork")        # server set-ups; "single" also runs redirect and pdd
+EXTRA_PARTS = ("start",)    # the router's check and start alone (register also measures them), on request
 
 
 # --------------------------------------------------------------------------- processes and /proc
@@ -566,6 +567,22 @@ def timed_start(config: Path, port: int, users: int) -> tuple[float, int]:
         server.stop()
 
 
+def part_start(tmp: Path, opts: Options, side: Side) -> None:
+    """The router's check and starts alone: every user's phone registered, then ``startup``."""
+    port = server_port(ROUTER, opts)
+    config = write_config(tmp, port, opts.users, "ip_phone", False, redirect_peer=REDIRECT_ACD)
+    with_workers(ROUTER, config, opts)
+    farm = SippFarm(tmp, port, opts.users, "a", "answer", rate=opts.farm_rate)
+    server = start_server(ROUTER, tmp, port, opts.users, config, credentials(tmp / f"{farm.name}.csv"), opts)
+    try:
+        farm.start()
+        wait_bindings(server, [farm], opts.users, timeout=60 + 3 * opts.users / opts.farm_rate)
+    finally:
+        farm.stop()
+        server.stop()
+    startup(config, port, opts, side)
+
+
 def part_calls(kind: str, tmp: Path, opts: Options, side: Side, fork: bool) -> None:
     """``fork``: two phones per user; otherwise one phone per user (single, redirect and pdd)."""
     port = server_port(kind, opts)
@@ -673,9 +690,10 @@ def table(sides: dict[str, Side]) -> list[str]:
             rows.append(f"| idle server CPU, {part} set-up (% of a core) | {_num(a_idle and a_idle * 100, 2)} | "
                         f"{_num(b_idle and b_idle * 100, 2)} | {ratio(a_idle, b_idle)} |")
     if r.check_seconds is not None and r.start_seconds is not None and r.start_memory_kib is not None:
-        rows.append(f"| `sip-router check` of the register YAML (s; median of 3) | {r.check_seconds:.1f} | | |")
+        rows.append(f"| `sip-router check` of the YAML (s; median of 3) | "
+                    f"{r.check_seconds:.1f} | | |")
         spread = r.start_ranges or (r.start_seconds, r.start_seconds, r.start_unchanged_seconds or 0.0, 0.0)
-        rows.append(f"| start on the register runs' state, {r.start_bindings} bindings, until every process "
+        rows.append(f"| start on the state of registered users, {r.start_bindings} bindings, until every process "
                     f"answers, the YAML parsed (as after an edit; s; median of 3, range "
                     f"{spread[0]:.1f}-{spread[1]:.1f}) | {r.start_seconds:.1f} | | |")
         if r.start_unchanged_seconds is not None:
@@ -753,7 +771,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=1, help="sip-router worker processes (`workers:`)")
     parser.add_argument("--children", type=int, default=os.cpu_count() or 1, help="Kamailio UDP worker processes")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)} "
-                        "(single also runs redirect and pdd)")
+                        "(single also runs redirect and pdd), or start: the router's check and start alone")
     parser.add_argument("--step-seconds", type=float, default=0, help="length of each rate step (default 10; quick 2)")
     parser.add_argument("--cpu-seconds", type=float, default=0, help=f"length of the {CPU_RATE}/s CPU runs "
                         "(default 30; quick 3)")
@@ -765,7 +783,7 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (configs, logs)")
     args = parser.parse_args()
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    unknown = set(parts) - set(PARTS)
+    unknown = set(parts) - set(PARTS) - set(EXTRA_PARTS)
     if unknown:
         parser.error(f"unknown part(s): {', '.join(sorted(unknown))}")
     for tool in ("sipp", "kamailio", "kamcmd"):
@@ -792,12 +810,14 @@ def main() -> int:
     os.environ["XDG_CACHE_HOME"] = str(base / "cache")
     try:
         for part in parts:
-            for kind in (ROUTER, KAMAILIO):
+            for kind in (ROUTER,) if part in EXTRA_PARTS else (ROUTER, KAMAILIO):
                 print(f"{part}: {kind}, {opts.users} users", flush=True)
                 tmp = base / f"{part}-{kind.lower()}"
                 tmp.mkdir()
                 try:
-                    if part == "register":
+                    if part == "start":
+                        part_start(tmp, opts, sides[kind])
+                    elif part == "register":
                         part_register(kind, tmp, opts, sides[kind])
                     else:
                         part_calls(kind, tmp, opts, sides[kind], fork=part == "fork")
