@@ -112,6 +112,9 @@ class Router:
         self.config_path = config_path
         self.log = log.get("router")
         self.worker = channels.index if channels is not None else None
+        # A worker's parent is its supervisor; one that is gone (killed outright) can no
+        # longer restart, reload or ask this worker, which must not go on holding the ports.
+        self.supervisor = os.getppid() if channels is not None else None
         shared: SharedPorts | None = None
         if channels is not None:
             shared = SharedPorts(policy.listen, steering(policy, channels.count,
@@ -184,6 +187,10 @@ class Router:
     # ------------------------------------------------------------------ the PJSIP thread, once a second
     def on_idle(self, now: float) -> None:
         self.notifier.watchdog()          # first: whatever fails below, the loop itself is alive
+        if self.supervisor is not None and os.getppid() != self.supervisor and not self.flags.stop:
+            self.log.error("router.supervisor.gone", supervisor=self.supervisor,
+                           detail="the supervisor ended without stopping this worker: stopping")
+            self.flags.stop = True
         self.publish(now)
         sweep = self.collector.tick(time.monotonic())
         if sweep is not None:

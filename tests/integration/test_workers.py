@@ -98,6 +98,25 @@ def test_a_worker_that_dies_takes_the_router_down_so_systemd_restarts_it_whole(t
     assert not alive(pids[0])
 
 
+def test_workers_whose_supervisor_was_killed_outright_stop_and_free_the_ports(two):
+    pids = worker_pids(two)
+    proc = two.lab.router.proc
+    assert proc is not None
+    os.kill(proc.pid, signal.SIGKILL)                  # no chance to stop them itself
+    proc.wait(5)
+    try:
+        deadline = time.monotonic() + 10
+        while any(alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(alive(p) for p in pids), "orphaned workers would keep the SIP port"
+    finally:
+        for pid in pids:                               # this test's processes, whatever happened
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    gone = two.lab.router.events("router.supervisor.gone")
+    assert sorted(e["worker"] for e in gone) == [0, 1]
+
+
 def test_status_still_answers_when_one_worker_is_stuck_and_names_it(two):
     two.phone("lan-desk", "answer")
     two.phone("minh-desk", "answer")
