@@ -568,19 +568,19 @@ def timed_start(config: Path, port: int, users: int) -> tuple[float, int]:
 
 
 def part_start(tmp: Path, opts: Options, side: Side) -> None:
-    """The router's check and starts alone: every user's phone registered, then ``startup``."""
+    """The router's check and starts alone, on the register part's YAML with every user's
+    phone registered (at the device farms' rate), then ``startup``."""
     port = server_port(ROUTER, opts)
-    config = write_config(tmp, port, opts.users, "ip_phone", False, redirect_peer=REDIRECT_ACD)
-    with_workers(ROUTER, config, opts)
-    farm = SippFarm(tmp, port, opts.users, "a", "answer", rate=opts.farm_rate)
-    server = start_server(ROUTER, tmp, port, opts.users, config, credentials(tmp / f"{farm.name}.csv"), opts)
+    config, csv = write_users_config(str(tmp), port, opts.users)
+    with_workers(ROUTER, Path(config), opts)
+    server = start_server(ROUTER, tmp, port, opts.users, Path(config), credentials(Path(csv)), opts)
     try:
-        farm.start()
-        wait_bindings(server, [farm], opts.users, timeout=60 + 3 * opts.users / opts.farm_rate)
+        run = sipp(server, tmp, SCENARIOS / "register_digest.xml", opts.farm_rate, opts.users, opts.users,
+                   data=Path(csv))
+        print(f"  {ROUTER}: {run.ok} of {opts.users} users registered ({run.failed} failed)", flush=True)
     finally:
-        farm.stop()
         server.stop()
-    startup(config, port, opts, side)
+    startup(Path(config), port, opts, side)
 
 
 def part_calls(kind: str, tmp: Path, opts: Options, side: Side, fork: bool) -> None:
