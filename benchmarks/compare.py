@@ -720,6 +720,27 @@ def _num(value: float | None, digits: int = 0) -> str:
     return "n/a" if value is None or value != value else f"{value:.{digits}f}"
 
 
+def start_report(side: Side, opts: Options, command: str, started: datetime.datetime, minutes: float,
+                 quick: bool) -> str:
+    """The report of ``--parts start`` alone: the router's check and starts, nothing side by side."""
+    processes = "one process" if opts.workers == 1 else f"{opts.workers} worker processes (`workers: {opts.workers}`)"
+    lines = ["# sip-router: check and start", ""]
+    if quick:
+        lines += ["**Quick smoke run (`--quick`): few users; not a measurement.**", ""]
+    lines += [f"- date: {started:%Y-%m-%d %H:%M} (took {minutes:.0f} min)"]
+    lines += [f"- {name}: {value}" for name, value in machine() if name not in ("Kamailio", "SIPp")]
+    lines += [f"- command: `{command}`",
+              f"- users: {opts.users}, one phone each (`tests/support.py` write_users_config, the register part's "
+              f"YAML); sip-router: {processes}",
+              f"- before the starts every user registers once (SIPp, register with digest at {opts.farm_rate}/s); "
+              "each start is timed until every worker answers (OPTIONS, then the supervisor's status lists them "
+              "all); memory is the PSS of all its processes 1 s later",
+              "", *[row for row in table({ROUTER: side, KAMAILIO: Side()}) if "| | |" in row or row.startswith("|--")
+                    or row.startswith("| scenario")], ""]
+    errors = [f"- {error}" for error in side.errors]
+    return "\n".join(lines + (["## Errors", "", *errors] if errors else [])) + "\n"
+
+
 def report(sides: dict[str, Side], opts: Options, command: str, started: datetime.datetime, minutes: float,
            quick: bool) -> str:
     lines = ["# sip-router and Kamailio, side by side", ""]
@@ -830,7 +851,9 @@ def main() -> int:
             print(f"temporary files kept in {base}")
         else:
             shutil.rmtree(base, ignore_errors=True)
-    text = report(sides, opts, command, started, (time.monotonic() - clock) / 60, args.quick)
+    minutes = (time.monotonic() - clock) / 60
+    text = (start_report(sides[ROUTER], opts, command, started, minutes, args.quick) if set(parts) <= set(EXTRA_PARTS)
+            else report(sides, opts, command, started, minutes, args.quick))
     output.write_text(text)
     print()
     print("\n".join(table(sides)))
