@@ -77,7 +77,7 @@ from router.store.sqlite import (
     connect,
     describe,
 )
-from router.workers import own_ports, steering, user_id_of, worker_socket
+from router.workers import own_ports, steering, supervisor_gone, user_id_of, worker_socket
 
 EXIT_OK, EXIT_START_FAILED, EXIT_LAYOUT, EXIT_STATE = 0, 1, 3, 4
 # The PJSIP thread waits at most this long for another writer's lock (SQLite's busy handler
@@ -112,9 +112,6 @@ class Router:
         self.config_path = config_path
         self.log = log.get("router")
         self.worker = channels.index if channels is not None else None
-        # A worker's parent is its supervisor; one that is gone (killed outright) can no
-        # longer restart, reload or ask this worker, which must not go on holding the ports.
-        self.supervisor = os.getppid() if channels is not None else None
         shared: SharedPorts | None = None
         if channels is not None:
             shared = SharedPorts(policy.listen, steering(policy, channels.count,
@@ -187,8 +184,10 @@ class Router:
     # ------------------------------------------------------------------ the PJSIP thread, once a second
     def on_idle(self, now: float) -> None:
         self.notifier.watchdog()          # first: whatever fails below, the loop itself is alive
-        if self.supervisor is not None and os.getppid() != self.supervisor and not self.flags.stop:
-            self.log.error("router.supervisor.gone", supervisor=self.supervisor,
+        # A supervisor killed outright can no longer restart, reload or ask this worker,
+        # which must not go on holding the ports as an orphan.
+        if self.worker is not None and not self.flags.stop and supervisor_gone():
+            self.log.error("router.supervisor.gone",
                            detail="the supervisor ended without stopping this worker: stopping")
             self.flags.stop = True
         self.publish(now)

@@ -63,7 +63,7 @@ def load_policy(path: str, parallel: bool = False, pickled: list[bytes] | None =
     ``parallel``: a long users list is read on two cores (``config_split``), which forks:
     only for a process with no other threads, such as the CLI or the parse child.
     ``pickled``: when the list was read on two cores, filled with the users pickled
-    there (``config_split.pickle_users``); otherwise left empty."""
+    there (``config_split.pickle_users``); otherwise left as it was (pass it empty)."""
     try:
         with open(path, "rb") as handle:
             data = handle.read()

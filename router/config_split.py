@@ -215,7 +215,8 @@ class _SecondHalf:
         self._close("country")                       # the end of the country: it may start
 
     def end(self, problems: Problems, read_here: list[User | None]) -> tuple[list[User | None], list[Place]]:
-        mine = pickle_users(read_here) if self.pickled else []     # while the other half works
+        # While the other half works; not for a file already known to be refused.
+        mine = pickle_users(read_here) if self.pickled and None not in read_here else []
         with os.fdopen(self.open["result"], "rb", closefd=False) as answer:
             data = answer.read()
         self._close("result")

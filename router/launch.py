@@ -15,7 +15,7 @@ import time
 from router import log
 from router.config_child import load_policy_apart, parse_apart, policy_of
 from router.sip.sharing import SharingError, inherited
-from router.workers import inherited_policy, policy_file, supervise
+from router.workers import inherited_policy, policy_file, supervise, supervisor_gone
 
 EXIT_START_FAILED = 1         # as router.app's
 
@@ -27,6 +27,10 @@ def run(config_path: str) -> int:
     except SharingError as exc:
         log.configure("info", "auto")
         log.get("router").error("router.start.failed", detail=str(exc))
+        return EXIT_START_FAILED
+    if channels is not None and supervisor_gone():       # it died while this worker started
+        log.configure("info", "auto")
+        log.get("router").error("router.supervisor.gone", detail="the supervisor ended before this worker started")
         return EXIT_START_FAILED
     parsed = inherited_policy() if channels is not None else parse_apart(config_path)
     if channels is None and parsed is not None:

@@ -42,6 +42,7 @@ from router.store.sqlite import StateError, connect
 EXIT_STATE = 4               # as the router's own (router.app): the state database cannot be used
 STOP_TIMEOUT = 8.0           # seconds the workers get to flush and stop before SIGKILL
 POLICY_ENV = "SIP_ROUTER_POLICY_FD"    # the parsed policy, handed to each worker
+SUPERVISOR_ENV = "SIP_ROUTER_SUPERVISOR"   # the supervisor's PID: a worker's parent while it lives
 READY_TIMEOUT = 300.0        # seconds a worker may take to load a large policy
 ASK_TIMEOUT = 5.0
 STATUS_TIMEOUT = 2.0          # per worker: `status` answers within the CLI's 10 s even with workers stuck
@@ -70,6 +71,14 @@ def user_id_of(policy: Policy, user: str) -> str:
     """A URI user (an id or an extension) as the user id that decides its worker."""
     found = policy.user(user)
     return found.id if found is not None else user
+
+
+def supervisor_gone() -> bool:
+    """Has the supervisor that started this worker ended (killed outright, without
+    stopping its workers)?  Its PID, given at the start, is then no longer this
+    process's parent.  False for a process no supervisor started."""
+    given = os.environ.get(SUPERVISOR_ENV, "")
+    return given.isdigit() and os.getppid() != int(given)
 
 
 def policy_file(parsed: bytes) -> int:
@@ -126,7 +135,7 @@ class Supervisor:
             send_secret(pairs, os.urandom(32))
             for index in range(self.count):
                 value, fds = worker_env(index, pairs)
-                extra = {ENV: value}
+                extra = {ENV: value, SUPERVISOR_ENV: str(os.getpid())}
                 if policy_fd is not None:
                     extra[POLICY_ENV] = str(policy_fd)
                     fds = [*fds, policy_fd]

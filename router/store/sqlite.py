@@ -382,7 +382,6 @@ def _change(r: tuple) -> Change:  # type: ignore[type-arg]
                   at=r[7], id=r[0])
 
 
-_KEEP_FUNCTION = "sip_router_kept"     # a worker's own users, while it loads its bindings
 _BINDING_COLUMNS = ("user_id, device_id, kind, contact, expires_at, q, call_id, cseq, "
                     "source_host, source_port, transport, user_agent, registered_at, instance, "
                     "path, flow, client, at_contact")
@@ -397,34 +396,25 @@ class SqliteBindingStore:
         """The bindings not yet expired; with ``keep``, only those of the users it keeps
         (a worker's own), chosen before a ``Binding`` is made of the row.  ``names``: the
         policy's own user and device id strings, which the bindings then share."""
-        try:
-            if keep is None:
-                rows: Iterable[tuple[Any, ...]] = self.conn.execute(
-                    f"SELECT {_BINDING_COLUMNS} FROM bindings WHERE expires_at > ?", (now,))
-            else:
-                # Chosen inside the query, so the other workers' rows never become row tuples;
-                # and read lazily: a list of the rows kept would interleave 100,000 short-lived
-                # row tuples with the bindings made of them, and the freed rows would leave the
-                # allocator's pages a third empty (18 MB per worker at 100,000 bindings).
-                self.conn.create_function(_KEEP_FUNCTION, 1, keep, deterministic=True)
-                rows = self.conn.execute(f"SELECT {_BINDING_COLUMNS} FROM bindings "
-                                         f"WHERE expires_at > ? AND {_KEEP_FUNCTION}(user_id)", (now,))
-            # Ids, addresses, transports and user agents repeat across thousands of bindings:
-            # one string object each, not one per row (and not in the interpreter's interned
-            # table either, which would keep every id for good).
-            kinds = {k.value: k for k in DeviceKind}
-            ids: Mapping[str, str] = names if names is not None else {}
-            common: dict[str, str] = {}          # the other repeated values, and ids the policy lacks
-            same = common.setdefault
-            return [Binding(ids.get(r[0]) or same(r[0], r[0]), ids.get(r[1]) or same(r[1], r[1]),
-                            kinds[r[2]], r[3], r[4],
-                            1.0 if r[5] == 1.0 else r[5], r[6], r[7],       # one 1.0 object, not one per row
-                            same(r[8], r[8]), r[9], same(r[10], r[10]), same(r[11], r[11]), r[12], r[13],
-                            path=tuple(json.loads(r[14])) if r[14] else (),
-                            flow=same(r[15], r[15]), client=r[16], at_contact=bool(r[17])) for r in rows]
-        finally:
-            if keep is not None:
-                self.conn.create_function(_KEEP_FUNCTION, 1, None)
+        rows: Iterable[tuple[Any, ...]] = self.conn.execute(
+            f"SELECT {_BINDING_COLUMNS} FROM bindings WHERE expires_at > ?", (now,))
+        if keep is not None:
+            # Lazily: a list of the rows kept would interleave 100,000 short-lived row
+            # tuples with the bindings made of them, and the freed rows would leave the
+            # allocator's pages a third empty (18 MB per worker at 100,000 bindings).
+            rows = (r for r in rows if keep(r[0]))
+        # Ids, addresses, transports and user agents repeat across thousands of bindings:
+        # one string object each, not one per row (and not in the interpreter's interned
+        # table either, which would keep every id for good).
+        kinds = {k.value: k for k in DeviceKind}
+        ids: Mapping[str, str] = names if names is not None else {}
+        common: dict[str, str] = {}          # the other repeated values, and ids the policy lacks
+        same = common.setdefault
+        return [Binding(ids.get(r[0]) or same(r[0], r[0]), ids.get(r[1]) or same(r[1], r[1]), kinds[r[2]], r[3], r[4],
+                        1.0 if r[5] == 1.0 else r[5], r[6], r[7],       # one 1.0 object, not one per row
+                        same(r[8], r[8]), r[9], same(r[10], r[10]), same(r[11], r[11]), r[12], r[13],
+                        path=tuple(json.loads(r[14])) if r[14] else (),
+                        flow=same(r[15], r[15]), client=r[16], at_contact=bool(r[17])) for r in rows]
 
     def replace_many(self, sets: Iterable[DeviceBindings]) -> None:
         """Several devices' binding sets in one transaction."""

@@ -8,7 +8,7 @@ import pytest
 
 from router.config import parse_policy
 from router.errors import ConfigError
-from router.workers import merge_status, own_ports, user_id_of, worker_socket
+from router.workers import SUPERVISOR_ENV, merge_status, own_ports, supervisor_gone, user_id_of, worker_socket
 
 BASE = """\
 domain: pbx.test
@@ -92,3 +92,12 @@ def test_a_worker_that_does_not_answer_is_listed_with_why_and_the_others_still_c
     assert merged["partial"] is True and merged["registrations"] == {"ip_phone": 4}
     assert merged["workers"][0] == {"worker": 0, "error": "the router did not answer 'status' within 2 s"}
     assert merged["workers"][1]["registrations"] == 4
+
+
+def test_a_worker_knows_when_the_supervisor_that_started_it_is_gone(monkeypatch):
+    monkeypatch.setenv(SUPERVISOR_ENV, str(os.getppid()))
+    assert not supervisor_gone()                       # its parent is still the supervisor
+    monkeypatch.setenv(SUPERVISOR_ENV, str(os.getppid() + 1))
+    assert supervisor_gone()                           # the parent is someone else now
+    monkeypatch.delenv(SUPERVISOR_ENV)
+    assert not supervisor_gone()                       # no supervisor started this process
