@@ -689,18 +689,7 @@ def table(sides: dict[str, Side]) -> list[str]:
             a_idle, b_idle = r.idle.get(part), k.idle.get(part)
             rows.append(f"| idle server CPU, {part} set-up (% of a core) | {_num(a_idle and a_idle * 100, 2)} | "
                         f"{_num(b_idle and b_idle * 100, 2)} | {ratio(a_idle, b_idle)} |")
-    if r.check_seconds is not None and r.start_seconds is not None and r.start_memory_kib is not None:
-        rows.append(f"| `sip-router check` of the YAML (s; median of 3) | "
-                    f"{r.check_seconds:.1f} | | |")
-        spread = r.start_ranges or (r.start_seconds, r.start_seconds, r.start_unchanged_seconds or 0.0, 0.0)
-        rows.append(f"| start on the state of registered users, {r.start_bindings} bindings, until every process "
-                    f"answers, the YAML parsed (as after an edit; s; median of 3, range "
-                    f"{spread[0]:.1f}-{spread[1]:.1f}) | {r.start_seconds:.1f} | | |")
-        if r.start_unchanged_seconds is not None:
-            rows.append(f"| the same start on the unchanged YAML (its parse kept; s; median of 3, range "
-                        f"{spread[2]:.1f}-{spread[3]:.1f}) | {r.start_unchanged_seconds:.1f} | | |")
-        rows.append(f"| memory 1 s after a start (MiB; RSS, or PSS of all processes with workers) | "
-                    f"{r.start_memory_kib / 1024:.1f} | | |")
+    rows += startup_rows(r)
     for p in ("p50", "p99"):
         if p in r.pdd or p in k.pdd:
             a_ms, b_ms = r.pdd.get(p), k.pdd.get(p)
@@ -714,6 +703,22 @@ def table(sides: dict[str, Side]) -> list[str]:
                         f"{_num(a_kib / 1024 if a_kib else None, 1)} | {_num(b_kib / 1024 if b_kib else None, 1)} | "
                         f"{ratio(a_kib, b_kib)} |")
     return rows
+
+
+def startup_rows(r: Side) -> list[str]:
+    """The router's check, start and memory rows (none until ``startup`` ran)."""
+    if (r.check_seconds is None or r.start_seconds is None or r.start_unchanged_seconds is None
+            or r.start_ranges is None or r.start_memory_kib is None):
+        return []
+    parsed_low, parsed_high, unchanged_low, unchanged_high = r.start_ranges
+    return [f"| `sip-router check` of the YAML (s; median of 3) | {r.check_seconds:.1f} | | |",
+            f"| start on the state of registered users, {r.start_bindings} bindings, until every process "
+            f"answers, the YAML parsed (as after an edit; s; median of 3, range "
+            f"{parsed_low:.1f}-{parsed_high:.1f}) | {r.start_seconds:.1f} | | |",
+            f"| the same start on the unchanged YAML (its parse kept; s; median of 3, range "
+            f"{unchanged_low:.1f}-{unchanged_high:.1f}) | {r.start_unchanged_seconds:.1f} | | |",
+            f"| memory 1 s after a start (MiB; RSS, or PSS of all processes with workers) | "
+            f"{r.start_memory_kib / 1024:.1f} | | |"]
 
 
 def _num(value: float | None, digits: int = 0) -> str:
@@ -735,8 +740,7 @@ def start_report(side: Side, opts: Options, command: str, started: datetime.date
               f"- before the starts every user registers once (SIPp, register with digest at {opts.farm_rate}/s); "
               "each start is timed until every worker answers (OPTIONS, then the supervisor's status lists them "
               "all); memory is the PSS of all its processes 1 s later",
-              "", *[row for row in table({ROUTER: side, KAMAILIO: Side()}) if "| | |" in row or row.startswith("|--")
-                    or row.startswith("| scenario")], ""]
+              "", *table({ROUTER: side, KAMAILIO: Side()})[:2], *startup_rows(side), ""]
     errors = [f"- {error}" for error in side.errors]
     return "\n".join(lines + (["## Errors", "", *errors] if errors else [])) + "\n"
 
