@@ -11,12 +11,13 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from itertools import chain
 from typing import Protocol
 
 import yaml
 
+from router.config_items import Chunks
 from router.errors import ConfigError, InvalidNumber
 from router.gcpolicy import paused_gc
 from router.policy.model import (
@@ -57,13 +58,29 @@ _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 _TOKEN = re.compile(r"^[A-Za-z0-9._~!$&'*+-]+$")  # safe in a SIP URI user part
 
 
-def load_policy(path: str, parallel: bool = False, pickled: list[bytes] | None = None) -> Policy:
+def load_policy(path: str, parallel: bool = False, pickled: Chunks | None = None) -> Policy:
     """Read and validate the policy file at ``path``; raise ``ConfigError``.
 
     ``parallel``: a long users list is read on two cores (``config_split``), which forks:
     only for a process with no other threads, such as the CLI or the parse child.
     ``pickled``: when the list was read on two cores, filled with the users pickled
-    there (``config_split.pickle_users``); otherwise left as it was (pass it empty)."""
+    there; otherwise left as it was (pass it empty)."""
+    return parse_text(read_text(path), path, parallel, pickled)
+
+
+def parse_text(text: str, path: str, parallel: bool = False, pickled: Chunks | None = None) -> Policy:
+    """``load_policy`` for the text already read from ``path``."""
+    with paused_gc():
+        if parallel:
+            from router.config_split import parse_split  # imports this module
+            policy = parse_split(text, path, pickled)
+            if policy is not None:
+                return policy
+        return parse_policy(text, path)
+
+
+def read_text(path: str) -> str:
+    """The text of the file at ``path``; ``ConfigError`` when it cannot be read or is not UTF-8."""
     try:
         with open(path, "rb") as handle:
             data = handle.read()
@@ -76,13 +93,7 @@ def load_policy(path: str, parallel: bool = False, pickled: list[bytes] | None =
         column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
         raise ConfigError([f"{path}:{line}:{column}: byte 0x{data[exc.start]:02x} is not UTF-8 text; "
                            "save the file as UTF-8"]) from None
-    with paused_gc():
-        if parallel:
-            from router.config_split import parse_split  # imports this module
-            policy = parse_split(text, path, pickled)
-            if policy is not None:
-                return policy
-        return parse_policy(text, path)
+    return text
 
 
 def parse_policy(text: str, filename: str = "<config>") -> Policy:
@@ -106,6 +117,9 @@ def compose(text: str, filename: str) -> yaml.Node:
     return root
 
 
+UsersReader = Callable[[list[yaml.Node], "Problems", str], tuple[list[User | None], Sequence[Place]]]
+
+
 class MoreUsers(Protocol):
     """The rest of the users list, read elsewhere while this process reads the rest."""
 
@@ -118,13 +132,16 @@ class MoreUsers(Protocol):
         prepared (pickled) while the rest is still being read."""
 
 
-def policy_from(root: yaml.Node, filename: str, more_users: MoreUsers | None = None) -> Policy:
-    """The policy in a composed file; ``ConfigError`` with every problem found."""
+def policy_from(root: yaml.Node, filename: str, more_users: MoreUsers | None = None,
+                users_reader: UsersReader | None = None) -> Policy:
+    """The policy in a composed file; ``ConfigError`` with every problem found.
+    ``users_reader``: reads the users list's nodes (given the problems and the country)
+    in place of ``read_users``, as ``config_reuse`` does for a list partly kept."""
     problems = Problems(filename)
     top = MapReader(root, "", problems)
     if not top.ok:
         raise ConfigError(problems.lines)
-    policy = _build(top, filename, problems, more_users)
+    policy = _build(top, filename, problems, more_users, users_reader)
     top.done()
     if problems.lines or policy is None:
         raise ConfigError(problems.lines)
@@ -150,7 +167,7 @@ def _yaml_error(text: str, filename: str, exc: yaml.MarkedYAMLError) -> str:
 
 
 def _build(top: MapReader, filename: str, problems: Problems,
-           more_users: MoreUsers | None) -> Policy | None:
+           more_users: MoreUsers | None, users_reader: UsersReader | None) -> Policy | None:
     domain = top.str("domain", required=True)
     country = top.str("country", "VN").upper()
     base = os.path.dirname(os.path.abspath(filename)) if not filename.startswith("<") else os.getcwd()
@@ -170,11 +187,16 @@ def _build(top: MapReader, filename: str, problems: Problems,
     nodes = top.list("users")
     if more_users is not None:
         more_users.begin(country, len(nodes))
-    read, places = read_users(nodes, 0, problems, country)
-    if more_users is not None:
-        more, more_places = more_users.end(problems, read)
-        read += more
-        places += more_places
+    places: Sequence[Place]
+    if users_reader is not None:
+        read, places = users_reader(nodes, problems, country)
+    else:
+        read, placed = read_users(nodes, 0, problems, country)
+        if more_users is not None:
+            more, more_places = more_users.end(problems, read)
+            read += more
+            placed += more_places
+        places = placed
     users = tuple(read)
     edge = _edge(top.sub("edge"), state_dir, problems)
     web = _web(top.sub("web"), state_dir, problems)
@@ -662,7 +684,7 @@ def _duplicates(problems: Problems, what: str, values: list[str],
             first[value] = path
 
 
-def _cross_check(top: MapReader, users: tuple[User | None, ...], places: list[Place],
+def _cross_check(top: MapReader, users: tuple[User | None, ...], places: Sequence[Place],
                  queues: tuple[Queue | None, ...], trunk: Trunk | None, routing: Routing,
                  problems: Problems) -> None:
     placed = [u for u in users if u is not None]
@@ -687,13 +709,12 @@ def _cross_check(top: MapReader, users: tuple[User | None, ...], places: list[Pl
     for i, u in enumerate(users):
         if u is None:
             continue
-        where = places[i]
         if u.receive_method is agent or (by_default if u.fallback is None else agent in u.fallback):
             if u.agent_phone is None:
-                problems.add_at(where, f"users[{i}].agent_phone",
+                problems.add_at(places[i], f"users[{i}].agent_phone",
                                 f"user {u.id!r} may ring agent_phone but has no valid agent_phone number")
             if trunk is None:
-                problems.add_at(where, f"users[{i}]",
+                problems.add_at(places[i], f"users[{i}]",
                                 f"user {u.id!r} may ring agent_phone but no trunk is configured")
         if u.default_queue is not None and u.default_queue not in queue_ids:
-            problems.add_at(where, f"users[{i}].default_queue", f"no queue with id {u.default_queue!r}")
+            problems.add_at(places[i], f"users[{i}].default_queue", f"no queue with id {u.default_queue!r}")

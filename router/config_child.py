@@ -9,6 +9,10 @@ then sends the policy (a few tens of MB) back pickled; the parent unpickles it i
 compact, contiguous memory.  The child is the same interpreter running this module,
 so the pickle never crosses a trust boundary.
 
+After a good parse of a big file the child keeps its users by their text in the
+cache (``config_reuse``), and the next parse of an edited file reads only the users
+whose text changed.
+
 ``check`` and the other short CLI commands load in-process: they exit straight away.
 """
 
@@ -21,8 +25,9 @@ import subprocess
 import sys
 
 from router import policy_cache
-from router.config import load_policy
-from router.config_split import pickle_users
+from router.config import load_policy, parse_text, read_text
+from router.config_items import Chunks
+from router.config_reuse import Previous, parse_reusing, record
 from router.errors import ConfigError
 from router.gcpolicy import paused_gc
 from router.policy.model import Policy, User
@@ -103,18 +108,47 @@ def _assemble(head: Policy, chunks: list[bytes]) -> Policy:
 
 
 def _child(path: str) -> int:
+    keep: Previous | None = None
     try:
-        chunks: list[bytes] = []           # filled when the users were read on two cores
-        policy = load_policy(path, parallel=True, pickled=chunks)
-        if not chunks:
-            chunks = pickle_users(policy.users)
+        text = read_text(path)
+        policy, chunks, keep = _parse(text, path)
         # A new object without the users, nor the lookup indexes the checks built.
-        result: tuple[str, object] = ("ok", (dataclasses.replace(policy, users=()), chunks))
+        result: tuple[str, object] = ("ok", (dataclasses.replace(policy, users=()), chunks.pickled))
     except ConfigError as exc:
         result = ("error", exc.problems)
     sys.stdout.buffer.write(pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
     sys.stdout.buffer.flush()
+    if keep is not None:
+        try:
+            policy_cache.store_items(path, keep.dumps())
+        except Exception:  # noqa: BLE001 -- not kept: the next parse reads every user
+            pass
     return 0
+
+
+def _parse(text: str, path: str) -> tuple[Policy, Chunks, Previous | None]:
+    """The policy, its users in chunks, and (for a big file) what to keep of it.
+    A file that was parsed before keeps the users whose text has not changed."""
+    big = len(text) >= policy_cache.MIN_SIZE
+    previous = _previous(path) if big else None
+    if previous is not None:
+        with paused_gc():
+            found = parse_reusing(text, path, previous)
+        if found is not None:
+            return found
+    chunks = Chunks()                  # filled when the users were read on two cores
+    policy = parse_text(text, path, parallel=True, pickled=chunks)
+    if not chunks.pickled:
+        chunks.add(policy.users)
+    return policy, chunks, record(text, policy, chunks) if big else None
+
+
+def _previous(path: str) -> Previous | None:
+    try:
+        kept = policy_cache.load_items(path)
+    except Exception:  # noqa: BLE001 -- the cache only ever saves time
+        return None
+    return Previous.loads(kept) if kept is not None else None
 
 
 if __name__ == "__main__":

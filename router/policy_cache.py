@@ -10,6 +10,10 @@ from its directory), the interpreter's version and every source file of the
 may read the same file differently).  Any change to any of them is a miss,
 and a miss parses the file as before.
 
+Beside each entry, the parse child keeps its users by their text
+(``config_reuse.Previous``, a ``.items`` file, keyed by the YAML's path and the code
+alone): after an edit, the next parse reads only the users whose text changed.
+
 Only big files are kept (``MIN_SIZE``, a few thousand users: below it a parse
 costs less than reading the cache would save), one entry per YAML path, and
 at most ``KEEP`` entries.  The entry is a pickle, so it is read only from a
@@ -36,6 +40,7 @@ from pathlib import Path
 MIN_SIZE = 1 << 20          # bytes of YAML: about 7,000 one-line users
 KEEP = 8                    # entries kept; the oldest beyond that are removed
 _SUFFIX = ".policy"
+_ITEMS_SUFFIX = ".items"
 _KEY_SIZE = 32              # SHA-256 digests: of the key, then of the body, head each entry
 STALE_PARTIAL = 3600.0      # seconds after which a half-written entry is removed
 
@@ -48,10 +53,10 @@ def directory() -> Path:
     return Path(base) / "sip-router"
 
 
-def entry_path(config_path: str) -> Path:
-    """The one cache entry for the YAML at ``config_path``."""
+def entry_path(config_path: str, suffix: str = _SUFFIX) -> Path:
+    """The one cache entry for the YAML at ``config_path`` (``suffix``: of one kind)."""
     name = hashlib.sha256(os.path.abspath(config_path).encode()).hexdigest()[:32]
-    return directory() / f"{name}{_SUFFIX}"
+    return directory() / f"{name}{suffix}"
 
 
 @functools.cache
@@ -104,9 +109,24 @@ def _private(info: os.stat_result) -> bool:
     return info.st_uid == os.geteuid() and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
 
 
-def load(config_path: str, key: bytes) -> bytes | None:
+def items_key(config_path: str) -> bytes:
+    """The key of the users kept by their text: the file's path and the code, not its
+    bytes, which are what has changed when they are used."""
+    return hashlib.sha256(_code_identity() + b"items\0" + os.path.abspath(config_path).encode()).digest()
+
+
+def load_items(config_path: str) -> bytes | None:
+    """The users kept by their text for ``config_path``, or None."""
+    return load(config_path, items_key(config_path), _ITEMS_SUFFIX)
+
+
+def store_items(config_path: str, body: bytes) -> None:
+    store(config_path, items_key(config_path), body, _ITEMS_SUFFIX)
+
+
+def load(config_path: str, key: bytes, suffix: str = _SUFFIX) -> bytes | None:
     """The parse child's answer kept for ``key``, or None."""
-    where = entry_path(config_path)
+    where = entry_path(config_path, suffix)
     try:
         if not _private(os.stat(where.parent)):
             return None
@@ -120,14 +140,14 @@ def load(config_path: str, key: bytes) -> bytes | None:
     except OSError:
         return None
     if len(answer) != size or hashlib.sha256(answer).digest() != body:
-        forget(config_path)           # damaged (a crash, a bad disk): parse, and keep a good one
+        _remove(where)                # damaged (a crash, a bad disk): parse, and keep a good one
         return None
     return answer
 
 
-def store(config_path: str, key: bytes, answer: bytes) -> None:
+def store(config_path: str, key: bytes, answer: bytes, suffix: str = _SUFFIX) -> None:
     """Keep ``answer`` for ``key`` (atomically: a reader sees the old entry or the new)."""
-    where = entry_path(config_path)
+    where = entry_path(config_path, suffix)
     partial = where.with_name(f"{where.name}.{os.getpid()}.tmp")
     try:
         where.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -147,19 +167,27 @@ def store(config_path: str, key: bytes, answer: bytes) -> None:
             pass
 
 
-def forget(config_path: str) -> None:
-    """Drop the entry of ``config_path`` (the next start parses the file)."""
+def forget(config_path: str, items: bool = True) -> None:
+    """Drop the entry of ``config_path``, and (``items``) its users kept by their text:
+    the next start parses the whole file."""
+    _remove(entry_path(config_path))
+    if items:
+        _remove(entry_path(config_path, _ITEMS_SUFFIX))
+
+
+def _remove(where: Path) -> None:
     try:
-        entry_path(config_path).unlink(missing_ok=True)
+        where.unlink(missing_ok=True)
     except OSError:
         pass
 
 
 def _prune(folder: Path) -> None:
-    entries = sorted(folder.glob(f"*{_SUFFIX}"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for old in entries[KEEP:]:
-        old.unlink(missing_ok=True)
     stale = time.time() - STALE_PARTIAL
-    for partial in folder.glob(f"*{_SUFFIX}.*.tmp"):   # left by a process killed while writing
-        if partial.stat().st_mtime < stale:
-            partial.unlink(missing_ok=True)
+    for suffix in (_SUFFIX, _ITEMS_SUFFIX):
+        entries = sorted(folder.glob(f"*{suffix}"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in entries[KEEP:]:
+            old.unlink(missing_ok=True)
+        for partial in folder.glob(f"*{suffix}.*.tmp"):   # left by a process killed while writing
+            if partial.stat().st_mtime < stale:
+                partial.unlink(missing_ok=True)

@@ -8,7 +8,8 @@ import pickle
 import pytest
 
 from router.config import parse_policy
-from router.config_split import CHUNK, MIN_USERS, cut, parse_split
+from router.config_items import CHUNK, Chunks
+from router.config_split import MIN_USERS, cut, parse_split
 from router.errors import ConfigError
 
 HEAD = """\
@@ -64,19 +65,20 @@ def test_a_long_users_list_read_on_two_cores_is_the_policy_read_whole():
 
 def test_each_half_pickles_its_own_users_for_the_parse_childs_answer():
     text = centre()
-    pickled: list[bytes] = []
+    pickled = Chunks()
     policy = parse_split(text, "router.yaml", pickled)
     assert policy is not None
-    chunks = [pickle.loads(chunk) for chunk in pickled]
+    chunks = [pickle.loads(chunk) for chunk in pickled.pickled]
     assert all(0 < len(chunk) <= CHUNK for chunk in chunks)
+    assert pickled.sizes == [len(chunk) for chunk in chunks]
     assert tuple(user for chunk in chunks for user in chunk) == policy.users == parse_policy(text, "router.yaml").users
 
 
 def test_no_users_are_handed_on_from_a_file_with_mistakes():
-    pickled: list[bytes] = []
+    pickled = Chunks()
     with pytest.raises(ConfigError):
         parse_split(centre(change={4200: "  - {id: u4200, receive_method: desk}\n"}), "router.yaml", pickled)
-    assert pickled == []
+    assert pickled == Chunks()
 
 
 def test_mistakes_in_both_halves_are_reported_as_for_the_whole_file_with_their_lines():
