@@ -25,9 +25,10 @@ import subprocess
 import sys
 
 from router import policy_cache
-from router.config import load_policy, parse_text, read_text
+from router.config import compose, load_policy, policy_from, read_text
 from router.config_items import Chunks
-from router.config_reuse import Previous, parse_reusing, record
+from router.config_reuse import Pairing, Previous, parse_reusing, record
+from router.config_split import parse_split
 from router.errors import ConfigError
 from router.gcpolicy import paused_gc
 from router.policy.model import Policy, User
@@ -131,16 +132,26 @@ def _parse(text: str, path: str) -> tuple[Policy, Chunks, Previous | None]:
     A file that was parsed before keeps the users whose text has not changed."""
     big = len(text) >= policy_cache.MIN_SIZE
     previous = _previous(path) if big else None
-    if previous is not None:
-        with paused_gc():
-            found = parse_reusing(text, path, previous)
-        if found is not None:
-            return found
-    chunks = Chunks()                  # filled when the users were read on two cores
-    policy = parse_text(text, path, parallel=True, pickled=chunks)
-    if not chunks.pickled:
-        chunks.add(policy.users)
-    return policy, chunks, record(text, policy, chunks) if big else None
+    with paused_gc():
+        if previous is not None:
+            try:
+                found = parse_reusing(text, path, previous)
+            except ConfigError:
+                raise
+            except Exception:  # noqa: BLE001 -- a fault in what was kept: read every user, keep anew
+                policy_cache.forget_items(path)
+                found = None
+            if found is not None:
+                return found
+        chunks = Chunks()
+        policy = parse_split(text, path, chunks)       # its halves confirm each user's item
+        confirmed = policy is not None
+        if policy is None:
+            pairing = Pairing(text)
+            policy = policy_from(compose(text, path), path, users_reader=pairing.read)
+            confirmed = pairing.paired
+            chunks.add(policy.users)
+    return policy, chunks, record(text, policy, chunks) if big and confirmed else None
 
 
 def _previous(path: str) -> Previous | None:

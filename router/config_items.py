@@ -1,12 +1,13 @@
 """A long users list in pieces: where each user is in the YAML's text, and users pickled
 a chunk at a time.
 
-Both are found or made without composing the YAML.  ``items_of`` finds the users from
-lines alone: each starts with a line holding the list's ``-`` at the list's own
-indentation.  That is a guess, which its callers confirm against a real parse before
-they trust it (``config_split`` cuts the list in two there, ``config_reuse`` keeps the
-users whose text has not changed).  ``Chunks`` is the form the parse child hands users
-on in (``config_child``): a worker unpickles them one chunk at a time.
+``items_of`` finds the users from the text's lines alone, without composing the
+YAML: each starts with a line holding the list's ``-`` at the list's own
+indentation.  That is a guess, which its callers confirm against a composed tree
+(``users_node``, ``ends_after``) before they trust it: ``config_split`` cuts the
+list in two there, ``config_reuse`` keeps the users whose text has not changed.
+``Chunks`` is the form the parse child hands users on in (``config_child``): a
+worker unpickles them one chunk at a time.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ _CONTENT = re.compile(r"\n[ ]*[^ \n#]")                 # a line that is neither
 _ITEM = re.compile(r"\n( *)-(?=[ \t\n]|\Z)")             # a list item, with its indentation
 _TOP_LEVEL = re.compile(r"\n[^ \t\n#-]")                 # a line that starts a top-level key
 _OTHER_BREAKS = ("\r", "\x85", "\u2028", "\u2029")
-_ANCHOR_OR_ALIAS = re.compile(r"[\s\[{,][&*][^\s,\[\]{}]")  # ``&name`` or ``*name`` starting a value
+_ANCHOR_OR_ALIAS = re.compile(r"[\s\[{,:?][&*][^\s,\[\]{}]")  # ``&name`` or ``*name`` starting a value
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,13 +106,14 @@ class Chunks:
 
 
 def users_node(root: yaml.Node) -> tuple[yaml.Node, yaml.SequenceNode] | None:
-    """The ``users`` key and its list, in a composed top-level mapping."""
+    """The ``users`` key and its list, in a composed top-level mapping; None also when
+    there are several ``users`` keys (the policy reads the first, whatever it holds)."""
     if not isinstance(root, yaml.MappingNode):
         return None
-    for key, value in root.value:
-        if isinstance(key, yaml.ScalarNode) and key.value == "users" and isinstance(value, yaml.SequenceNode):
-            return key, value
-    return None
+    found = [(key, value) for key, value in root.value if isinstance(key, yaml.ScalarNode) and key.value == "users"]
+    if len(found) != 1 or not isinstance(found[0][1], yaml.SequenceNode):
+        return None
+    return found[0][0], found[0][1]
 
 
 def ends_after(node: yaml.Node, line: int) -> bool:

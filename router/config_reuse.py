@@ -18,7 +18,9 @@ every line stays where it is.  The skeleton must compose; its list must hold the
 users read anew and one placeholder per run, each starting on its own item's line;
 which settles it: every item starts with a line ``items_of`` finds, so a quote or
 bracket left open that swallowed an item's line (as it would in the real file) leaves
-fewer items than lines found.  Kept texts were whole
+fewer items than lines found.  Texts are kept only when they were confirmed to be
+whole items the same way (``Pairing``, ``paired``): each user starting on its own
+item's lines, and the last not running on past the list.  Kept texts were whole
 items in a good file; the text before each one now ends where it starts, so each
 reads as it did.  Anything else -- a file whose shape ``items_of`` does not take, a
 country changed, too few users kept, a skeleton that does not confirm -- and the
@@ -36,14 +38,13 @@ from typing import overload
 import yaml
 
 from router.config import compose, policy_from, read_users
-from router.config_items import CHUNK, Chunks, Items, items_of, users_node
+from router.config_items import CHUNK, Chunks, Items, ends_after, items_of, users_node
 from router.errors import ConfigError
 from router.policy.model import Policy, User
-from router.yamlnodes import Place, Problems
+from router.yamlnodes import Place, Problems, is_null
 
 MIN_KEPT = 0.5                  # below this share of users kept, the usual parse is as quick
 _PLACEHOLDER = "- ~"
-_NULL = "tag:yaml.org,2002:null"
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,9 +70,9 @@ class Previous:
 
 
 def record(text: str, policy: Policy, chunks: Chunks) -> Previous | None:
-    """What to keep of ``policy``, read from ``text`` and pickled in ``chunks``; None
-    when its items cannot be matched to its users one to one.  Every user's item
-    starts with a line ``items_of`` finds; as many lines as users means no other."""
+    """What to keep of ``policy``, read from ``text`` and pickled in ``chunks``, when
+    its users were confirmed to be the items ``items_of`` finds, one to one (``Pairing``,
+    or the two-core split, whose halves confirm it); None when the counts differ."""
     items = items_of(text)
     if items is None or len(items.starts) != len(policy.users) or sum(chunks.sizes) != len(policy.users):
         return None
@@ -81,6 +82,42 @@ def record(text: str, policy: Policy, chunks: Chunks) -> Previous | None:
         kept.append((pickled, tuple(texts[at:at + size])))
         at += size
     return Previous(policy.country, tuple(kept))
+
+
+def _end_line(text: str, items: Items) -> int:
+    """The line the list ends on; past the last line when nothing follows the list."""
+    return text.count("\n", 0, items.end) + (items.end == len(text))
+
+
+def paired(text: str, items: Items, nodes: Sequence[yaml.Node]) -> bool:
+    """Are ``nodes`` (the users list of ``text``, composed) the items found, one to one:
+    each starting on its own item's lines, the last not running on past the list's end?
+    Every item starts with a line ``items_of`` finds, so with as many nodes as lines,
+    each node starting on its line means none of them holds another's line; only the
+    last could run on into the lines after the list (a quote closed there)."""
+    lines = items.lines(text)
+    if len(nodes) != len(lines):
+        return False
+    end_line = _end_line(text, items)
+    for node, first, after in zip(nodes, lines, lines[1:] + [end_line], strict=True):
+        if not first <= node.start_mark.line < after:
+            return False
+    return not nodes or not ends_after(nodes[-1], end_line)
+
+
+class Pairing:
+    """Reads the users list as ``read_users`` does, and notes whether its users are
+    the items of the text, one to one (``paired``): only then are they kept."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.paired = False
+
+    def read(self, nodes: list[yaml.Node], problems: Problems,
+             country: str) -> tuple[list[User | None], Sequence[Place]]:
+        items = items_of(self.text)
+        self.paired = items is not None and paired(self.text, items, nodes)
+        return read_users(nodes, 0, problems, country)
 
 
 class _NotConfirmed(Exception):
@@ -112,7 +149,7 @@ def parse_reusing(text: str, filename: str, previous: Previous,
         return None                     # the whole file says what is wrong, and where
     if not _confirmed(root, text, items, runs, lines):
         return None
-    reader = _Reader(text, items, runs, lines, previous, chunk, texts)
+    reader = _Reader(text, items, runs, lines, previous, chunk, texts, users_node(root))
     try:
         policy = policy_from(root, filename, users_reader=reader.read)
     except _NotConfirmed:
@@ -166,8 +203,7 @@ def _confirmed(root: yaml.Node, text: str, items: Items, runs: list[_Run], lines
     if found is None or found[0].start_mark.line != text.count("\n", 0, items.users_key):
         return False
     nodes = found[1].value
-    # The line the list ends on; past the last line when nothing follows the list.
-    end_line = text.count("\n", 0, items.end) + (items.end == len(text))
+    end_line = _end_line(text, items)
     expected = sum(run.count if run.kept < 0 else 1 for run in runs)
     if len(nodes) != expected:
         return False
@@ -175,8 +211,7 @@ def _confirmed(root: yaml.Node, text: str, items: Items, runs: list[_Run], lines
     for run in runs:
         if run.kept >= 0:
             node = nodes[k]
-            if not (isinstance(node, yaml.ScalarNode) and node.tag == _NULL
-                    and node.start_mark.line == lines[run.first]):
+            if not (is_null(node) and node.start_mark.line == lines[run.first]):
                 return False
             k += 1
             continue
@@ -186,7 +221,9 @@ def _confirmed(root: yaml.Node, text: str, items: Items, runs: list[_Run], lines
             if not lines[j] <= node.start_mark.line < next_line:
                 return False
             k += 1
-    return True
+    # The last user, read anew, must not run on past the list (a quote closed after it):
+    # the whole file reads the same, but its text would be kept short of its end.
+    return runs[-1].kept >= 0 or not ends_after(nodes[-1], end_line)
 
 
 def _place(text: str, start: int, line: int, indent: int) -> Place:
@@ -241,9 +278,11 @@ class _Reader:
     kept ones from their chunks; and makes the chunks and texts to hand on and keep."""
 
     def __init__(self, text: str, items: Items, runs: list[_Run], lines: list[int],
-                 previous: Previous, chunk: int, texts: list[str]) -> None:
+                 previous: Previous, chunk: int, texts: list[str],
+                 confirmed: tuple[yaml.Node, yaml.SequenceNode] | None) -> None:
         self.text, self.items, self.runs, self.lines = text, items, runs, lines
         self.previous, self.chunk, self.texts = previous, chunk, texts
+        self.confirmed = confirmed[1].value if confirmed is not None else []
         self.chunks = Chunks()
         self.kept: list[tuple[bytes, tuple[str, ...]]] = []
 
@@ -251,6 +290,8 @@ class _Reader:
              country: str) -> tuple[list[User | None], Sequence[Place]]:
         if country != self.previous.country:
             raise _NotConfirmed                  # phone numbers read another way
+        if len(nodes) != len(self.confirmed) or any(a is not b for a, b in zip(nodes, self.confirmed, strict=True)):
+            raise _NotConfirmed                  # not the list the skeleton was confirmed on
         users: list[User | None] = []
         places = _Places(self.text, self.items, self.lines)
         k = 0

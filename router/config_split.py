@@ -16,7 +16,7 @@ the country (a top-level setting, needed to read phone numbers), reads its users
 sends them back pickled, with their places and problems.  This process reads the
 rest of the file and cross-checks all the users together, as for the whole file.
 
-The users travel in chunks of ``CHUNK`` pickled users, the form in which the parse
+The users travel in chunks of pickled users (``config_items.Chunks``), the form in which the parse
 child hands them on (``config_child``).  Asked for them (``pickled``), this process
 pickles its own half while the forked one finishes, and keeps the forked one's chunks
 as they came: the whole list is pickled once, half on each core, not again at the end.
@@ -24,10 +24,10 @@ as they came: the whole list is pickled once, half on each core, not again at th
 The cut is a guess made from lines, so it is trusted only when both halves confirm it:
 each composes without error, ``users:`` is where the cut found it, each half holds
 exactly the items counted, and no value of the last user before the cut runs on past
-it.  Files with anchors or aliases are not cut at all.  Anything else -- a YAML error in either half, an item
-counted wrong (a multi-line string, a flow list), the forked process failing -- and the
-caller parses the whole file in one piece, so the policy and every message are those
-of a whole-file parse.
+it.  Files with anchors or aliases are not cut at all (``config_items.items_of``).
+Anything else -- a YAML error in either half, an item counted wrong (a multi-line
+string, a flow list), the forked process failing -- and the caller parses the whole
+file in one piece, so the policy and every message are those of a whole-file parse.
 
 The fork happens only in processes without other threads: the CLI and the parse child.
 """

@@ -67,8 +67,8 @@ def _code_identity() -> bytes:
     import yaml
 
     digest = hashlib.sha256()
-    digest.update(f"{sys.version}|{yaml.__version__}|{yaml.__with_libyaml__}|"
-                  f"{phonenumbers.__version__}".encode())
+    libyaml = yaml._yaml.get_version_string() if yaml.__with_libyaml__ else ""   # PyYAML may use the system's
+    digest.update(f"{sys.version}|{yaml.__version__}|{libyaml}|{phonenumbers.__version__}".encode())
     package = Path(__file__).resolve().parent
     sources = []
     for folder, subfolders, files in os.walk(package):
@@ -167,12 +167,15 @@ def store(config_path: str, key: bytes, answer: bytes, suffix: str = _SUFFIX) ->
             pass
 
 
-def forget(config_path: str, items: bool = True) -> None:
-    """Drop the entry of ``config_path``, and (``items``) its users kept by their text:
-    the next start parses the whole file."""
+def forget(config_path: str) -> None:
+    """Drop the entry of ``config_path`` and its users kept by their text: the next
+    start parses the whole file."""
     _remove(entry_path(config_path))
-    if items:
-        _remove(entry_path(config_path, _ITEMS_SUFFIX))
+    forget_items(config_path)
+
+
+def forget_items(config_path: str) -> None:
+    _remove(entry_path(config_path, _ITEMS_SUFFIX))
 
 
 def _remove(where: Path) -> None:

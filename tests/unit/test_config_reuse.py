@@ -11,9 +11,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from router import config_child, policy_cache
-from router.config import parse_policy
+from router.config import compose, parse_policy, policy_from
 from router.config_items import Chunks, items_of
-from router.config_reuse import Previous, _plan, parse_reusing, record
+from router.config_reuse import Pairing, Previous, _plan, parse_reusing, record
 from router.errors import ConfigError
 
 from .test_config_split import HEAD, TAIL, user
@@ -35,7 +35,9 @@ def centre(count: int = 40, change: dict[int, str] | None = None, drop: tuple[in
 
 def kept_from(text: str) -> Previous:
     """What the parse child keeps after a good parse of ``text``."""
-    policy = parse_policy(text, "router.yaml")
+    pairing = Pairing(text)
+    policy = policy_from(compose(text, "router.yaml"), "router.yaml", users_reader=pairing.read)
+    assert pairing.paired
     chunks = Chunks()
     chunks.add(policy.users, CHUNK)
     previous = record(text, policy, chunks)
@@ -232,3 +234,49 @@ def test_a_bad_edit_leaves_the_last_good_parse_kept(cache, tmp_path):
     assert policy_cache.load_items(str(path)) == kept
     policy_cache.forget(str(path))
     assert policy_cache.load_items(str(path)) is None
+
+
+SMALL = "domain: pbx.test\ncountry: us\nusers:\n"
+
+
+@pytest.mark.parametrize("text", [
+    SMALL + '  - id: a\n  - id: b\n    display_name: "foo\nbar"\n',               # a quote closed after the list
+    SMALL + '  - id: a\n    display_name: "x\n  - id: fake\nz"\n  - id: c\n',   # a line that looks like a user
+])
+def test_users_whose_text_runs_on_past_the_list_are_not_kept(cache, tmp_path, text):
+    policy, _, keep = config_child._parse(text, str(tmp_path / "router.yaml"))
+    assert policy == parse_policy(text, str(tmp_path / "router.yaml"))
+    assert keep is None
+
+
+def test_a_last_user_read_anew_that_runs_on_past_the_list_is_not_kept():
+    previous = kept_from(centre())
+    after = centre(change={39: '  - id: u39\n    display_name: "Ann\n'}).replace(TAIL, 'Lee"\n')
+    assert outcome(after)[0] == "ok"
+    assert parse_reusing(after, "router.yaml", previous, CHUNK) is None
+
+
+@pytest.mark.parametrize("text", [
+    SMALL + '  - {id: a, "display_name":&n Ann}\n  - {id: b, "display_name":*n}\n',
+    SMALL + '  - {id: a, ?&n display_name: Ann}\n',
+])
+def test_anchors_written_straight_after_a_colon_or_question_mark_are_seen(text):
+    assert items_of(text) is None
+
+
+def test_a_second_users_key_is_read_whole():
+    previous = kept_from(centre())
+    after = centre().replace("users:\n", '"users": x\nusers:\n')
+    assert parse_reusing(after, "router.yaml", previous, CHUNK) is None
+
+
+def test_users_kept_that_cannot_be_read_are_dropped_and_the_whole_file_read(cache, tmp_path, monkeypatch):
+    path = str(tmp_path / "router.yaml")
+    text = centre()
+    policy_cache.store_items(path, b"kept")
+    spoiled = kept_from(text)
+    spoiled = Previous(spoiled.country, ((b"not a pickle", spoiled.chunks[0][1]), *spoiled.chunks[1:]))
+    monkeypatch.setattr(config_child, "_previous", lambda _: spoiled)
+    policy, _, keep = config_child._parse(text, path)
+    assert policy == parse_policy(text, path) and keep is not None
+    assert policy_cache.load_items(path) is None       # removed: the child keeps a good one instead
