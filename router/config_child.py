@@ -26,7 +26,7 @@ import sys
 
 from router import policy_cache
 from router.config import compose, load_policy, policy_from, read_text
-from router.config_items import Chunks
+from router.config_items import Chunks, write_all
 from router.config_reuse import Pairing, Previous, parse_reusing, record
 from router.config_split import parse_split
 from router.errors import ConfigError
@@ -117,8 +117,8 @@ def _child(path: str) -> int:
         result: tuple[str, object] = ("ok", (dataclasses.replace(policy, users=()), chunks.pickled))
     except ConfigError as exc:
         result = ("error", exc.problems)
-    sys.stdout.buffer.write(pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
-    sys.stdout.buffer.flush()
+    sys.stdout.flush()
+    write_all(sys.stdout.fileno(), pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
     if keep is not None:
         try:
             policy_cache.store_items(path, keep.dumps())

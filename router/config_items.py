@@ -12,6 +12,7 @@ worker unpickles them one chunk at a time.
 
 from __future__ import annotations
 
+import os
 import pickle
 import re
 from collections.abc import Sequence
@@ -130,3 +131,13 @@ def ends_after(node: yaml.Node, line: int) -> bool:
     if isinstance(node, yaml.MappingNode):
         return any(ends_after(key, line) or ends_after(value, line) for key, value in node.value)
     return False
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to ``fd`` (a pipe).  A write a signal interrupts, or a
+    profiler's pause, may write only part of a big buffer; a buffered file object has
+    been seen to drop the rest of the answer then, so each part is written here until
+    none is left."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]

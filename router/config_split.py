@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import yaml
 
 from router.config import compose, policy_from, read_users
-from router.config_items import Chunks, ends_after, items_of, users_node
+from router.config_items import Chunks, ends_after, items_of, users_node, write_all
 from router.errors import ConfigError
 from router.policy.model import Policy, User
 from router.yamlnodes import Place, Problems
@@ -202,24 +202,21 @@ class _SecondHalf:
 
 
 def _second_half(where: Cut, filename: str, country_read: int, result_write: int) -> None:
-    with os.fdopen(result_write, "wb") as out:
-        try:
-            root = compose(where.second, filename)
-        except ConfigError:
-            root = None
-        users = users_node(root) if isinstance(root, yaml.MappingNode) and len(root.value) == 1 else None
-        if users is None or users[0].start_mark.line != where.at - 1 or len(users[1].value) != where.second_count:
-            out.write(pickle.dumps(("no",)))
-            return
-        with os.fdopen(country_read, "rb") as given:
-            country = given.read().decode()
-        if not country:
-            return                                                # the first half gave up
-        problems = Problems(filename)
-        read, places = read_users(users[1].value, where.first_count, problems, country)
-        chunks = Chunks()
-        chunks.add(read)
-        out.write(pickle.dumps(("ok", chunks, places, problems.found),
-                               protocol=pickle.HIGHEST_PROTOCOL))
-        out.flush()
-        os._exit(0)      # at once: freeing a million nodes would take a core from the first half
+    try:
+        root = compose(where.second, filename)
+    except ConfigError:
+        root = None
+    users = users_node(root) if isinstance(root, yaml.MappingNode) and len(root.value) == 1 else None
+    if users is None or users[0].start_mark.line != where.at - 1 or len(users[1].value) != where.second_count:
+        write_all(result_write, pickle.dumps(("no",)))
+        return
+    with os.fdopen(country_read, "rb") as given:
+        country = given.read().decode()
+    if not country:
+        return                                                # the first half gave up
+    problems = Problems(filename)
+    read, places = read_users(users[1].value, where.first_count, problems, country)
+    chunks = Chunks()
+    chunks.add(read)
+    write_all(result_write, pickle.dumps(("ok", chunks, places, problems.found), protocol=pickle.HIGHEST_PROTOCOL))
+    os._exit(0)      # at once: freeing a million nodes would take a core from the first half

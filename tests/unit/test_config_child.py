@@ -3,11 +3,13 @@ or the same errors, as the in-process loader (the CLI's ``check``)."""
 
 from __future__ import annotations
 
+import os
 import sys
+import threading
 
 import pytest
 
-from router import config_child
+from router import config_child, config_items
 from router.config import load_policy
 from router.errors import ConfigError
 
@@ -63,3 +65,29 @@ def test_users_and_devices_survive_the_trip_whole(good):
     here = load_policy(good)
     for a, b in zip(apart.users, here.users, strict=True):
         assert a == b and a.devices == b.devices and type(a.role) is type(b.role)
+
+
+def test_an_answer_written_in_parts_arrives_whole(good, monkeypatch):
+    """A signal or a profiler's pause can cut a big write to a pipe short: the child
+    writes what is left until all of its answer is out."""
+    real_write = os.write
+
+    def short(fd, data):
+        return real_write(fd, bytes(data[:4096]))       # at most one page per call
+    monkeypatch.setattr(config_items.os, "write", short)
+    read_end, write_end = os.pipe()
+    answer = b"".join(bytes([i % 251]) * 1000 for i in range(300))      # 300 kB, more than a pipe holds
+    received = bytearray()
+
+    def drain():
+        while chunk := os.read(read_end, 65536):
+            received.extend(chunk)
+    reader = threading.Thread(target=drain)
+    reader.start()
+    try:
+        config_items.write_all(write_end, answer)
+    finally:
+        os.close(write_end)
+        reader.join(10)
+        os.close(read_end)
+    assert bytes(received) == answer
