@@ -126,7 +126,8 @@ class Router:
             purged = self.bindings.purge_expired(now)
             # With workers, the other workers' users are theirs.
             loaded = self.bindings.load(now, keep=shared.owns if shared is not None else None,
-                                        names=policy_names(policy))
+                                        names=policy_names(policy),
+                                        share=(shared.index, shared.steering.workers) if shared is not None else None)
             # Start-up may wait for a CLI write; the PJSIP thread may not, once it runs.
             self.conn.execute(f"PRAGMA busy_timeout = {int(STATE_BUSY_TIMEOUT * 1000)}")
         except sqlite3.Error as exc:

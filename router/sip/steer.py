@@ -71,7 +71,8 @@ class Steering:
             return None
 
     def of_user(self, user_id: str) -> int:
-        """The worker that owns ``user_id`` (stable across processes, unlike ``hash``)."""
+        """The worker that owns ``user_id`` (stable across processes, unlike ``hash``;
+        the bindings table keeps the same CRC-32 as ``user_hash``)."""
         return zlib.crc32(user_id.encode()) % self.workers
 
     def _owner(self, data: bytes) -> int | None:

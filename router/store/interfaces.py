@@ -6,7 +6,7 @@ facts and hands them records; how they are kept is the store's business.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol
 
 from router.policy.effective import Change, Key, SeenTimes
@@ -54,8 +54,11 @@ class BindingWriter(Protocol):
 class BindingStore(BindingWriter, Protocol):
     """The location service's durable copy: written by the engine, read at start and by the CLI."""
 
-    def load(self, now: float, keep: Callable[[str], bool] | None = None) -> list[Binding]:
-        """Every binding not yet expired at ``now`` (with ``keep``: of the users it keeps)."""
+    def load(self, now: float, keep: Callable[[str], bool] | None = None,
+             names: Mapping[str, str] | None = None, share: tuple[int, int] | None = None) -> list[Binding]:
+        """Every binding not yet expired at ``now`` (with ``keep``: of the users it keeps;
+        ``share``: (k, n), those users' ids hash to k modulo n, for the store to narrow
+        the rows it reads; ``names``: id strings for the bindings to share)."""
 
     def purge_expired(self, now: float) -> int:
         """Delete bindings expired at ``now``; return how many."""

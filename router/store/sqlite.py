@@ -20,6 +20,7 @@ import sqlite3
 import struct
 import time
 import urllib.parse
+import zlib
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -106,8 +107,25 @@ def _v3_binding_routes(conn: sqlite3.Connection) -> None:
             conn.execute(f"ALTER TABLE bindings ADD COLUMN {column} {definition}")
 
 
+def user_hash(user_id: str) -> int:
+    """The CRC-32 of a user id: the workers share users by it (``router.sip.steer``)."""
+    return zlib.crc32(user_id.encode())
+
+
+def _v4_binding_user_hash(conn: sqlite3.Connection) -> None:
+    """Each binding's ``user_hash``, so that a worker reads only its own users' rows.
+    Rows written before it (or by an older sip-router after it) have none: every
+    worker reads those and keeps its own."""
+    present = {row[1] for row in conn.execute("PRAGMA table_info(bindings)")}
+    if "user_hash" not in present:
+        conn.execute("ALTER TABLE bindings ADD COLUMN user_hash INTEGER")
+    rows = conn.execute("SELECT rowid, user_id FROM bindings WHERE user_hash IS NULL").fetchall()
+    conn.executemany("UPDATE bindings SET user_hash = ? WHERE rowid = ?",
+                     [(user_hash(user_id), rowid) for rowid, user_id in rows])
+
+
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
-    _v1_first_release, _v2_meta, _v3_binding_routes)
+    _v1_first_release, _v2_meta, _v3_binding_routes, _v4_binding_user_hash)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -392,12 +410,19 @@ class SqliteBindingStore:
         self.conn = conn
 
     def load(self, now: float, keep: Callable[[str], bool] | None = None,
-             names: Mapping[str, str] | None = None) -> list[Binding]:
+             names: Mapping[str, str] | None = None, share: tuple[int, int] | None = None) -> list[Binding]:
         """The bindings not yet expired; with ``keep``, only those of the users it keeps
         (a worker's own), chosen before a ``Binding`` is made of the row.  ``names``: the
-        policy's own user and device id strings, which the bindings then share."""
-        rows: Iterable[tuple[Any, ...]] = self.conn.execute(
-            f"SELECT {_BINDING_COLUMNS} FROM bindings WHERE expires_at > ?", (now,))
+        policy's own user and device id strings, which the bindings then share.
+        ``share``: (k, n) when ``keep`` keeps only users whose ``user_hash`` is k modulo
+        n: the database leaves the other rows out (half the rows with two workers) and
+        ``keep`` decides on the rest."""
+        query = f"SELECT {_BINDING_COLUMNS} FROM bindings WHERE expires_at > ?"
+        arguments: tuple[float | int, ...] = (now,)
+        if share is not None:
+            query += " AND (user_hash IS NULL OR user_hash % ? = ?)"
+            arguments = (now, share[1], share[0])
+        rows: Iterable[tuple[Any, ...]] = self.conn.execute(query, arguments)
         if keep is not None:
             # Lazily: a list of the rows kept would interleave 100,000 short-lived row
             # tuples with the bindings made of them, and the freed rows would leave the
@@ -425,12 +450,13 @@ class SqliteBindingStore:
             # Two statements for the whole batch, not two per device.
             self.conn.executemany("DELETE FROM bindings WHERE device_id = ?", [(d,) for d in latest])
             self.conn.executemany(
-                f"INSERT INTO bindings ({_BINDING_COLUMNS}) VALUES "
-                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO bindings ({_BINDING_COLUMNS}, user_hash) VALUES "
+                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [(b.user_id, b.device_id, b.kind.value, b.contact, b.expires_at, b.q,
                   b.call_id, b.cseq, b.source_host, b.source_port, b.transport,
                   b.user_agent, b.registered_at, b.instance,
-                  json.dumps(list(b.path)) if b.path else "", b.flow, b.client, int(b.at_contact))
+                  json.dumps(list(b.path)) if b.path else "", b.flow, b.client, int(b.at_contact),
+                  user_hash(b.user_id))
                  for item in latest.values() for b in item.bindings])
 
     def purge_expired(self, now: float) -> int:

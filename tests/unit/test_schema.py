@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import zlib
 
 import pytest
 
@@ -76,7 +77,7 @@ def columns(conn: sqlite3.Connection, table: str) -> list[str]:
 def test_a_new_database_is_made_at_the_current_version(tmp_path):
     conn = connect(str(tmp_path / "state" / "router.db"))
     assert int(conn.execute("PRAGMA user_version").fetchone()[0]) == SCHEMA_VERSION
-    assert columns(conn, "bindings")[-4:] == ["path", "flow", "client", "at_contact"]
+    assert columns(conn, "bindings")[-5:] == ["path", "flow", "client", "at_contact", "user_hash"]
     assert {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")} >= {
         "yaml_values", "changes", "bindings", "calls", "meta"}
 
@@ -244,3 +245,35 @@ def test_a_worker_loads_only_its_own_users_bindings(tmp_path):
     assert len(bindings.load(now=2000.0)) == 4
     with pytest.raises(ZeroDivisionError):                              # a failing choice is not hidden
         bindings.load(now=2000.0, keep=lambda user_id: len(user_id) / 0 > 0)
+
+
+def test_each_binding_carries_its_users_hash_also_those_of_an_older_release(tmp_path):
+    path = str(tmp_path / "router.db")
+    old_database(path)
+    conn = connect(path)
+    assert conn.execute("SELECT user_id, user_hash FROM bindings").fetchall() == [("minh", zlib.crc32(b"minh"))]
+    SqliteBindingStore(conn).replace_many([SaveBindings("lan", "lan-desk", (Binding(
+        "lan", "lan-desk", DeviceKind.IP_PHONE, "sip:lan@10.0.0.8:5060", 6000.0),))])
+    assert conn.execute("SELECT user_hash FROM bindings WHERE user_id = 'lan'").fetchone() == (zlib.crc32(b"lan"),)
+
+
+def test_a_worker_reads_only_its_share_of_the_rows_and_rows_without_a_hash_too(tmp_path):
+    """Two workers: the database leaves out the other worker's rows; a row an older
+    sip-router wrote without a hash is read by both, and kept by its owner only."""
+    conn = connect(str(tmp_path / "router.db"))
+    bindings = SqliteBindingStore(conn)
+    users = [f"agent{i}" for i in range(40)]
+    bindings.replace_many([SaveBindings(user, f"{user}-desk", (Binding(
+        user, f"{user}-desk", DeviceKind.IP_PHONE, f"sip:{user}@10.0.0.8:5060", 6000.0),)) for user in users])
+    with conn:
+        conn.execute("UPDATE bindings SET user_hash = NULL WHERE user_id = 'agent7'")
+    for worker in (0, 1):
+        asked: list[str] = []
+
+        def owns(user_id: str, worker: int = worker, asked: list[str] = asked) -> bool:
+            asked.append(user_id)
+            return zlib.crc32(user_id.encode()) % 2 == worker
+        mine = bindings.load(now=2000.0, keep=owns, share=(worker, 2))
+        theirs = sorted(u for u in users if zlib.crc32(u.encode()) % 2 == worker)
+        assert sorted(b.user_id for b in mine) == theirs
+        assert sorted(asked) == sorted(set(theirs) | {"agent7"})
