@@ -3,7 +3,9 @@ or the same errors, as the in-process loader (the CLI's ``check``)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import pickle
 import sys
 import threading
 
@@ -12,6 +14,7 @@ import pytest
 from router import config_child, config_items
 from router.config import load_policy
 from router.errors import ConfigError
+from router.policy.model import Device, DeviceKind, ReceiveMethod, Role, User
 
 from .conftest import BASE
 from .test_config_split import centre
@@ -91,3 +94,19 @@ def test_an_answer_written_in_parts_arrives_whole(good, monkeypatch):
         reader.join(10)
         os.close(read_end)
     assert bytes(received) == answer
+
+
+def test_a_user_with_every_field_set_comes_back_with_each_field_in_its_place():
+    desk = Device(id="minh-desk", kind=DeviceKind.IP_PHONE, auth_username="minh.d", password="pw",
+                  ha1_md5="0" * 32, ha1_sha256="1" * 64)
+    user = User(id="minh", display_name="Minh", extension="1002", role=Role.ADMIN,
+                receive_method=ReceiveMethod.AGENT_PHONE, agent_phone="+84901234567", default_queue="sales",
+                devices=(desk,), fallback=(ReceiveMethod.APP,), ring_timeout=12.5, password_hash="$argon2id$x")
+    back = pickle.loads(pickle.dumps(user, protocol=pickle.HIGHEST_PROTOCOL))
+    assert back == user and type(back) is User and type(back.devices[0]) is Device
+    assert {f.name: getattr(back, f.name) for f in dataclasses.fields(User)} == \
+        {f.name: getattr(user, f.name) for f in dataclasses.fields(User)}
+    assert {f.name: getattr(back.devices[0], f.name) for f in dataclasses.fields(Device)} == \
+        {f.name: getattr(desk, f.name) for f in dataclasses.fields(Device)}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        back.display_name = "changed"           # type: ignore[misc]
