@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate, repeat
 
@@ -133,11 +133,11 @@ def ends_after(node: yaml.Node, line: int) -> bool:
     return False
 
 
-def write_all(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes, write: Callable[[int, memoryview], int] = os.write) -> None:
     """Write all of ``data`` to ``fd`` (a pipe).  A write a signal interrupts, or a
     profiler's pause, may write only part of a big buffer; a buffered file object has
     been seen to drop the rest of the answer then, so each part is written here until
     none is left."""
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[write(fd, view):]

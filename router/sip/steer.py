@@ -33,6 +33,8 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from router.userhash import user_hash
+
 WORKER_MARK = ".w"
 OUR_BRANCHES = (b"z9hG4bKsr", b"z9hG4bKka")
 # A header line, by its full or compact name, case-insensitive (RFC 3261 §7.3.1): the
@@ -71,9 +73,8 @@ class Steering:
             return None
 
     def of_user(self, user_id: str) -> int:
-        """The worker that owns ``user_id`` (stable across processes, unlike ``hash``;
-        the bindings table keeps the same CRC-32 as ``user_hash``)."""
-        return zlib.crc32(user_id.encode()) % self.workers
+        """The worker that owns ``user_id``."""
+        return user_hash(user_id) % self.workers
 
     def _owner(self, data: bytes) -> int | None:
         end = data.find(b"\r\n\r\n")

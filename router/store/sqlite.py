@@ -20,7 +20,6 @@ import sqlite3
 import struct
 import time
 import urllib.parse
-import zlib
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -29,6 +28,7 @@ from router.policy.effective import FIELDS, Change, Key, SeenAt, yaml_value
 from router.policy.model import Binding, DeviceKind, Policy
 from router.records import CallRecord
 from router.store.interfaces import DeviceBindings
+from router.userhash import user_hash
 
 
 class StateError(RouterError):
@@ -105,11 +105,6 @@ def _v3_binding_routes(conn: sqlite3.Connection) -> None:
                                ("at_contact", "INTEGER NOT NULL DEFAULT 0")):
         if column not in present:
             conn.execute(f"ALTER TABLE bindings ADD COLUMN {column} {definition}")
-
-
-def user_hash(user_id: str) -> int:
-    """The CRC-32 of a user id: the workers share users by it (``router.sip.steer``)."""
-    return zlib.crc32(user_id.encode())
 
 
 def _v4_binding_user_hash(conn: sqlite3.Connection) -> None:

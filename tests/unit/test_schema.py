@@ -11,6 +11,7 @@ import pytest
 
 from router.policy.model import Binding, DeviceKind
 from router.sip.commands import SaveBindings
+from router.sip.steer import Steering
 from router.store import sqlite as store
 from router.store.sqlite import (
     SCHEMA_VERSION,
@@ -267,12 +268,13 @@ def test_a_worker_reads_only_its_share_of_the_rows_and_rows_without_a_hash_too(t
         user, f"{user}-desk", DeviceKind.IP_PHONE, f"sip:{user}@10.0.0.8:5060", 6000.0),)) for user in users])
     with conn:
         conn.execute("UPDATE bindings SET user_hash = NULL WHERE user_id = 'agent7'")
+    steering = Steering(workers=2, own_ports={}, hosts=frozenset(), user_id=lambda user: user)
     for worker in (0, 1):
         asked: list[str] = []
 
         def owns(user_id: str, worker: int = worker, asked: list[str] = asked) -> bool:
             asked.append(user_id)
-            return zlib.crc32(user_id.encode()) % 2 == worker
+            return steering.of_user(user_id) == worker
         mine = bindings.load(now=2000.0, keep=owns, share=(worker, 2))
         theirs = sorted(u for u in users if zlib.crc32(u.encode()) % 2 == worker)
         assert sorted(b.user_id for b in mine) == theirs
