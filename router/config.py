@@ -17,7 +17,6 @@ from typing import Protocol
 
 import yaml
 
-from router.config_items import Chunks
 from router.errors import ConfigError, InvalidNumber
 from router.gcpolicy import paused_gc
 from router.policy.model import (
@@ -58,22 +57,16 @@ _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 _TOKEN = re.compile(r"^[A-Za-z0-9._~!$&'*+-]+$")  # safe in a SIP URI user part
 
 
-def load_policy(path: str, parallel: bool = False, pickled: Chunks | None = None) -> Policy:
+def load_policy(path: str, parallel: bool = False) -> Policy:
     """Read and validate the policy file at ``path``; raise ``ConfigError``.
 
     ``parallel``: a long users list is read on two cores (``config_split``), which forks:
-    only for a process with no other threads, such as the CLI or the parse child.
-    ``pickled``: when the list was read on two cores, filled with the users pickled
-    there; otherwise left as it was (pass it empty)."""
-    return parse_text(read_text(path), path, parallel, pickled)
-
-
-def parse_text(text: str, path: str, parallel: bool = False, pickled: Chunks | None = None) -> Policy:
-    """``load_policy`` for the text already read from ``path``."""
+    only for a process with no other threads, such as the CLI."""
+    text = read_text(path)
     with paused_gc():
         if parallel:
             from router.config_split import parse_split  # imports this module
-            policy = parse_split(text, path, pickled)
+            policy = parse_split(text, path)
             if policy is not None:
                 return policy
         return parse_policy(text, path)
