@@ -26,7 +26,7 @@ import sys
 
 from router import policy_cache
 from router.config import compose, load_policy, policy_from, read_text
-from router.config_items import Chunks, write_all
+from router.config_items import Chunks, items_of, write_all
 from router.config_reuse import Pairing, Previous, parse_reusing, record
 from router.config_split import parse_split
 from router.errors import ConfigError
@@ -132,6 +132,7 @@ def _parse(text: str, path: str) -> tuple[Policy, Chunks, Previous | None]:
     A file that was parsed before keeps the users whose text has not changed."""
     big = len(text) >= policy_cache.MIN_SIZE
     previous = _previous(path) if big else None
+    items = items_of(text) if big else None
     with paused_gc():
         if previous is not None:
             try:
@@ -147,11 +148,11 @@ def _parse(text: str, path: str) -> tuple[Policy, Chunks, Previous | None]:
         policy = parse_split(text, path, chunks)       # its halves confirm each user's item
         confirmed = policy is not None
         if policy is None:
-            pairing = Pairing(text)
+            pairing = Pairing(text, items)
             policy = policy_from(compose(text, path), path, users_reader=pairing.read)
             confirmed = pairing.paired
             chunks.add(policy.users)
-    return policy, chunks, record(text, policy, chunks) if big and confirmed else None
+    return policy, chunks, record(text, items, policy, chunks) if big and confirmed else None
 
 
 def _previous(path: str) -> Previous | None:

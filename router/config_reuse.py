@@ -69,19 +69,23 @@ class Previous:
         return Previous(country, tuple((pickled, tuple(texts)) for pickled, texts in chunks)) if good else None
 
 
-def record(text: str, policy: Policy, chunks: Chunks) -> Previous | None:
+def record(text: str, items: Items | None, policy: Policy, chunks: Chunks) -> Previous | None:
     """What to keep of ``policy``, read from ``text`` and pickled in ``chunks``, when
-    its users were confirmed to be the items ``items_of`` finds, one to one (``Pairing``,
-    or the two-core split, whose halves confirm it); None when the counts differ."""
-    items = items_of(text)
+    its users were confirmed to be ``items`` (``items_of(text)``), one to one
+    (``Pairing``, or the two-core split, whose halves confirm it); None when the
+    counts differ."""
     if items is None or len(items.starts) != len(policy.users) or sum(chunks.sizes) != len(policy.users):
         return None
-    texts = items.texts(text)
+    return Previous(policy.country, _with_texts(chunks, items.texts(text)))
+
+
+def _with_texts(chunks: Chunks, texts: list[str]) -> tuple[tuple[bytes, tuple[str, ...]], ...]:
+    """Each chunk with its users' texts (``texts``: every user's, in order)."""
     kept, at = [], 0
     for pickled, size in zip(chunks.pickled, chunks.sizes, strict=True):
         kept.append((pickled, tuple(texts[at:at + size])))
         at += size
-    return Previous(policy.country, tuple(kept))
+    return tuple(kept)
 
 
 def _end_line(text: str, items: Items) -> int:
@@ -109,14 +113,13 @@ class Pairing:
     """Reads the users list as ``read_users`` does, and notes whether its users are
     the items of the text, one to one (``paired``): only then are they kept."""
 
-    def __init__(self, text: str) -> None:
-        self.text = text
+    def __init__(self, text: str, items: Items | None) -> None:
+        self.text, self.items = text, items          # ``items_of(text)``
         self.paired = False
 
     def read(self, nodes: list[yaml.Node], problems: Problems,
              country: str) -> tuple[list[User | None], Sequence[Place]]:
-        items = items_of(self.text)
-        self.paired = items is not None and paired(self.text, items, nodes)
+        self.paired = self.items is not None and paired(self.text, self.items, nodes)
         return read_users(nodes, 0, problems, country)
 
 
@@ -149,12 +152,12 @@ def parse_reusing(text: str, filename: str, previous: Previous,
         return None                     # the whole file says what is wrong, and where
     if not _confirmed(root, text, items, runs, lines):
         return None
-    reader = _Reader(text, items, runs, lines, previous, chunk, texts, users_node(root))
+    reader = _Reader(text, items, runs, lines, previous, chunk, users_node(root))
     try:
         policy = policy_from(root, filename, users_reader=reader.read)
     except _NotConfirmed:
         return None
-    return policy, reader.chunks, Previous(policy.country, tuple(reader.kept))
+    return policy, reader.chunks, Previous(policy.country, _with_texts(reader.chunks, texts))
 
 
 def _plan(texts: list[str], previous: Previous) -> list[_Run]:
@@ -278,13 +281,12 @@ class _Reader:
     kept ones from their chunks; and makes the chunks and texts to hand on and keep."""
 
     def __init__(self, text: str, items: Items, runs: list[_Run], lines: list[int],
-                 previous: Previous, chunk: int, texts: list[str],
+                 previous: Previous, chunk: int,
                  confirmed: tuple[yaml.Node, yaml.SequenceNode] | None) -> None:
         self.text, self.items, self.runs, self.lines = text, items, runs, lines
-        self.previous, self.chunk, self.texts = previous, chunk, texts
+        self.previous, self.chunk = previous, chunk
         self.confirmed = confirmed[1].value if confirmed is not None else []
-        self.chunks = Chunks()
-        self.kept: list[tuple[bytes, tuple[str, ...]]] = []
+        self.chunks = Chunks()              # every user's, in order, once ``read`` returned
 
     def read(self, nodes: list[yaml.Node], problems: Problems,
              country: str) -> tuple[list[User | None], Sequence[Place]]:
@@ -297,14 +299,13 @@ class _Reader:
         k = 0
         for run in self.runs:
             if run.kept >= 0:
-                pickled, old = self.previous.chunks[run.kept]
+                pickled = self.previous.chunks[run.kept][0]
                 those: list[User | None] = pickle.loads(pickled)
                 if len(those) != run.count:
                     raise _NotConfirmed
                 users += those
                 self.chunks.pickled.append(pickled)
                 self.chunks.sizes.append(run.count)
-                self.kept.append((pickled, old))
                 k += 1
                 continue
             read, where = read_users(nodes[k:k + run.count], run.first, problems, country)
@@ -312,11 +313,5 @@ class _Reader:
             places.known[run.first:run.first + run.count] = where
             k += run.count
             if None not in read:          # a file with problems hands nothing on
-                fresh = Chunks()
-                fresh.add(read, self.chunk)
-                at = run.first
-                for pickled, size in zip(fresh.pickled, fresh.sizes, strict=True):
-                    self.kept.append((pickled, tuple(self.texts[at:at + size])))
-                    at += size
-                self.chunks.extend(fresh)
+                self.chunks.add(read, self.chunk)
         return users, places

@@ -35,12 +35,13 @@ def centre(count: int = 40, change: dict[int, str] | None = None, drop: tuple[in
 
 def kept_from(text: str) -> Previous:
     """What the parse child keeps after a good parse of ``text``."""
-    pairing = Pairing(text)
+    items = items_of(text)
+    pairing = Pairing(text, items)
     policy = policy_from(compose(text, "router.yaml"), "router.yaml", users_reader=pairing.read)
     assert pairing.paired
     chunks = Chunks()
     chunks.add(policy.users, CHUNK)
-    previous = record(text, policy, chunks)
+    previous = record(text, items, policy, chunks)
     assert previous is not None
     return previous
 
