@@ -4,6 +4,7 @@ import textwrap
 
 import pytest
 
+from router import policy_cache
 from router.config import parse_policy
 from router.policy.model import Binding, DeviceKind, Policy
 
@@ -55,3 +56,12 @@ def binding(device: str, kind: str, user: str = "lan", expires_at: float = 2000.
             q: float = 1.0) -> Binding:
     return Binding(user_id=user, device_id=device, kind=DeviceKind(kind),
                    contact=f"sip:{device}@127.0.0.1:{5100 + len(device)}", expires_at=expires_at, q=q)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A cache directory of the test's own, where even small files are kept."""
+    monkeypatch.delenv("CACHE_DIRECTORY", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(policy_cache, "MIN_SIZE", 0)        # these small files count as big
+    return tmp_path / "cache" / "sip-router"

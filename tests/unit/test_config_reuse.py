@@ -192,14 +192,6 @@ def test_any_edit_gives_the_same_policy_or_the_same_messages_as_reading_the_whol
         assert result == outcome(after)
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.delenv("CACHE_DIRECTORY", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(policy_cache, "MIN_SIZE", 0)        # these small files count as big
-    return tmp_path / "cache" / "sip-router"
-
-
 def test_the_parse_child_keeps_a_good_parse_and_reads_only_the_edited_users_next(cache, tmp_path, monkeypatch):
     path = str(tmp_path / "router.yaml")
     first = centre(count=3000)

@@ -16,14 +16,6 @@ from .conftest import BASE
 
 
 @pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.delenv("CACHE_DIRECTORY", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(policy_cache, "MIN_SIZE", 0)        # these small files count as big
-    return tmp_path / "cache" / "sip-router"
-
-
-@pytest.fixture
 def yaml_file(tmp_path):
     path = tmp_path / "router.yaml"
     path.write_text(BASE.format(state_dir=tmp_path))
