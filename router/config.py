@@ -141,6 +141,21 @@ def policy_from(root: yaml.Node, filename: str, more_users: MoreUsers | None = N
     return policy
 
 
+def _country(top: MapReader) -> str:
+    return str(top.str("country", "VN")).upper()
+
+
+def country_of(root: yaml.Node) -> str | None:
+    """The country a composed file names (its users' phone numbers are read by it), or
+    None when that setting has a problem."""
+    problems = Problems("")
+    top = MapReader(root, "", problems)
+    if not top.ok:
+        return None
+    country = _country(top)
+    return None if problems.lines else country
+
+
 def _yaml_error(text: str, filename: str, exc: yaml.MarkedYAMLError) -> str:
     """``file:line:column: not valid YAML: ...``, pointing at a tab when one is the cause:
     PyYAML and libyaml name a tab in indentation only as a character that "cannot start
@@ -162,7 +177,7 @@ def _yaml_error(text: str, filename: str, exc: yaml.MarkedYAMLError) -> str:
 def _build(top: MapReader, filename: str, problems: Problems,
            more_users: MoreUsers | None, users_reader: UsersReader | None) -> Policy | None:
     domain = top.str("domain", required=True)
-    country = top.str("country", "VN").upper()
+    country = _country(top)
     base = os.path.dirname(os.path.abspath(filename)) if not filename.startswith("<") else os.getcwd()
     state_dir = os.path.normpath(os.path.join(base, top.str("state_dir", "/var/lib/sip-router")))
     database = os.path.join(state_dir, top.str("database", "router.db"))

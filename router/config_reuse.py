@@ -53,6 +53,14 @@ class Previous:
     country: str
     chunks: tuple[tuple[bytes, tuple[str, ...]], ...]    # pickled users, and their items' texts
 
+    # The users of each chunk, where the process that made it holds them already; not kept.
+    loaded: tuple[list[User | None] | None, ...] = ()
+
+    def users(self, index: int) -> list[User | None]:
+        """The users of chunk ``index``."""
+        found = self.loaded[index] if index < len(self.loaded) else None
+        return found if found is not None else list(pickle.loads(self.chunks[index][0]))
+
     def dumps(self) -> bytes:
         return pickle.dumps((self.country, self.chunks), protocol=pickle.HIGHEST_PROTOCOL)
 
@@ -134,11 +142,12 @@ class _Run:
     kept: int               # the kept chunk it is, or -1: users read anew
 
 
-def parse_reusing(text: str, filename: str, previous: Previous,
-                  chunk: int = CHUNK) -> tuple[Policy, Chunks, Previous] | None:
+def parse_reusing(text: str, filename: str, previous: Previous, chunk: int = CHUNK,
+                  items: Items | None = None) -> tuple[Policy, Chunks, Previous] | None:
     """The policy of ``text``, its users in chunks, and what to keep of it; None when
-    the whole file must be parsed instead.  ``ConfigError`` as for the whole file."""
-    items = items_of(text)
+    the whole file must be parsed instead.  ``ConfigError`` as for the whole file.
+    ``items``: ``items_of(text)``, when the caller has it already."""
+    items = items if items is not None else items_of(text)
     if items is None or not items.starts:
         return None
     texts = items.texts(text)
@@ -199,6 +208,12 @@ def _skeleton(text: str, items: Items, runs: list[_Run]) -> str:
             parts.append(items.indent + _PLACEHOLDER + "\n" * text.count("\n", begin, end))
     parts.append(text[items.end:])
     return "".join(parts)
+
+
+def skeleton_of_all(text: str, items: Items) -> str:
+    """``text`` with its whole users list one placeholder: the rest of the file, every
+    line where it is, to read the settings the users depend on (the country)."""
+    return _skeleton(text, items, [_Run(0, len(items.starts), 0)])
 
 
 def _confirmed(root: yaml.Node, text: str, items: Items, runs: list[_Run], lines: list[int]) -> bool:
@@ -300,7 +315,7 @@ class _Reader:
         for run in self.runs:
             if run.kept >= 0:
                 pickled = self.previous.chunks[run.kept][0]
-                those: list[User | None] = pickle.loads(pickled)
+                those = self.previous.users(run.kept)
                 if len(those) != run.count:
                     raise _NotConfirmed
                 users += those
