@@ -168,6 +168,14 @@ def _body(item: str, prefix: str) -> str | None:
 def _users(bodies: list[str], country: str) -> list[User | None] | None:
     """Each body's user, None for one declined; None when the JSON does not load (which
     the grammar should rule out: then nothing is read here)."""
+    loaded = _loaded(bodies)
+    if loaded is None:
+        return None
+    return [_user(value, keys, country) for value, keys in loaded]
+
+
+def _loaded(bodies: list[str]) -> list[tuple[object, int]] | None:
+    """Each body (in the grammar) as JSON reads it, with how many keys it writes."""
     if not bodies:
         return []
     joined = "\n".join(bodies).replace("'", '"')
@@ -179,9 +187,9 @@ def _users(bodies: list[str], country: str) -> list[User | None] | None:
     except ValueError:
         return None
     lines = joined.split("\n")
-    if len(loaded) != len(lines):
+    if not isinstance(loaded, list) or len(loaded) != len(lines):
         return None
-    return [_user(value, line.count('": '), country) for value, line in zip(loaded, lines, strict=True)]
+    return [(value, line.count('": ')) for value, line in zip(loaded, lines, strict=True)]
 
 
 def _user(value: object, keys: int, country: str) -> User | None:
