@@ -145,7 +145,7 @@ def _parse(text: str, path: str) -> tuple[Policy, Chunks, Previous | None]:
                 found = None
             if found is not None:
                 return found
-        if items is not None and previous is None:
+        if items is not None:
             found = _read_lines(text, path, items)
             if found is not None:
                 return found
