@@ -26,8 +26,8 @@ import sys
 
 from router import policy_cache
 from router.config import compose, load_policy, policy_from, read_text
-from router.config_items import Chunks, Items, items_of, write_all
-from router.config_lines import read_lines
+from router.config_items import Chunks, items_of, write_all
+from router.config_lines import parse_lines
 from router.config_reuse import Pairing, Previous, parse_reusing, record
 from router.config_split import parse_split
 from router.errors import ConfigError
@@ -146,7 +146,7 @@ def _parse(text: str, path: str) -> tuple[Policy, Chunks, Previous | None]:
             if found is not None:
                 return found
         if items is not None:
-            found = _read_lines(text, path, items)
+            found = parse_lines(text, path, items)
             if found is not None:
                 return found
         chunks = Chunks()
@@ -158,20 +158,6 @@ def _parse(text: str, path: str) -> tuple[Policy, Chunks, Previous | None]:
             confirmed = pairing.paired
             chunks.add(policy.users)
     return policy, chunks, record(text, items, policy, chunks) if big and confirmed else None
-
-
-def _read_lines(text: str, path: str, items: Items) -> tuple[Policy, Chunks, Previous] | None:
-    """The policy with the users that are one line each read without composing them
-    (``config_lines``); None when too few are, or anything fails to confirm."""
-    lines = read_lines(text, path, items)
-    if lines is None:
-        return None
-    try:
-        return parse_reusing(text, path, lines, items=items)
-    except ConfigError:
-        raise
-    except Exception:  # noqa: BLE001 -- any fault here: read the file the usual way
-        return None
 
 
 def _previous(path: str) -> Previous | None:

@@ -41,10 +41,10 @@ import re
 from dataclasses import dataclass
 
 from router.config import _HEX32, _HEX64, _KIND, _METHOD, _ROLE, _TOKEN, compose, country_of
-from router.config_items import CHUNK, Items, write_all
-from router.config_reuse import MIN_KEPT, Previous, skeleton_of_all
+from router.config_items import CHUNK, Chunks, Items, items_of, write_all
+from router.config_reuse import MIN_KEPT, Previous, parse_reusing, skeleton_of_all
 from router.errors import ConfigError, InvalidNumber
-from router.policy.model import Device, User, build_device, build_user
+from router.policy.model import Device, Policy, User, build_device, build_user
 from router.policy.numbers import canonical
 
 _QUOTED = r"'[^'\"\\,:{}\[\]\x00-\x1f\x7f-\x9f\u2028\u2029\ufeff\ufffe\uffff]+'"
@@ -56,11 +56,31 @@ _INNERS = rf"\[{_INNER}(?:, {_INNER})*\]"
 _VALUE = f"(?:{_SCALAR}|{_SCALARS}|{_INNERS})"
 _BODY = re.compile(rf"\{{{_SCALAR}: {_VALUE}(?:, {_SCALAR}: {_VALUE})*\}}")
 
+MIN_USERS = 1000            # below this, the usual reading is quick enough
 MIN_SPLIT = 2000            # users in each half: below that, one core is quick enough
 _NULLS = frozenset({"null", "Null", "NULL"})
 _USER_KEYS = frozenset({"id", "display_name", "extension", "role", "receive_method", "agent_phone",
                         "default_queue", "devices"})
 _DEVICE_KEYS = frozenset({"id", "kind", "username", "password", "ha1", "ha1_sha256"})
+
+
+def parse_lines(text: str, filename: str, items: Items | None = None,
+                min_users: int = MIN_USERS) -> tuple[Policy, Chunks, Previous] | None:
+    """The policy of ``text`` with the users that are one line each read here, its users
+    in chunks, and what to keep of it (as ``config_reuse.parse_reusing``); None when too
+    few users are one line each, or anything fails to confirm: then read the file the
+    usual way, as for a list shorter than ``min_users``.  ``ConfigError`` as for the whole
+    file.  ``items``: ``items_of(text)``."""
+    items = items if items is not None else items_of(text)
+    if items is None or len(items.starts) < min_users:
+        return None
+    try:
+        previous = read_lines(text, filename, items)
+        return None if previous is None else parse_reusing(text, filename, previous, items=items)
+    except ConfigError:
+        raise
+    except Exception:  # noqa: BLE001 -- any fault here: read the file the usual way
+        return None
 
 
 def read_lines(text: str, filename: str, items: Items) -> Previous | None:

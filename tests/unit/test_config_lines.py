@@ -9,10 +9,9 @@ import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from router import config_child
 from router.config import parse_policy
 from router.config_items import items_of
-from router.config_lines import _BODY, MIN_SPLIT, _loaded, read_lines
+from router.config_lines import _BODY, MIN_SPLIT, _loaded, parse_lines, read_lines
 from router.errors import ConfigError
 
 from .test_config_split import HEAD, TAIL, user
@@ -45,7 +44,7 @@ def fast(text: str) -> tuple[str, object] | None:
     items = items_of(text)
     assert items is not None
     try:
-        found = config_child._read_lines(text, "router.yaml", items)
+        found = parse_lines(text, "router.yaml", items, min_users=1)
     except ConfigError as exc:
         return "error", exc.problems
     return None if found is None else ("ok", found[0])
@@ -56,6 +55,12 @@ def read_here(text: str) -> int:
     assert items is not None
     previous = read_lines(text, "router.yaml", items)
     return 0 if previous is None else sum(len(texts) for _, texts in previous.chunks)
+
+
+def test_a_short_list_is_read_the_usual_way() -> None:
+    text = HEAD + "".join(exported(i) for i in range(60)) + TAIL
+    assert parse_lines(text, "router.yaml") is None
+    assert parse_lines(text, "router.yaml", min_users=60) is not None
 
 
 def test_an_export_of_one_user_per_line_is_read_without_composing_its_users() -> None:
