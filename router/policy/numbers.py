@@ -23,6 +23,7 @@ import phonenumbers
 from router.errors import InvalidNumber
 
 
+@lru_cache(maxsize=64)
 def _country_code(region: str) -> int:
     code = phonenumbers.country_code_for_region(region)
     if code == 0:
@@ -43,6 +44,7 @@ def _canonical_of(number: phonenumbers.PhoneNumber) -> str:
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)[1:]
 
 
+@lru_cache(maxsize=64)
 def _example(region: str, code: int) -> str:
     sample = phonenumbers.example_number_for_type(region, phonenumbers.PhoneNumberType.MOBILE)
     return f"{code}{sample.national_number}" if sample is not None else f"{code}..."
@@ -56,7 +58,6 @@ def canonical(raw: str, region: str = "VN") -> str:
     """
     code = _country_code(region)
     text = str(raw).strip()
-    example = _example(region, code)
     if not text.isdigit():
         guess = _guess(text, region)
         if guess is not None and phonenumbers.is_valid_number(guess):
@@ -64,7 +65,7 @@ def canonical(raw: str, region: str = "VN") -> str:
                 f"{text!r} is not in canonical form; write it as {_canonical_of(guess)} "
                 "(country code and number, digits only, no '+', no leading 0)")
         raise InvalidNumber(
-            f"{text!r} is not a phone number; write digits only in the form {example}")
+            f"{text!r} is not a phone number; write digits only in the form {_example(region, code)}")
     if text.startswith("0"):
         guess = _guess(text, region)
         if guess is not None and phonenumbers.is_valid_number(guess):
@@ -72,14 +73,14 @@ def canonical(raw: str, region: str = "VN") -> str:
                 f"{text!r} starts with the trunk prefix 0; write it as {_canonical_of(guess)}")
         raise InvalidNumber(
             f"{text!r} starts with 0 and is not a valid {region} number; "
-            f"write it in the form {example}")
+            f"write it in the form {_example(region, code)}")
     try:
         parsed = phonenumbers.parse("+" + text, None)
     except phonenumbers.NumberParseException:
         parsed = None
     if parsed is None and text.startswith(str(code)):
         raise InvalidNumber(
-            f"{text!r} is not a valid {region} number; write it in the form {example}")
+            f"{text!r} is not a valid {region} number; write it in the form {_example(region, code)}")
     if parsed is None or parsed.country_code != code:
         # Maybe a national number written without its 0: "912345678".
         guess = _guess(text, region)
@@ -88,10 +89,10 @@ def canonical(raw: str, region: str = "VN") -> str:
                 f"{text!r} lacks the country code; write it as {_canonical_of(guess)}")
         raise InvalidNumber(
             f"{text!r} is not a {region} number (it must start with {code}); "
-            f"write it in the form {example}")
+            f"write it in the form {_example(region, code)}")
     if not phonenumbers.is_valid_number(parsed):
         raise InvalidNumber(
-            f"{text!r} is not a valid {region} number; write it in the form {example}")
+            f"{text!r} is not a valid {region} number; write it in the form {_example(region, code)}")
     return text
 
 
