@@ -8,8 +8,8 @@ against a small grammar (``_BODY``): a flow mapping of keys to scalars, lists of
 scalars, or lists of flow mappings of keys to scalars or lists of scalars, where
 
 - a scalar is a plain word run (``\\w`` and ``. @ + -``, words joined by single spaces)
-  or a single-quoted text without quotes, backslashes, control characters or any of
-  ``, : { } [ ]``;
+  or a single-quoted text without quotes, backslashes, any of ``, : { } [ ]``, or a
+  character YAML reads as a line break or refuses (controls, surrogates, BOM);
 - the separators are written as a YAML writer writes them: ``: `` after a key, ``, ``
   between entries, no space inside the brackets.
 
@@ -47,7 +47,7 @@ from router.errors import ConfigError, InvalidNumber
 from router.policy.model import Device, Policy, User, build_device, build_user
 from router.policy.numbers import canonical
 
-_QUOTED = r"'[^'\"\\,:{}\[\]\x00-\x1f\x7f-\x9f\u2028\u2029\ufeff\ufffe\uffff]+'"
+_QUOTED = r"'[^'\"\\,:{}\[\]\x00-\x1f\x7f-\x9f\u2028\u2029\ufeff\ufffe\uffff\ud800-\udfff]+'"
 _PLAIN = r"\w[\w.@+\-]*(?: \w[\w.@+\-]*)*"
 _SCALAR = f"(?:{_QUOTED}|{_PLAIN})"
 _SCALARS = rf"\[{_SCALAR}(?:, {_SCALAR})*\]"
@@ -138,8 +138,10 @@ def _in_two(texts: list[str], prefix: str, country: str) -> list[Run] | None:
             os._exit(status)        # at once: nothing of this process is wanted any more
     os.close(answer_write)
     try:
-        mine = _part(texts[:middle], 0, prefix, country)
+        # Opened first: should this half fail, closing it ends the other half's write
+        # (which no pipe buffer holds) before it is waited for.
         with os.fdopen(answer_read, "rb") as answer:
+            mine = _part(texts[:middle], 0, prefix, country)
             data = answer.read()
     finally:
         _, status = os.waitpid(pid, 0)

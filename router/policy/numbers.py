@@ -58,7 +58,7 @@ def canonical(raw: str, region: str = "VN") -> str:
     """
     code = _country_code(region)
     text = str(raw).strip()
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):      # isdigit alone takes "１２" and "١٢" too
         guess = _guess(text, region)
         if guess is not None and phonenumbers.is_valid_number(guess):
             raise InvalidNumber(

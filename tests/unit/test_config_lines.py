@@ -4,11 +4,16 @@ read by libyaml, and any doubt reads the whole file."""
 
 from __future__ import annotations
 
+import os
+import signal
+from types import FrameType
+
 import pytest
 import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from router import config_lines
 from router.config import parse_policy
 from router.config_items import items_of
 from router.config_lines import _BODY, MIN_SPLIT, _loaded, parse_lines, read_lines
@@ -75,6 +80,40 @@ def test_a_long_export_is_read_on_two_cores_with_the_same_result() -> None:
     text = HEAD + "".join(exported(i) for i in range(count)) + TAIL
     assert read_here(text) == count
     assert fast(text) == outcome(text)
+
+
+class Hung(BaseException):
+    pass
+
+
+def test_a_fault_in_one_half_reads_the_file_the_usual_way_without_waiting_on_the_other(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    text = HEAD + "".join(exported(i) for i in range(2 * MIN_SPLIT + 10)) + TAIL
+    here, real = os.getpid(), config_lines._user
+
+    def failing_here(*args: object) -> object:
+        if os.getpid() == here:
+            raise MemoryError
+        return real(*args)  # type: ignore[arg-type]
+
+    def too_long(_signum: int, _frame: FrameType | None) -> None:
+        raise Hung("the half that failed waits on the other")      # not an Exception: nothing catches it
+
+    monkeypatch.setattr(config_lines, "_user", failing_here)
+    before = signal.signal(signal.SIGALRM, too_long)
+    signal.alarm(30)
+    try:
+        assert parse_lines(text, "router.yaml") is None
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, before)
+
+
+@pytest.mark.parametrize("body", ["{id: u1, display_name: '\ud800'}", "{id: u1, display_name: '\ufeffx'}",
+                                  "{id: u1, display_name: 'a\u2028b'}", "{id: u1, display_name: 'a\x85b'}",
+                                  "{id: u1, display_name: 'a\tb'}"])
+def test_a_character_yaml_refuses_or_reads_as_a_line_break_is_not_in_the_grammar(body: str) -> None:
+    assert _BODY.fullmatch(body) is None
 
 
 ODD_LINES = {

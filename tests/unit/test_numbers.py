@@ -17,6 +17,8 @@ def test_canonical_vietnamese_numbers_are_accepted_unchanged(number):
     ("84 912 345 678", "write it as 84912345678"),
     ("091-234-5678", "write it as 84912345678"),
     ("912345678", "write it as 84912345678"),
+    ("８４９１２３４５６７８", "write it as 84912345678"),      # fullwidth digits, as an IME types them
+    ("٨٤٩١٢٣٤٥٦٧٨", "write it as 84912345678"),              # Arabic-Indic digits
 ])
 def test_other_forms_are_refused_with_the_canonical_form_to_type(raw, hint):
     with pytest.raises(InvalidNumber, match=hint):
