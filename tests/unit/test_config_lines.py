@@ -215,12 +215,36 @@ def _odd_line(draw: st.DrawFn, i: int) -> str:
     return "  - {" + comma.join(f"{k}{colon}{v.replace('{i}', str(i))}" for k, v in pairs) + "}\n"
 
 
+# Valid values, written in any of the ways YAML allows (some of which the fast reader leaves to YAML).
+_GOOD = {
+    "display_name": ("Night Team", "'Đêm 1'", '"Quoted Name"', "Nguyễn Văn A", "'Sales, Team'", "'it''s me'"),
+    "extension": ("'5{i:04d}'", "5{i:04d}", '"5{i:04d}"'),
+    "receive_method": ("ip_phone", "app", "'all_devices'", "agent_phone"),
+    "role": ("agent", "admin", "'agent'"),
+    "devices": ("[{id: g{i}, kind: app, password: p{i}}]", "[ {id: g{i}, kind: web, password: 'p {i}'} ]",
+                f"[{{id: g{{i}}, kind: ip_phone, ha1: {HA1}}}, {{id: h{{i}}, kind: app, password: q}}]",
+                '[{"id": g{i}, kind: app, password: p}]'),
+    "fallback": ("[app]",),
+}
+
+
+@st.composite
+def _valid_line(draw: st.DrawFn, i: int) -> str:
+    keys = draw(st.lists(st.sampled_from(sorted(_GOOD)), unique=True, max_size=4))
+    pairs = [("id", f"v{i}")] + [(k, draw(st.sampled_from(_GOOD[k])).replace("{i}", str(i))
+                                 .replace("{i:04d}", f"{i:04d}")) for k in keys]
+    if ("receive_method", "agent_phone") in pairs:
+        pairs.append(("agent_phone", f"'1201{7000000 + i:07d}'"))
+    comma = draw(st.sampled_from((", ", ", ", ", ", ",")))
+    return "  - {" + comma.join(f"{k}: {v}" for k, v in draw(st.permutations(pairs))) + "}\n"
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
 def test_any_users_list_reads_as_the_whole_file_or_the_usual_way(data: st.DataObject) -> None:
     users = [exported(i) for i in range(40)]
     for k in range(data.draw(st.integers(1, 6))):
-        line = data.draw(st.one_of(_odd_line(100 + k), st.just(user(100 + k))))    # or a block-style user
+        line = data.draw(st.one_of(_odd_line(100 + k), _valid_line(100 + k), st.just(user(100 + k))))
         users.insert(data.draw(st.integers(0, len(users))), line)
     text = HEAD + "".join(users) + TAIL
     found = fast(text)
