@@ -137,7 +137,7 @@ def _parse(text: str, path: str) -> tuple[Policy, Chunks, Previous | None]:
     with paused_gc():
         if previous is not None:
             try:
-                found = parse_reusing(text, path, previous)
+                found = parse_reusing(text, path, previous, items=items)
             except ConfigError:
                 raise
             except Exception:  # noqa: BLE001 -- a fault in what was kept: read every user, keep anew

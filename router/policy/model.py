@@ -74,8 +74,8 @@ class Device:
 
     def __reduce__(self) -> tuple[Callable[..., Device], tuple[object, ...]]:
         # Pickled in bulk (the YAML is parsed in a child process, and every worker
-        # unpickles every user): see ``_unpickled_device``.
-        return (_unpickled_device, (self.id, self.kind, self.auth_username, self.password, self.ha1_md5,
+        # unpickles every user): see ``build_device``.
+        return (build_device, (self.id, self.kind, self.auth_username, self.password, self.ha1_md5,
                                     self.ha1_sha256))
 
 
@@ -94,7 +94,7 @@ class User:
     password_hash: str | None = None                   # the web app's login (argon2id), None: none in the YAML
 
     def __reduce__(self) -> tuple[Callable[..., User], tuple[object, ...]]:
-        return (_unpickled_user, (self.id, self.display_name, self.extension, self.role, self.receive_method,
+        return (build_user, (self.id, self.display_name, self.extension, self.role, self.receive_method,
                                   self.agent_phone, self.default_queue, self.devices, self.fallback,
                                   self.ring_timeout, self.password_hash))
 
@@ -102,13 +102,15 @@ class User:
 # Unpickling sets the slots straight: the frozen dataclass's constructor goes through
 # ``object.__setattr__`` once per field, which made unpickling 100,000 users take twice
 # as long (0.4 s against 0.2 s, in the parse child and in every worker).  What is set is
-# what was pickled: a user the YAML reader built and checked.
+# what was pickled, or what the reader of one-line users (``config_lines``) checked as
+# the YAML reader does: values already checked.  Written out setter by setter: a loop
+# over the setters costs half as much again per object.
 _new = object.__new__
 _USER_SLOTS = tuple(User.__dict__[f.name].__set__ for f in dataclasses.fields(User))
 _DEVICE_SLOTS = tuple(Device.__dict__[f.name].__set__ for f in dataclasses.fields(Device))
 
 
-def _unpickled_user(id_: str, display_name: str, extension: str | None, role: Role,
+def build_user(id_: str, display_name: str, extension: str | None, role: Role,
                     receive_method: ReceiveMethod, agent_phone: str | None, default_queue: str | None,
                     devices: tuple[Device, ...], fallback: tuple[ReceiveMethod, ...] | None,
                     ring_timeout: float | None, password_hash: str | None) -> User:
@@ -128,7 +130,7 @@ def _unpickled_user(id_: str, display_name: str, extension: str | None, role: Ro
     return user
 
 
-def _unpickled_device(id_: str, kind: DeviceKind, auth_username: str, password: str | None,
+def build_device(id_: str, kind: DeviceKind, auth_username: str, password: str | None,
                       ha1_md5: str | None, ha1_sha256: str | None) -> Device:
     device = _new(Device)
     s = _DEVICE_SLOTS
@@ -139,12 +141,6 @@ def _unpickled_device(id_: str, kind: DeviceKind, auth_username: str, password: 
     s[4](device, ha1_md5)
     s[5](device, ha1_sha256)
     return device
-
-
-# Built straight from values already checked: by unpickling, and by the reader of one-line
-# users (``config_lines``), which checks each value as the YAML reader does.
-build_user = _unpickled_user
-build_device = _unpickled_device
 
 
 @dataclass(frozen=True)

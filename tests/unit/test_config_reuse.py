@@ -202,8 +202,8 @@ def test_the_parse_child_keeps_a_good_parse_and_reads_only_the_edited_users_next
     read_anew: list[int] = []
     real = config_child.parse_reusing
 
-    def counting(text, filename, previous):
-        found = real(text, filename, previous)
+    def counting(text, filename, previous, **options):
+        found = real(text, filename, previous, **options)
         assert found is not None
         items = items_of(text)
         assert items is not None
