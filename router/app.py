@@ -148,11 +148,14 @@ class Router:
                             secret=channels.secret if channels is not None else None)
         self.tally = Tally()
         self.tally.bindings_loaded(loaded)
-        # Writes are batched on the PJSIP thread itself: a writer thread was measured
-        # to cost throughput (it competes for the GIL) without improving latency.
-        calls: CallStore = SqliteCallStore(self.conn)
-        self.engine = Engine(listen, self.core, self.bindings, calls,
-                             pj_log_level=policy.log.pjsip_level, tally=self.tally, shared=shared)
+        # The writes are committed on the writer thread, through a connection of its own: a
+        # durable commit syncs the disk, and the PJSIP thread must not wait for that.
+        self.write_conn = connect(policy.database, durable=True)
+        self.write_conn.execute(f"PRAGMA busy_timeout = {int(STATE_BUSY_TIMEOUT * 1000)}")
+        calls: CallStore = SqliteCallStore(self.write_conn)
+        self.engine = Engine(listen, self.core, SqliteBindingStore(self.write_conn), calls,
+                             pj_log_level=policy.log.pjsip_level, tally=self.tally, shared=shared,
+                             write_thread=True)
         if policy.trunk is not None:
             self.resolve(policy.trunk)           # look names up before the first call, not during it
         self.flags = Flags()
@@ -399,6 +402,7 @@ class Router:
             if metrics is not None:
                 metrics.close()
             self.engine.close()
+            self.write_conn.close()
             self.conn.close()
             self.notifier.close()
         self.log.info("router.stopped", **self.engine.stats, loop_busy=self.engine.tally.loop.summary())

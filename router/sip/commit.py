@@ -1,9 +1,10 @@
 """Acknowledged means stored: the state writes and the answers that wait for them.
 
 The engine batches binding writes and call records and commits them at most
-every ``FLUSH_INTERVAL``.  The 200 to a REGISTER leaves only after the commit
-that stores its binding (``GroupCommit``); when the state database fails, it
-becomes a 500 with Retry-After.  No PJSIP here: unit-tested alone.
+every ``FLUSH_INTERVAL``, on the writer's thread (``router.sip.writer``).  The
+200 to a REGISTER leaves only after the commit that stores its binding
+(``GroupCommit``); when the state database fails, it becomes a 500 with
+Retry-After.  No PJSIP here: unit-tested alone.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from router.records import CallRecord
 from router.sip.commands import SaveBindings, Send
 from router.sip.core import SERVER
 from router.sip.message import parse, pretty_name
+from router.sip.writer import Batch, InlineWriter, Outcome, Writer
 from router.store.interfaces import BindingWriter, CallWriter
 
 FLUSH_INTERVAL = 0.05
@@ -48,10 +50,13 @@ class GroupCommit:
     """Acknowledged means stored: binding writes and the answers that acknowledge them.
 
     Binding sets (``save``) and call records (``save_call``) accumulate between
-    flushes; ``flush`` writes them, one transaction each.  A ``Send`` that
-    acknowledges a binding write (the 200 to a REGISTER: the engine passes every
-    send of a command list that holds a ``SaveBindings``) is held until the
-    flush that commits the batch, and released right after the commit.  A
+    flushes; ``flush`` hands them to the writer as one ``Batch`` (one transaction
+    for the bindings, one for the call records), and ``finished`` takes its
+    outcome; while a batch is being written, new writes wait for the next flush.
+    A ``Send`` that acknowledges a binding write (the 200 to a REGISTER: the
+    engine passes every send of a command list that holds a ``SaveBindings``) is
+    held until the batch that holds its binding is committed, and released
+    right after the commit.  A
     retransmitted REGISTER answered from the core's transaction cache while its
     200 is held is dropped (``is_held``): it leaves once, after the write.
 
@@ -73,9 +78,9 @@ class GroupCommit:
 
     def __init__(self, bindings: BindingWriter, calls: CallWriter, send: Callable[[Send], None],
                  logger: structlog.typing.FilteringBoundLogger,
-                 refused: Callable[[Send, Send], None] | None = None) -> None:
-        self.bindings = bindings
-        self.calls = calls
+                 refused: Callable[[Send, Send], None] | None = None, writer: Writer | None = None) -> None:
+        self.writer: Writer = writer if writer is not None else InlineWriter(bindings, calls)
+        self.in_flight: Batch | None = None     # the batch the writer has, until ``finished``
         self.send = send
         self.log = logger
         self.refused = refused
@@ -107,35 +112,44 @@ class GroupCommit:
         self.stats["held"] += 1
 
     def is_held(self, command: Send) -> bool:
-        return bool(self.held_data) and command.data in self.held_data
+        if self.held_data and command.data in self.held_data:
+            return True
+        return self.in_flight is not None and command.data in self.in_flight.held_data
 
     def flush(self, now: float, force: bool = False) -> None:
-        """Write what is pending (unless backing off after a failure), then release
-        the held answers: as they are after a commit, as 500s after a failure."""
+        """Hand what is pending to the writer (unless backing off after a failure, or a batch
+        is still being written: then it waits for the next flush); ``finished`` releases the
+        held answers once it is written: as they are after a commit, as 500s after a failure."""
+        if self.in_flight is not None:
+            return
         if not (self.pending or self.pending_calls or self.held):
             return
         if now < self.retry_at and not force:
             return
+        batch = Batch(self.pending, self.pending_calls, self.held, self.held_data, force)
+        self.pending, self.pending_calls, self.held, self.held_data = {}, {}, [], set()
+        self.in_flight = batch
+        self.writer.write(batch, self.finished, now)
+
+    def finished(self, batch: Batch, outcome: Outcome, now: float) -> None:
+        """The writer is done with ``batch``: what failed goes back to the pending writes
+        (under anything newer for the same device or call), and the held answers leave."""
+        self.in_flight = None
         problem: Exception | None = None
         stored = True
-        if self.pending:
-            try:
-                self.bindings.replace_many(self.pending.values())
-            except Exception as exc:   # noqa: BLE001 -- any store failure: keep the batch, keep routing
-                if self._wait_for_lock(exc, now, force):
-                    return             # the batch, the call records and the 200s wait for the next flush
-                problem, stored = exc, False
-            else:
-                self.pending = {}
+        if outcome.bindings_error is not None:
+            if self._wait_for_lock(outcome.bindings_error, now, batch.force):
+                self._keep(batch)      # the batch, the call records and the 200s wait for the next flush
+                return
+            problem, stored = outcome.bindings_error, False
+            self._keep_writes(batch.bindings, batch.calls)
+        else:
+            if batch.bindings:
                 self.stats["commits"] += 1
-        if self.pending_calls and problem is None:
-            try:
-                self.calls.save_many(self.pending_calls.values())
-            except Exception as exc:   # noqa: BLE001
-                if not self._wait_for_lock(exc, now, force):
-                    problem = exc
-            else:
-                self.pending_calls = {}
+            if outcome.calls_error is not None:
+                if not self._wait_for_lock(outcome.calls_error, now, batch.force):
+                    problem = outcome.calls_error
+                self._keep_writes({}, batch.calls)
         if problem is None:
             if not self.pending_calls:          # else the call records still wait for the lock
                 self.busy_since = None
@@ -143,10 +157,23 @@ class GroupCommit:
         else:
             self.busy_since = None
             self._failed(problem, now)
-        held, self.held = self.held, []
-        self.held_data = set()
-        for command in held:
+        for command in batch.held:
             self.send(command if stored else self._refuse(command))
+
+    def _keep(self, batch: Batch) -> None:
+        """All of ``batch`` waits for the next flush, its answers first in line."""
+        self._keep_writes(batch.bindings, batch.calls)
+        self.held = [*batch.held, *self.held]
+        self.held_data |= batch.held_data
+
+    def _keep_writes(self, bindings: dict[str, SaveBindings], calls: dict[str, CallRecord]) -> None:
+        if bindings:
+            newer, self.pending = self.pending, dict(bindings)
+            self.pending.update(newer)
+        if calls:
+            newer_calls, self.pending_calls = self.pending_calls, dict(calls)
+            for record in newer_calls.values():
+                self.save_call(record)
 
     def _refuse(self, command: Send) -> Send:
         if not command.data.startswith(b"SIP/2.0 2"):

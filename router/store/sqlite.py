@@ -400,6 +400,26 @@ _BINDING_COLUMNS = ("user_id, device_id, kind, contact, expires_at, q, call_id, 
                     "path, flow, client, at_contact")
 
 
+def _from_json(count: int) -> str:
+    """The columns of one row of a JSON array of rows (``json_each``'s ``value``)."""
+    return ", ".join(f"value ->> {i}" for i in range(count))
+
+
+_FROM_JSON_BINDINGS = _from_json(19)
+
+
+def _as_json(rows: list[Any]) -> str | None:
+    """A batch as one JSON parameter, or None when a value has no JSON form (an infinite or
+    NaN number).  A batch is written by one statement that reads its rows from the JSON
+    (``json_each``): the writer thread takes the interpreter lock once to bind it, and
+    SQLite does the whole batch with the lock released.  ``executemany`` takes the lock back
+    after every row, and with the PJSIP thread busy each time waits for it to let go."""
+    try:
+        return json.dumps(rows, allow_nan=False, separators=(",", ":"))
+    except ValueError:
+        return None
+
+
 class SqliteBindingStore:
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
@@ -439,20 +459,25 @@ class SqliteBindingStore:
     def replace_many(self, sets: Iterable[DeviceBindings]) -> None:
         """Several devices' binding sets in one transaction."""
         latest = {item.device_id: item for item in sets}      # a device twice: its last set
+        rows = [(b.user_id, b.device_id, b.kind.value, b.contact, b.expires_at, b.q,
+                 b.call_id, b.cseq, b.source_host, b.source_port, b.transport,
+                 b.user_agent, b.registered_at, b.instance,
+                 json.dumps(list(b.path)) if b.path else "", b.flow, b.client, int(b.at_contact),
+                 user_hash(b.user_id))
+                for item in latest.values() for b in item.bindings]
+        devices, values = _as_json(list(latest)), _as_json(rows)
         _settle(self.conn)
         with self.conn:
             self.conn.execute("BEGIN IMMEDIATE")
-            # Two statements for the whole batch, not two per device.
-            self.conn.executemany("DELETE FROM bindings WHERE device_id = ?", [(d,) for d in latest])
-            self.conn.executemany(
-                f"INSERT INTO bindings ({_BINDING_COLUMNS}, user_hash) VALUES "
-                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [(b.user_id, b.device_id, b.kind.value, b.contact, b.expires_at, b.q,
-                  b.call_id, b.cseq, b.source_host, b.source_port, b.transport,
-                  b.user_agent, b.registered_at, b.instance,
-                  json.dumps(list(b.path)) if b.path else "", b.flow, b.client, int(b.at_contact),
-                  user_hash(b.user_id))
-                 for item in latest.values() for b in item.bindings])
+            if devices is None or values is None:      # not JSON (an infinite number): row by row
+                self.conn.executemany("DELETE FROM bindings WHERE device_id = ?", [(d,) for d in latest])
+                self.conn.executemany(f"INSERT INTO bindings ({_BINDING_COLUMNS}, user_hash) VALUES "
+                                      f"({', '.join('?' * 19)})", rows)
+                return
+            self.conn.execute("DELETE FROM bindings WHERE device_id IN (SELECT value FROM json_each(?))",
+                              (devices,))
+            self.conn.execute(f"INSERT INTO bindings ({_BINDING_COLUMNS}, user_hash) "
+                              f"SELECT {_FROM_JSON_BINDINGS} FROM json_each(?)", (values,))
 
     def purge_expired(self, now: float) -> int:
         with self.conn:
@@ -470,16 +495,23 @@ class SqliteCallStore:
         rows = [(r.call_id, r.caller, r.user_id, r.queue_id, r.method, json.dumps(list(r.branches)),
                  r.answered_by, r.status, r.reason, r.started_at, r.answered_at, r.ended_at)
                 for r in records]
+        values = _as_json(rows)
+        source = (f"SELECT {_from_json(12)} FROM json_each(?) WHERE true" if values is not None
+                  else f"VALUES ({', '.join('?' * 12)})")
         _settle(self.conn)
         with self.conn:
             self.conn.execute("BEGIN IMMEDIATE")
-            self.conn.executemany(
+            statement = (
                 "INSERT INTO calls (call_id, caller, user_id, queue_id, method, branches, answered_by, "
-                "status, reason, started_at, answered_at, ended_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                f"status, reason, started_at, answered_at, ended_at) {source} "
                 "ON CONFLICT (call_id) DO UPDATE SET caller=excluded.caller, user_id=excluded.user_id, "
                 "queue_id=excluded.queue_id, method=excluded.method, branches=excluded.branches, "
                 "answered_by=excluded.answered_by, status=excluded.status, reason=excluded.reason, "
-                "answered_at=excluded.answered_at, ended_at=excluded.ended_at", rows)
+                "answered_at=excluded.answered_at, ended_at=excluded.ended_at")
+            if values is None:
+                self.conn.executemany(statement, rows)
+            else:
+                self.conn.execute(statement, (values,))
 
     def recent(self, user_id: str | None = None, limit: int = 50) -> list[CallRecord]:
         query = ("SELECT call_id, caller, user_id, queue_id, method, branches, answered_by, status, "
