@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.integration.sippgen import fork_call_flow, invite_flow  # noqa: E402
-from tests.support import DOMAIN, SCENARIOS, RouterProcess, free_port, free_port_run  # noqa: E402
+from tests.support import DOMAIN, SCENARIOS, RouterProcess, free_port, free_port_run, private_cache  # noqa: E402
 
 BUF = str(4 * 1024 * 1024)
 
@@ -167,6 +167,7 @@ def main() -> int:
     count = args.count or rate * 10
     with tempfile.TemporaryDirectory(prefix="sip-router-calls-") as name:
         tmp = Path(name)
+        private_cache(tmp)
         port = free_port() if args.workers == 1 else free_port_run(args.workers + 1)
         method = "all_devices" if args.mode == "fork" else "ip_phone"
         config = write_config(tmp, port, args.users, method, args.mode == "redirect")

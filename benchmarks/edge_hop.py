@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.call_rate import caller, farm, pct, rtt_values, totals, wait_registered, write_config  # noqa: E402
 from tests.integration.edge import EdgeLab  # noqa: E402
 from tests.integration.sippgen import invite_flow  # noqa: E402
-from tests.support import RouterProcess, free_port, write_users_config  # noqa: E402
+from tests.support import RouterProcess, free_port, private_cache, write_users_config  # noqa: E402
 
 
 def edge_yaml(internal_port: int, listen_port: int) -> str:
@@ -117,6 +117,7 @@ def main() -> int:
     args.rate = args.rate or {"pdd": 100, "register": 1000}[args.mode]
     args.count = args.count or args.rate * 20
     with tempfile.TemporaryDirectory(prefix="sip-router-edge-") as name:
+        private_cache(name)
         return pdd(args, Path(name)) if args.mode == "pdd" else register(args, Path(name))
 
 

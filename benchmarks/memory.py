@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.compare import RouterServer  # noqa: E402
 from benchmarks.policy_changes import write_bindings  # noqa: E402
-from tests.support import free_port, free_port_run, write_users_config  # noqa: E402
+from tests.support import free_port, free_port_run, private_cache, write_users_config  # noqa: E402
 
 
 def memory_of(pid: int) -> dict[str, int]:
@@ -49,6 +49,7 @@ def main() -> int:
     parser.add_argument("--no-bindings", action="store_true", help="start with an empty state database")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="sip-router-memory-") as tmp:
+        private_cache(tmp)
         port = free_port() if args.workers == 1 else free_port_run(args.workers + 1)
         config, _ = write_users_config(tmp, port, args.users)
         if args.workers > 1:

@@ -36,7 +36,7 @@ from router.control_client import request  # noqa: E402
 from router.policy.model import Binding, DeviceKind  # noqa: E402
 from router.sip.commands import SaveBindings  # noqa: E402
 from router.store.sqlite import SqliteBindingStore, connect  # noqa: E402
-from tests.support import RouterProcess, free_port, stop_process, write_users_config  # noqa: E402
+from tests.support import RouterProcess, free_port, private_cache, stop_process, write_users_config  # noqa: E402
 
 OPTIONS_PROBE = """<?xml version="1.0" encoding="ISO-8859-1" ?>
 <scenario name="options probe">
@@ -78,6 +78,7 @@ def main() -> int:
     parser.add_argument("--probe-rate", type=int, default=200, help="OPTIONS per second during the run")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="sip-router-changes-") as tmp:
+        private_cache(tmp)
         port = free_port()
         config, _ = write_users_config(tmp, port, args.users)
         database = os.path.join(tmp, "router.db")

@@ -23,7 +23,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from tests.support import RouterProcess, free_port, write_users_config  # noqa: E402
+from tests.support import RouterProcess, free_port, private_cache, write_users_config  # noqa: E402
 
 
 def main() -> int:
@@ -33,6 +33,7 @@ def main() -> int:
     parser.add_argument("--users", type=int, default=10000, help="distinct users (one device each)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="sip-router-bench-") as tmp:
+        private_cache(tmp)
         port = free_port()
         config, csv = write_users_config(tmp, port, args.users)
         router = RouterProcess(config, port, log_level="warning")

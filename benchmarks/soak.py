@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests.integration.peers import SippFarm  # noqa: E402
 from tests.integration.sippgen import fork_call_flow  # noqa: E402
-from tests.support import RouterProcess, count_bindings, free_port, proc_usage, write_fork_config  # noqa: E402
+from tests.support import RouterProcess, count_bindings, free_port, private_cache, proc_usage, write_fork_config  # noqa: E402
 
 BUF = str(4 * 1024 * 1024)
 
@@ -158,6 +158,7 @@ def main() -> int:
         Path(args.keep).mkdir(parents=True, exist_ok=True)
     with (contextlib.nullcontext(args.keep) if args.keep
           else tempfile.TemporaryDirectory(prefix="sip-router-soak-")) as name:
+        private_cache(name)
         result = soak(Path(name), args.duration, args.rate, args.users, min(args.warmup, args.duration / 2),
                       args.sample, echo=True)
         print(result.report(samples=False))

@@ -20,6 +20,14 @@ SCENARIOS = ROOT / "tests" / "scenarios"
 DOMAIN = "pbx.test"
 
 
+def private_cache(directory: str | os.PathLike[str]) -> None:
+    """Routers started from here on keep their parsed YAMLs under ``directory`` (removed with
+    it), not in the user's ``~/.cache/sip-router``: a benchmark's generated users are parsed
+    into a new entry each run."""
+    os.environ.pop("CACHE_DIRECTORY", None)
+    os.environ["XDG_CACHE_HOME"] = os.path.join(directory, "cache")
+
+
 def free_port(kind: int = socket.SOCK_DGRAM) -> int:
     """A loopback port free for both UDP and TCP right now."""
     for _ in range(50):
