@@ -198,12 +198,10 @@ class Engine:
             end.setblocking(False)
         self.pj_poll_at = 0.0          # when selecting: when PJSIP's timers next get a poll
         self.core = core
-        self.store = store
         self.tally = tally if tally is not None else Tally()     # counted here, scraped elsewhere
         self.log = log.get("sip")
         self.inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self.held_by_device: dict[str, set[int]] = {}
-        self.calls = calls
         # ``write_thread``: the stores are the writer thread's own (their own connection)
         self.writes: WriterThread | None = WriterThread(store, calls, self.wake, time.time) if write_thread else None
         self.commit = GroupCommit(store, calls, self._dispatch, log.get("state"), self._refused,

@@ -406,6 +406,15 @@ def _from_json(count: int) -> str:
 
 
 _FROM_JSON_BINDINGS = _from_json(19)
+_UPSERT_CALLS = (
+    "INSERT INTO calls (call_id, caller, user_id, queue_id, method, branches, answered_by, "
+    "status, reason, started_at, answered_at, ended_at) {source} "
+    "ON CONFLICT (call_id) DO UPDATE SET caller=excluded.caller, user_id=excluded.user_id, "
+    "queue_id=excluded.queue_id, method=excluded.method, branches=excluded.branches, "
+    "answered_by=excluded.answered_by, status=excluded.status, reason=excluded.reason, "
+    "answered_at=excluded.answered_at, ended_at=excluded.ended_at")
+_UPSERT_CALLS_FROM_JSON = _UPSERT_CALLS.format(source=f"SELECT {_from_json(12)} FROM json_each(?) WHERE true")
+_UPSERT_CALLS_ROWS = _UPSERT_CALLS.format(source=f"VALUES ({', '.join('?' * 12)})")
 
 
 def _as_json(rows: list[Any]) -> str | None:
@@ -496,22 +505,13 @@ class SqliteCallStore:
                  r.answered_by, r.status, r.reason, r.started_at, r.answered_at, r.ended_at)
                 for r in records]
         values = _as_json(rows)
-        source = (f"SELECT {_from_json(12)} FROM json_each(?) WHERE true" if values is not None
-                  else f"VALUES ({', '.join('?' * 12)})")
         _settle(self.conn)
         with self.conn:
             self.conn.execute("BEGIN IMMEDIATE")
-            statement = (
-                "INSERT INTO calls (call_id, caller, user_id, queue_id, method, branches, answered_by, "
-                f"status, reason, started_at, answered_at, ended_at) {source} "
-                "ON CONFLICT (call_id) DO UPDATE SET caller=excluded.caller, user_id=excluded.user_id, "
-                "queue_id=excluded.queue_id, method=excluded.method, branches=excluded.branches, "
-                "answered_by=excluded.answered_by, status=excluded.status, reason=excluded.reason, "
-                "answered_at=excluded.answered_at, ended_at=excluded.ended_at")
-            if values is None:
-                self.conn.executemany(statement, rows)
+            if values is None:                  # not JSON (an infinite number): row by row
+                self.conn.executemany(_UPSERT_CALLS_ROWS, rows)
             else:
-                self.conn.execute(statement, (values,))
+                self.conn.execute(_UPSERT_CALLS_FROM_JSON, (values,))
 
     def recent(self, user_id: str | None = None, limit: int = 50) -> list[CallRecord]:
         query = ("SELECT call_id, caller, user_id, queue_id, method, branches, answered_by, status, "

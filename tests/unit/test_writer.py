@@ -7,6 +7,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 
+import pytest
 import structlog
 
 from router.policy.model import Binding, DeviceKind
@@ -66,71 +67,65 @@ class Loop:
         self.writer.collect(100.1)
 
 
-def test_the_loop_goes_on_while_a_registration_is_written_and_its_200_leaves_after_the_commit():
-    store = SlowDisk()
-    loop = Loop(store)
-    try:
-        loop.commit.save(save("minh-desk"))
-        loop.commit.hold(OK)
-        loop.commit.flush(100.0)                  # returns at once: the disk has not finished
-        assert store.writing.wait(WAIT)
-        assert loop.sent == [] and loop.commit.is_held(OK)     # a retransmission is not answered early
-        store.go.set()
-        loop.until_written()
-        assert loop.sent == [OK] and store.bindings["minh-desk"][0].contact.endswith(":5071")
-        assert not loop.commit.is_held(OK) and loop.commit.stats["commits"] == 1
-    finally:
-        store.go.set()
-        loop.writer.stop()
+@pytest.fixture
+def store():
+    return SlowDisk()
 
 
-def test_what_arrives_during_a_write_goes_in_the_next_batch():
-    store = SlowDisk()
-    loop = Loop(store)
-    try:
-        loop.commit.save(save("minh-desk"))
-        loop.commit.flush(100.0)
-        assert store.writing.wait(WAIT)
-        loop.commit.save(save("minh-app"))
-        loop.commit.flush(100.05)                 # a batch is still being written: this one waits
-        assert loop.commit.in_flight is not None and set(loop.commit.pending) == {"minh-app"}
-        store.go.set()
-        loop.until_written()
-        assert set(store.bindings) == {"minh-desk"}
-        loop.commit.flush(100.1)
-        loop.until_written()
-        assert set(store.bindings) == {"minh-desk", "minh-app"}
-    finally:
-        store.go.set()
-        loop.writer.stop()
+@pytest.fixture
+def loop(store):
+    """The loop on ``store``; its writer thread is let go and stopped also when a test fails."""
+    running = Loop(store)
+    yield running
+    store.go.set()
+    running.writer.stop()
 
 
-def test_a_failed_write_is_kept_under_the_newer_registration_and_its_200_becomes_500():
-    store = SlowDisk()
+def test_the_loop_goes_on_while_a_registration_is_written_and_its_200_leaves_after_the_commit(store, loop):
+    loop.commit.save(save("minh-desk"))
+    loop.commit.hold(OK)
+    loop.commit.flush(100.0)                  # returns at once: the disk has not finished
+    assert store.writing.wait(WAIT)
+    assert loop.sent == [] and loop.commit.is_held(OK)     # a retransmission is not answered early
+    store.go.set()
+    loop.until_written()
+    assert loop.sent == [OK] and store.bindings["minh-desk"][0].contact.endswith(":5071")
+    assert not loop.commit.is_held(OK) and loop.commit.stats["commits"] == 1
+
+
+def test_what_arrives_during_a_write_goes_in_the_next_batch(store, loop):
+    loop.commit.save(save("minh-desk"))
+    loop.commit.flush(100.0)
+    assert store.writing.wait(WAIT)
+    loop.commit.save(save("minh-app"))
+    loop.commit.flush(100.05)                 # a batch is still being written: this one waits
+    assert loop.commit.in_flight is not None and set(loop.commit.pending) == {"minh-app"}
+    store.go.set()
+    loop.until_written()
+    assert set(store.bindings) == {"minh-desk"}
+    loop.commit.flush(100.1)
+    loop.until_written()
+    assert set(store.bindings) == {"minh-desk", "minh-app"}
+
+
+def test_a_failed_write_is_kept_under_the_newer_registration_and_its_200_becomes_500(store, loop):
     store.broken = True
-    loop = Loop(store)
-    try:
-        loop.commit.save(save("minh-desk", 5071))
-        loop.commit.hold(Send(b"SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP 127.0.0.1:5071;branch=z9hG4bK-1\r\n"
-                              b"From: <sip:minh@pbx.test>;tag=a\r\nTo: <sip:minh@pbx.test>;tag=b\r\n"
-                              b"Call-ID: reg-1\r\nCSeq: 2 REGISTER\r\nContent-Length: 0\r\n\r\n",
-                              "127.0.0.1", 5071))
-        loop.commit.flush(100.0)
-        assert store.writing.wait(WAIT)
-        loop.commit.save(save("minh-desk", 5072))          # the phone registered again meanwhile
-        store.go.set()
-        loop.until_written()
-        (refused,) = loop.sent
-        assert refused.data.startswith(b"SIP/2.0 500 ")
-        assert loop.commit.pending["minh-desk"].bindings[0].contact.endswith(":5072")
-    finally:
-        store.go.set()
-        loop.writer.stop()
+    loop.commit.save(save("minh-desk", 5071))
+    loop.commit.hold(Send(b"SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP 127.0.0.1:5071;branch=z9hG4bK-1\r\n"
+                          b"From: <sip:minh@pbx.test>;tag=a\r\nTo: <sip:minh@pbx.test>;tag=b\r\n"
+                          b"Call-ID: reg-1\r\nCSeq: 2 REGISTER\r\nContent-Length: 0\r\n\r\n",
+                          "127.0.0.1", 5071))
+    loop.commit.flush(100.0)
+    assert store.writing.wait(WAIT)
+    loop.commit.save(save("minh-desk", 5072))          # the phone registered again meanwhile
+    store.go.set()
+    loop.until_written()
+    (refused,) = loop.sent
+    assert refused.data.startswith(b"SIP/2.0 500 ")
+    assert loop.commit.pending["minh-desk"].bindings[0].contact.endswith(":5072")
 
 
-def test_stopping_waits_for_the_write_in_progress_then_writes_the_rest_inline():
-    store = SlowDisk()
-    loop = Loop(store)
+def test_stopping_waits_for_the_write_in_progress_then_writes_the_rest_inline(store, loop):
     loop.commit.save(save("minh-desk"))
     loop.commit.hold(OK)
     loop.commit.flush(100.0)
