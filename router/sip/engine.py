@@ -383,7 +383,7 @@ class Engine:
                     wake = min(wake, next_flush)
             # Rounded up: rounded down, the last millisecond before every timer was a busy spin.
             cap = SELECT_POLL_MS if self.selecting else POLL_MS
-            wait = max(0, min(cap, math.ceil((wake - time.time()) * 1000)))
+            wait = max(0, min(cap, math.ceil((wake - time.time()) * 1000))) if not self.received else 0
             if self.selecting:
                 self._poll_select(wait)
             elif self.ep.libHandleEvents(wait) > 0:
@@ -421,6 +421,8 @@ class Engine:
                     self.log.exception("router.idle.error")
             if self.outgoing:
                 self._send_out()
+            if self.selecting and time.monotonic() >= self.pj_poll_at:
+                self._poll_pjsip(time.monotonic())    # what it reads is handled by the next pass, at once
             if self.module is not None and self.module.errors:
                 self.failure = self.module.errors[0]
             self.tally.loop.observe(time.monotonic() - busy_from)
@@ -464,10 +466,10 @@ class Engine:
         """Wait for any of the router's sockets and read the UDP ones here, without PJSIP:
         the shared ports, and PJSIP's own UDP sockets too unless the router registers to a
         trunk (the registrar's answers arrive there and belong to PJSIP's transactions).  PJSIP
-        gets a zero-wait poll when it must read its own port, and otherwise every
-        ``POLL_MS`` for its timers, not on every pass: a hand-over wakes the loop for one
-        datagram, which should not wait behind a poll of PJSIP."""
+        gets a zero-wait poll here when it must read its own port; its timers get one every
+        ``POLL_MS`` after the pass's answers have left (``_poll_pjsip``), not before them."""
         shared = self.shared
+        waited_from = time.time()
         try:
             ready = select.select([*(shared.readable() if shared is not None else ()), *self.pj_sockets,
                                    self.waker[0]], [], [], wait_ms / 1000)[0]
@@ -480,21 +482,23 @@ class Engine:
             except OSError:
                 pass
         if ready and shared is not None:
-            self._arrived(shared.drain(ready, self.received, BATCH))
+            self._arrived(shared.drain(ready, self.received, BATCH, waited_from))
         pj_ready = False
         if ready:
             own = self.account is None
             for sock in self.pj_sockets:
                 if sock in ready:
                     if own:
-                        self._arrived(read_datagrams(sock, self.received, BATCH))
+                        self._arrived(read_datagrams(sock, self.received, BATCH, waited_from))
                     else:
                         pj_ready = True
-        now = time.monotonic()
-        if now >= self.pj_poll_at or pj_ready:
-            self.pj_poll_at = now + POLL_MS / 1000
-            while self.ep.libHandleEvents(0) > 0 and len(self.received) < BATCH:
-                pass
+        if pj_ready:
+            self._poll_pjsip(time.monotonic())
+
+    def _poll_pjsip(self, now: float) -> None:
+        self.pj_poll_at = now + POLL_MS / 1000
+        while self.ep.libHandleEvents(0) > 0 and len(self.received) < BATCH:
+            pass
 
     def _arrived(self, arrived: float | None) -> None:
         self.oldest_arrival = earliest(self.oldest_arrival, arrived)

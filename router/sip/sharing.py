@@ -175,18 +175,21 @@ class SharedPorts:
     def readable(self) -> list[socket.socket]:
         return [*self.sockets, self.channels.inbox]
 
-    def drain(self, ready: list[socket.socket], out: list[tuple[bool, Packet]], limit: int) -> float | None:
+    def drain(self, ready: list[socket.socket], out: list[tuple[bool, Packet]], limit: int,
+              waited_from: float | None = None) -> float | None:
         """Read what ``ready`` holds (at most ``limit`` in all): ours into ``out``, the rest handed
-        on.  Returns when the oldest datagram read from a shared port arrived (None: none read)."""
+        on.  Returns when the oldest datagram read from a shared port arrived (None: none read).
+        ``waited_from``: when the loop began to wait (``read_datagrams``)."""
         oldest: float | None = None
         for sock in ready:
             if sock is self.channels.inbox:
                 self._drain_inbox(out, limit)
             elif sock in self.sockets:
-                oldest = earliest(oldest, self._drain_shared(sock, out, limit))
+                oldest = earliest(oldest, self._drain_shared(sock, out, limit, waited_from))
         return oldest
 
-    def _drain_shared(self, sock: socket.socket, out: list[tuple[bool, Packet]], limit: int) -> float | None:
+    def _drain_shared(self, sock: socket.socket, out: list[tuple[bool, Packet]], limit: int,
+                      waited_from: float | None) -> float | None:
         me = self.channels.index
         arrived: float | None = None
         for index in range(limit):
@@ -203,12 +206,14 @@ class SharedPorts:
             owner = self.steering.owner(data)
             if owner is None or owner == me:
                 out.append(_received(data, host, port))
-                continue
-            try:
-                self.channels.outboxes[owner].send(encode(host, port, data))
-                self.stats["handed_over"] += 1
-            except OSError:         # the owner is gone or far behind: as if the network lost it
-                self.stats["handover_dropped"] += 1
+            else:
+                try:
+                    self.channels.outboxes[owner].send(encode(host, port, data))
+                    self.stats["handed_over"] += 1
+                except OSError:         # the owner is gone or far behind: as if the network lost it
+                    self.stats["handover_dropped"] += 1
+            if not index and woke_the_loop(arrived, waited_from):
+                return arrived
         return arrived
 
     def _drain_inbox(self, out: list[tuple[bool, Packet]], limit: int) -> None:
@@ -233,11 +238,13 @@ class SharedPorts:
         self.sockets.clear()
 
 
-def read_datagrams(sock: socket.socket, out: list[tuple[bool, Packet]], limit: int) -> float | None:
+def read_datagrams(sock: socket.socket, out: list[tuple[bool, Packet]], limit: int,
+                   waited_from: float | None = None) -> float | None:
     """Read what waits on the UDP socket ``sock`` into ``out``, up to ``limit`` entries in all
     (PJSIP's own socket: a recvfrom per datagram costs a fraction of PJSIP's poll, parse and
     callback, and the core parses every message itself anyway).  Returns when the first
-    (oldest) datagram read arrived, when the socket stamps arrivals (``stamp_arrivals``)."""
+    (oldest) datagram read arrived, when the socket stamps arrivals (``stamp_arrivals``).
+    ``waited_from``: when the loop began to wait (``woke_the_loop``)."""
     arrived: float | None = None
     for index in range(limit - len(out)):
         try:
@@ -248,7 +255,18 @@ def read_datagrams(sock: socket.socket, out: list[tuple[bool, Packet]], limit: i
         except OSError:         # nothing left (EAGAIN), or an ICMP error reported on the socket
             return arrived
         out.append(_received(data, address[0], address[1]))
+        if not index and woke_the_loop(arrived, waited_from):
+            return arrived
     return arrived
+
+
+def woke_the_loop(arrived: float | None, waited_from: float | None) -> bool:
+    """Whether the first datagram read arrived while the loop waited (rather than before it
+    began to): then it is read alone.  Under light load a datagram comes by itself, and the
+    read that would find the socket empty costs as much as the first (tens of microseconds
+    on a processor just woken), before the message is handled; whatever did arrive with it
+    makes the next wait return at once, and by then it waited, so that read drains the queue."""
+    return arrived is not None and waited_from is not None and arrived >= waited_from
 
 
 def earliest(a: float | None, b: float | None) -> float | None:

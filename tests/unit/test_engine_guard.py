@@ -326,25 +326,34 @@ def test_full_passes_are_overload_only_once_the_oldest_datagram_waited_too_long(
     assert not core.overloaded                       # a long wait with no backlog behind it
 
 
-def test_the_kernel_stamps_when_a_datagram_arrived():
+def stamped_pair() -> tuple[Any, Any]:
+    """A receiving UDP socket whose datagrams carry their time of arrival, and a sender."""
     import socket
     import time
 
-    from router.sip.sharing import read_datagrams, recv_stamped, stamp_arrivals
+    from router.sip.sharing import recv_stamped, stamp_arrivals
     receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind(("127.0.0.1", 0))
+    receiver.setblocking(False)
+    stamp_arrivals(receiver)
+    # The kernel turns stamping on for the whole system a moment after the first
+    # socket asks (deferred work): until then a datagram is stamped when read.
+    for _ in range(20):
+        sender.sendto(b"\r\n\r\n", receiver.getsockname())
+        time.sleep(0.02)
+        _, _, warm = recv_stamped(receiver)
+        if warm is not None and warm <= time.time() - 0.015:
+            break
+    return receiver, sender
+
+
+def test_the_kernel_stamps_when_a_datagram_arrived():
+    import time
+
+    from router.sip.sharing import read_datagrams
+    receiver, sender = stamped_pair()
     try:
-        receiver.bind(("127.0.0.1", 0))
-        receiver.setblocking(False)
-        stamp_arrivals(receiver)
-        # The kernel turns stamping on for the whole system a moment after the first
-        # socket asks (deferred work): until then a datagram is stamped when read.
-        for _ in range(20):
-            sender.sendto(b"\r\n\r\n", receiver.getsockname())
-            time.sleep(0.02)
-            _, _, warm = recv_stamped(receiver)
-            if warm is not None and warm <= time.time() - 0.015:
-                break
         before = time.time()
         for n in range(3):
             sender.sendto(b"OPTIONS sip:x SIP/2.0\r\n\r\n%d" % n, receiver.getsockname())
@@ -353,6 +362,38 @@ def test_the_kernel_stamps_when_a_datagram_arrived():
         arrived = read_datagrams(receiver, out, 10)
         assert len(out) == 3 and out[0][1].data.endswith(b"0")
         assert arrived is not None and before - 0.01 <= arrived <= time.time() - 0.04
+    finally:
+        receiver.close()
+        sender.close()
+
+
+def test_a_datagram_that_woke_the_loop_is_handled_before_the_socket_is_read_again():
+    """An INVITE that arrives while the loop waits goes to the core at once; datagrams that
+    were already queued when the wait began (a backlog) are read together, as before."""
+    import select
+    import time
+
+    from router.sip.sharing import read_datagrams
+    receiver, sender = stamped_pair()
+    try:
+        waited_from = time.time()
+        sender.sendto(b"INVITE sip:lan@pbx.test SIP/2.0\r\n\r\n", receiver.getsockname())
+        sender.sendto(b"ACK sip:lan@pbx.test SIP/2.0\r\n\r\n", receiver.getsockname())
+        assert select.select([receiver], [], [], 1.0)[0]
+        out: list = []
+        arrived = read_datagrams(receiver, out, 10, waited_from)
+        assert [p.data[:3] for _, p in out] == [b"INV"]
+        assert arrived is not None and arrived >= waited_from
+        # The ACK is still queued: the next wait returns at once, and as it arrived before
+        # that wait began, the queue is drained.
+        waited_from = time.time()
+        assert select.select([receiver], [], [], 0)[0]
+        for n in range(3):
+            sender.sendto(b"BYE sip:lan@pbx.test SIP/2.0\r\n\r\n%d" % n, receiver.getsockname())
+        time.sleep(0.05)
+        arrived = read_datagrams(receiver, out, 10, waited_from)
+        assert [p.data[:3] for _, p in out] == [b"INV", b"ACK", b"BYE", b"BYE", b"BYE"]
+        assert arrived is not None and arrived < waited_from
     finally:
         receiver.close()
         sender.close()
