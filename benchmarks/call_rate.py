@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.integration.sippgen import fork_call_flow, invite_flow  # noqa: E402
-from tests.support import DOMAIN, SCENARIOS, RouterProcess, free_port, free_port_run, private_cache  # noqa: E402
+from tests.support import DOMAIN, SCENARIOS, RouterProcess, free_port, free_port_run, private_cache, scrape_histogram  # noqa: E402
 
 BUF = str(4 * 1024 * 1024)
 
@@ -148,6 +148,22 @@ def rtt_values(tmp: Path) -> list[float]:
     return values
 
 
+def router_delay(workers: int) -> list[tuple[float, int]]:
+    """The workers' own ``sip_router_message_delay_seconds`` (metrics on 9060 + k), summed:
+    (bucket bound, hops at or below it)."""
+    total: dict[float, int] = {}
+    for k in range(workers):
+        for le, n in scrape_histogram("sip_router_message_delay_seconds", 9060 + k):
+            total[le] = total.get(le, 0) + n
+    return sorted(total.items())
+
+
+def bound_at(cumulative: list[tuple[float, int]], share: float) -> float:
+    """The smallest bucket bound at or below which ``share`` of the observations fell."""
+    count = cumulative[-1][1] if cumulative else 0
+    return next((le for le, n in cumulative if count and n >= share * count), float("nan"))
+
+
 def pct(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))] if ordered else float("nan")
@@ -187,12 +203,18 @@ def main() -> int:
                 got = wait_registered(config, expected)
                 print(f"devices registered: {got}/{expected}")
                 scenario = call_scenario(tmp / "caller.xml", args.mode)
+                delay_before = router_delay(args.workers)
                 result, elapsed = caller(tmp, f"127.0.0.1:{port}", scenario, rate, count, args.users,
                                          rtt=args.mode == "pdd")
                 ok, failed = totals(result.stdout)
                 print(f"{args.mode}: {ok} calls ok, {failed} failed, offered {rate}/s, "
                       f"achieved {ok / elapsed:.0f} calls/s over {elapsed:.1f} s")
                 if args.mode == "pdd":
+                    delay = [(le, n - dict(delay_before).get(le, 0)) for le, n in router_delay(args.workers)]
+                    if delay:
+                        print(f"the router's own time per hop, every message of these calls (its "
+                              f"sip_router_message_delay_seconds, {delay[-1][1]} hops): "
+                              f"p50 <= {bound_at(delay, 0.5) * 1000:g} ms, p99 <= {bound_at(delay, 0.99) * 1000:g} ms")
                     through = rtt_values(tmp)
                     direct_result, _ = caller(tmp, f"127.0.0.1:{answer_port}", scenario, rate,
                                               count, args.users, rtt=True)

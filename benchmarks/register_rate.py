@@ -23,7 +23,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from tests.support import RouterProcess, free_port, private_cache, write_users_config  # noqa: E402
+from tests.support import RouterProcess, free_port, private_cache, scrape_histogram, write_users_config  # noqa: E402
 
 
 def main() -> int:
@@ -67,19 +67,10 @@ def main() -> int:
         return 0 if failed == 0 and ok == args.count else 1
 
 
-def _loop_busy(url: str = "http://127.0.0.1:9060/metrics") -> list[tuple[str, int]]:
+def _loop_busy() -> list[tuple[str, int]]:
     """The router's own histogram of SIP-loop pass times, as (bucket bound, passes in it)."""
-    import urllib.request
-
-    from prometheus_client.parser import text_string_to_metric_families
-    try:
-        text = urllib.request.urlopen(url, timeout=5).read().decode()
-    except OSError:
-        return []
-    cumulative = [(s.labels["le"], int(s.value)) for family in text_string_to_metric_families(text)
-                  if family.name == "sip_router_loop_busy_seconds" for s in family.samples
-                  if s.name.endswith("_bucket")]
-    return [(le, n - (cumulative[i - 1][1] if i else 0)) for i, (le, n) in enumerate(cumulative)]
+    cumulative = scrape_histogram("sip_router_loop_busy_seconds")
+    return [(f"{le:g}", n - (cumulative[i - 1][1] if i else 0)) for i, (le, n) in enumerate(cumulative)]
 
 
 def _total(out: str, label: str) -> int:

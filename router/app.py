@@ -405,7 +405,8 @@ class Router:
             self.write_conn.close()
             self.conn.close()
             self.notifier.close()
-        self.log.info("router.stopped", **self.engine.stats, loop_busy=self.engine.tally.loop.summary())
+        self.log.info("router.stopped", **self.engine.stats, loop_busy=self.engine.tally.loop.summary(),
+                      message_delay=self.engine.tally.delay.summary())
         return code
 
 

@@ -50,6 +50,8 @@ from router.sip.commands import Log, SaveBindings
 
 SETUP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0)
 LOOP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+DELAY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05,
+                 0.1, 0.25, 0.5, 1.0)
 RING_BUCKETS = (1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 120.0)
 MAX_PENDING_SETUPS = 10_000      # INVITEs waiting for their first 180/183; the oldest are forgotten
 SETUP_GIVE_UP = 300.0            # seconds: an INVITE with no 180/183 by then is not measured
@@ -148,6 +150,8 @@ class Tally:
     registrations: dict[tuple[str, str], int] = field(default_factory=dict)   # (kind, transport)
     setup: Buckets = field(default_factory=lambda: Buckets(SETUP_BUCKETS))
     loop: Buckets = field(default_factory=lambda: Buckets(LOOP_BUCKETS))   # busy time per loop pass
+    # per pass: from its oldest datagram's arrival (the kernel's stamp) to what the pass sent having left
+    delay: Buckets = field(default_factory=lambda: Buckets(DELAY_BUCKETS))
     ring: dict[str, Buckets] = field(default_factory=lambda: {"answered": Buckets(RING_BUCKETS),
                                                                "unanswered": Buckets(RING_BUCKETS)})
     gauges: Gauges = field(default_factory=Gauges)
@@ -331,6 +335,11 @@ class TallyCollector(Collector):
         yield t.loop.family("sip_router_loop_busy_seconds",
                             "How long one pass of the SIP loop worked between two polls: a stall here delays "
                             "every message waiting in the socket buffer.")
+        yield t.delay.family("sip_router_message_delay_seconds",
+                             "From a datagram's arrival at the router's socket (the kernel's stamp) to when the "
+                             "requests and answers it caused had left, for the oldest datagram of each pass of "
+                             "the SIP loop: the router's own share of a call's post-dial delay, hop by hop "
+                             "(an answer that waits for its state to be stored leaves later).")
         yield t.setup.family("sip_router_call_setup_seconds",
                              "From the INVITE taken in to the first 180/183 sent back to the caller.")
         ring = HistogramMetricFamily("sip_router_call_ring_seconds", "From the INVITE taken in to the answer "

@@ -344,6 +344,20 @@ def write_fork_config(directory: str, port: int, users: int, method: str = "all_
     return str(path)
 
 
+def scrape_histogram(name: str, port: int = 9060) -> list[tuple[float, int]]:
+    """A histogram the router serves on its metrics port, as (bucket bound, count at or
+    below it), cumulative; empty when the port does not answer."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    except OSError:
+        return []
+    return [(float(s.labels["le"]), int(s.value)) for family in text_string_to_metric_families(text)
+            if family.name == name for s in family.samples if s.name.endswith("_bucket")]
+
+
 def count_bindings(database: str | Path) -> int:
     """Rows in the bindings table of a state database (0 while it does not exist)."""
     import sqlite3

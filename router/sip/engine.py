@@ -398,6 +398,8 @@ class Engine:
                 self._handle(packet, is_response)
             if self.outgoing:                 # the answers first: not behind timers, a commit or a reload
                 self._send_out()
+            if arrived is not None and batch:  # the oldest datagram's time in the router, sends included
+                self.tally.delay.observe(max(0.0, time.time() - arrived))
             if self.writes is not None and self.writes.finished:
                 self.writes.collect(time.time())     # a batch was written: its held answers leave
             if self.core.next_timer() <= time.time():

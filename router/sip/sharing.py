@@ -111,18 +111,26 @@ def channels_from_env(value: str) -> Channels:
     return Channels(index, count, inbox, outboxes, secret)
 
 
-def encode(host: str, port: int, data: bytes) -> bytes:
-    return b"%s%s %d\n%s" % (HANDOFF, host.encode(), port, data)
+def encode(host: str, port: int, data: bytes, arrived: float | None = None) -> bytes:
+    """A datagram handed over: its sender, and when it arrived at the shared port (the
+    kernel's stamp; "-" when unknown), so the owner can tell how long it has waited."""
+    stamp = b"-" if arrived is None else repr(arrived).encode()
+    return b"%s%s %d %s\n%s" % (HANDOFF, host.encode(), port, stamp, data)
 
 
-def decode(packet: bytes) -> tuple[str, int, bytes] | None:
+def decode(packet: bytes) -> tuple[str, int, bytes, float | None] | None:
     if not packet.startswith(HANDOFF):
         return None
     line, newline, data = packet[len(HANDOFF):].partition(b"\n")
-    host, _, port = line.partition(b" ")
-    if not newline or not port.isdigit():
+    fields = line.split(b" ")
+    if not newline or len(fields) != 3 or not fields[1].isdigit():
         return None
-    return host.decode(), int(port), data
+    host, port, stamp = fields
+    try:
+        arrived = None if stamp == b"-" else float(stamp)
+    except ValueError:
+        return None
+    return host.decode(), int(port), data, arrived
 
 
 class SharedPorts:
@@ -178,12 +186,13 @@ class SharedPorts:
     def drain(self, ready: list[socket.socket], out: list[tuple[bool, Packet]], limit: int,
               waited_from: float | None = None) -> float | None:
         """Read what ``ready`` holds (at most ``limit`` in all): ours into ``out``, the rest handed
-        on.  Returns when the oldest datagram read from a shared port arrived (None: none read).
+        on.  Returns when the oldest datagram read arrived at a shared port (None: none read, or
+        no stamp).
         ``waited_from``: when the loop began to wait (``read_datagrams``)."""
         oldest: float | None = None
         for sock in ready:
             if sock is self.channels.inbox:
-                self._drain_inbox(out, limit)
+                oldest = earliest(oldest, self._drain_inbox(out, limit))
             elif sock in self.sockets:
                 oldest = earliest(oldest, self._drain_shared(sock, out, limit, waited_from))
         return oldest
@@ -208,7 +217,8 @@ class SharedPorts:
                 out.append(_received(data, host, port))
             else:
                 try:
-                    self.channels.outboxes[owner].send(encode(host, port, data))
+                    # only the first datagram read carries the kernel's stamp (``recv_stamped``)
+                    self.channels.outboxes[owner].send(encode(host, port, data, None if index else arrived))
                     self.stats["handed_over"] += 1
                 except OSError:         # the owner is gone or far behind: as if the network lost it
                     self.stats["handover_dropped"] += 1
@@ -216,18 +226,23 @@ class SharedPorts:
                 return arrived
         return arrived
 
-    def _drain_inbox(self, out: list[tuple[bool, Packet]], limit: int) -> None:
+    def _drain_inbox(self, out: list[tuple[bool, Packet]], limit: int) -> float | None:
+        """The datagrams handed over to this worker; returns when the oldest of them arrived
+        at the shared port (None: no stamp)."""
+        oldest: float | None = None
         for _ in range(limit):
             try:
                 packet = self.channels.inbox.recv(MAX_DATAGRAM + 64)
             except (BlockingIOError, InterruptedError):
-                return
+                return oldest
             decoded = decode(packet)
             if decoded is None:
                 continue
-            host, port, data = decoded
+            host, port, data, arrived = decoded
             self.stats["handed_in"] += 1
             out.append(_received(data, host, port))
+            oldest = earliest(oldest, arrived)
+        return oldest
 
     def close(self) -> None:
         for sock in (*self.sockets, self.channels.inbox, *self.channels.outboxes):

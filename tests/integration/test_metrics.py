@@ -65,6 +65,10 @@ def test_metrics_count_registrations_requests_calls_auth_failures_and_reloads(ma
     assert value(samples, "process_resident_memory_bytes")
     passes = value(samples, "sip_router_loop_busy_seconds_count")          # the SIP loop's own latency
     assert passes > 0 and value(samples, "sip_router_loop_busy_seconds_bucket", le="+Inf") == passes
+    # the router's own time per hop: from each pass's oldest datagram's arrival to its sends
+    delayed = value(samples, "sip_router_message_delay_seconds_count")
+    assert delayed >= 5 and value(samples, "sip_router_message_delay_seconds_bucket", le="+Inf") == delayed
+    assert value(samples, "sip_router_message_delay_seconds_sum") > 0
     # Every series the Grafana dashboard in deploy/ queries is one the router serves.
     dashboard = json.loads((ROOT / "deploy" / "grafana-dashboard.json").read_text())
     queried = {name for panel in dashboard["panels"] for target in panel["targets"]

@@ -22,6 +22,7 @@ def test_sigterm_stops_the_router_cleanly_and_quickly(lab):
     (stopped,) = lab.router.events("router.stopped")
     busy = stopped["loop_busy"]                 # how long the SIP loop's passes took, for finding stalls
     assert busy["count"] > 0 and busy["max_le"] is not None
+    assert "count" in stopped["message_delay"]   # arrival to sends, per pass that read a datagram
 
 
 def test_sighup_with_a_broken_file_keeps_the_last_good_policy_and_the_registrations(lab):

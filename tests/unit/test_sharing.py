@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import select
 import socket
+import time
 import zlib
 
 from router.policy.model import Listen
@@ -43,7 +44,10 @@ def register(user: str) -> bytes:
 
 
 def test_a_handed_over_datagram_keeps_its_source():
-    assert decode(encode("::1", 5060, b"SIP/2.0 200 OK\r\n")) == ("::1", 5060, b"SIP/2.0 200 OK\r\n")
+    assert decode(encode("::1", 5060, b"SIP/2.0 200 OK\r\n")) == ("::1", 5060, b"SIP/2.0 200 OK\r\n", None)
+    # with the time it arrived at the shared port (the kernel's stamp), exactly
+    assert decode(encode("127.0.0.1", 5062, b"BYE x SIP/2.0\r\n", 1796002156.582377882)) == \
+        ("127.0.0.1", 5062, b"BYE x SIP/2.0\r\n", 1796002156.582377882)
     assert decode(b"REGISTER sip:x SIP/2.0\r\n") is None       # a SIP message is never taken for one
 
 
@@ -58,10 +62,13 @@ def test_whichever_worker_the_kernel_picks_the_users_own_worker_gets_the_registe
         phone.bind(("127.0.0.1", 0))
         for user in users:
             phone.sendto(register(user), ("127.0.0.1", port))
+        sent_at = time.time()
+        stamps: list[float | None] = []
         for _ in range(20):                                   # bounded: two datagrams, at most two hops
             for index, shared in enumerate(pair):
                 ready = select.select(shared.readable(), [], [], 0.05)[0]
-                shared.drain(ready, got[index], 10)  # type: ignore[arg-type]
+                if ready:
+                    stamps.append(shared.drain(ready, got[index], 10))  # type: ignore[arg-type]
             if sum(map(len, got)) == 2:
                 break
         source = phone.getsockname()
@@ -71,6 +78,9 @@ def test_whichever_worker_the_kernel_picks_the_users_own_worker_gets_the_registe
             assert not is_response and (packet.host, packet.port) == source  # type: ignore[attr-defined]
         # the kernel picks a worker at random: whatever it handed over arrived
         assert sum(s.stats["handed_over"] for s in pair) == sum(s.stats["handed_in"] for s in pair)
+        # each read, of the shared port or of what was handed over, knows when its datagrams
+        # reached the shared port: the owner can tell how long a handed-over one has waited
+        assert stamps and all(stamp is not None and sent_at - 0.01 <= stamp <= time.time() for stamp in stamps)
         assert all(s.spread_failure is None for s in pair)
     finally:
         for shared in pair:
