@@ -28,6 +28,7 @@ record.  The clock is ``now``; ``next_timer`` says when the proxy next needs
 from __future__ import annotations
 
 import heapq
+import math
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,6 +58,8 @@ from router.sip.message import SipMessage, build_response, parse_name_addr, resp
 NO_ANSWER = frozenset({408, 480, 404, 410, 430, 477, 500, 502, 503, 504})
 COMPLETED_ELSEWHERE = 'SIP;cause=200;text="Call completed elsewhere"'
 CALL_LINGER = 32.0
+LAZY_AFTER = 5.0        # seconds: deadlines further away than this ...
+LAZY_GRID = 0.25        # ... are rounded up to a multiple of this (at most this late)
 SERVER = "sip-router/0.1"
 
 
@@ -246,7 +249,14 @@ class Proxy:
         self._forget(call)
 
     def next_timer(self) -> float | None:
-        return self.wakeups[0][0] if self.wakeups else None
+        wakeups = self.wakeups
+        while wakeups:                      # stale entries at the top: dropped, not woken for
+            at, _, key = wakeups[0]
+            call = self.calls.get(key)
+            if call is not None and call.wake_at == at:
+                return at
+            heapq.heappop(wakeups)
+        return None
 
     def sweep(self, now: float) -> None:
         """Housekeeping: forget ended and aged dialogs."""
@@ -493,8 +503,12 @@ class Proxy:
         if not times:
             return
         at = min(times)
-        if call.wake_at is not None and call.wake_at <= at:
-            return            # an earlier wake-up is pending; it reschedules the call when it runs
+        if at - now > LAZY_AFTER:     # a far deadline (forget, Timer C, ring time-out): on a grid, so that
+            at = math.ceil(at / LAZY_GRID) * LAZY_GRID    # the calls of a busy second share one wake-up
+        if call.wake_at == at:
+            return            # already due then
+        # Otherwise a new entry, also when the call's next deadline moved later (the 180 stopped
+        # Timer A): the old entry is stale, and ``next_timer`` drops it rather than wake for it.
         self._seq += 1
         call.wake_at = at     # one live entry per call: an entry at another time is stale, skipped
         heapq.heappush(self.wakeups, (at, self._seq, call.key))

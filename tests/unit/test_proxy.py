@@ -123,6 +123,35 @@ def test_a_retransmitted_invite_gets_the_last_response_again_and_is_not_forked_t
     assert [m.status for m in sent(out)] == [180]
 
 
+def test_a_call_that_rings_wakes_the_router_only_for_its_ring_timeout(core):
+    """Both phones ring at once: their INVITEs' retransmission timers stopped, so the loop
+    has nothing to do for this call before its ring timeout (5 s) and does not wake for it."""
+    _, branches = start(core)
+    assert core.proxy.next_timer() == pytest.approx(1000.5)     # Timer A: nothing heard yet
+    for name, port in (("desk", 7001), ("app", 7002)):
+        core.on_response(answer(branches[name], 180, "Ringing", tag=name), Source("10.1.1.1", port), 1000.01)
+    assert core.proxy.next_timer() == pytest.approx(1005.0)
+
+
+def test_far_deadlines_of_calls_in_one_second_share_a_wake_up(core):
+    """Calls answered a few milliseconds apart linger 32 s for retransmissions; they are
+    forgotten together, at a quarter-second mark, not one wake-up each."""
+    for n, at in enumerate((1000.01, 1000.07, 1000.16)):
+        out = core.on_request(invite(branch=f"z9hG4bKacd{n}").replace(b"call-1", b"call-%d" % n), ACD, at)
+        desk, app = (next(m for m in sent(out, "10.1.1.1", port) if m.is_request) for port in (7001, 7002))
+        core.on_response(answer(app, 180, "Ringing", tag="a"), Source("10.1.1.1", 7002), at + 0.001)
+        out = core.on_response(answer(desk, 200, "OK"), Source("10.1.1.1", 7001), at + 0.002)
+        (cancel,) = [m for m in sent(out, "10.1.1.1", 7002) if m.method == "CANCEL"]
+        core.on_response(answer(cancel, 200, "OK", tag="a"), Source("10.1.1.1", 7002), at + 0.003)
+        core.on_response(answer(app, 487, "Request Terminated", tag="a"), Source("10.1.1.1", 7002), at + 0.004)
+    marks = sorted({call.wake_at for call in core.proxy.calls.values()})
+    assert marks == [1032.25]                    # 32 s after the answers, rounded up to 0.25 s
+    core.handle_timer(1032.2)
+    assert len(core.proxy.calls) == 3            # not yet: at most a quarter second late
+    core.handle_timer(1032.25)
+    assert not core.proxy.calls
+
+
 def test_ring_timeout_cancels_every_branch_and_falls_back_to_agent_phone(core):
     _, branches = start(core)
     for name, port in (("desk", 7001), ("app", 7002)):
