@@ -164,6 +164,18 @@ def bound_at(cumulative: list[tuple[float, int]], share: float) -> float:
     return next((le for le, n in cumulative if count and n >= share * count), float("nan"))
 
 
+def delay_since(before: list[tuple[float, int]], workers: int) -> str | None:
+    """The router's own time per hop since ``before`` (``router_delay``), in words; None
+    when nothing was measured (Kamailio, or the metrics do not answer)."""
+    earlier = dict(before)
+    delay = [(le, n - earlier.get(le, 0)) for le, n in router_delay(workers)]
+    if not delay or not delay[-1][1]:
+        return None
+    return (f"the router's own time per hop, from its metric sip_router_message_delay_seconds (every message "
+            f"of these calls, {delay[-1][1]} hops): p50 <= {bound_at(delay, 0.5) * 1000:g} ms, "
+            f"p99 <= {bound_at(delay, 0.99) * 1000:g} ms")
+
+
 def pct(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))] if ordered else float("nan")
@@ -210,11 +222,9 @@ def main() -> int:
                 print(f"{args.mode}: {ok} calls ok, {failed} failed, offered {rate}/s, "
                       f"achieved {ok / elapsed:.0f} calls/s over {elapsed:.1f} s")
                 if args.mode == "pdd":
-                    delay = [(le, n - dict(delay_before).get(le, 0)) for le, n in router_delay(args.workers)]
+                    delay = delay_since(delay_before, args.workers)
                     if delay:
-                        print(f"the router's own time per hop, every message of these calls (its "
-                              f"sip_router_message_delay_seconds, {delay[-1][1]} hops): "
-                              f"p50 <= {bound_at(delay, 0.5) * 1000:g} ms, p99 <= {bound_at(delay, 0.99) * 1000:g} ms")
+                        print(delay)
                     through = rtt_values(tmp)
                     direct_result, _ = caller(tmp, f"127.0.0.1:{answer_port}", scenario, rate,
                                               count, args.users, rtt=True)

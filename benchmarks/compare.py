@@ -53,7 +53,7 @@ from typing import Protocol
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.call_rate import bound_at, call_scenario, caller, pct, router_delay, rtt_values, totals, write_config  # noqa: E402
+from benchmarks.call_rate import call_scenario, caller, delay_since, pct, router_delay, rtt_values, totals, write_config  # noqa: E402
 from benchmarks.kamailio_register import MODULES  # noqa: E402
 from router import control_client, policy_cache  # noqa: E402
 from tests.integration.peers import SippFarm  # noqa: E402
@@ -636,9 +636,9 @@ def part_calls(kind: str, tmp: Path, opts: Options, side: Side, fork: bool) -> N
         # pdd: single calls at 100/s through the server (this run also gives the CPU per single call),
         # then the same calls straight to the answering farm
         workers = opts.workers if kind == ROUTER else 0
-        delay_before = dict(router_delay(workers))
+        delay_before = router_delay(workers)
         through_run = sipp(server, tmp, scenarios["single"], CPU_RATE, cpu_count, opts.users, rtt=True)
-        delay = [(le, n - delay_before.get(le, 0)) for le, n in router_delay(workers)]
+        delay = delay_since(delay_before, workers)
         through = rtt_values(tmp)
         cpu_run(server, side, "single", through_run, idle)
         direct_run = sipp(server, tmp, scenarios["single"], CPU_RATE, cpu_count, opts.users, rtt=True,
@@ -649,10 +649,8 @@ def part_calls(kind: str, tmp: Path, opts: Options, side: Side, fork: bool) -> N
         side.pdd_detail = (f"through {pct(through, 50):.2f} / {pct(through, 99):.2f} ms ({len(through)} calls, "
                            f"{through_run.failed} failed), direct {pct(direct, 50):.2f} / {pct(direct, 99):.2f} ms "
                            f"({len(direct)} calls, {direct_run.failed} failed)")
-        if delay and delay[-1][1]:
-            side.pdd_detail += (f"; the router's own time per hop, from its metric sip_router_message_delay_seconds "
-                                f"(every message of these calls, {delay[-1][1]} hops): p50 <= "
-                                f"{bound_at(delay, 0.5) * 1000:g} ms, p99 <= {bound_at(delay, 0.99) * 1000:g} ms")
+        if delay:
+            side.pdd_detail += f"; {delay}"
         print(f"  {kind} pdd p50/p99: {side.pdd_detail}", flush=True)
         settle(server)
         cpu_run(server, side, "redirect", calls("redirect")(CPU_RATE, cpu_count), idle)
