@@ -263,7 +263,7 @@ class Branch:
 
     # ------------------------------------------------------------------ messages
     def _send(self, data: bytes) -> Send:
-        return Send(data, self.dest.host, self.dest.port, self.dest.transport, self.dest.conn)
+        return Send(data, self.dest.host, self.dest.port, self.dest.transport, self.dest.conn, self.dest.direct)
 
     def _hop_headers(self, method: str, to: str) -> list[tuple[str, str]]:
         req = self.original

@@ -29,6 +29,9 @@ class Source(NamedTuple):
     client_host: str = ""
     client_port: int = 0
     client_transport: str = ""
+    # As a destination: a device reached at its Contact, with no NAT in between, whose
+    # answers may come to the port our Via names (a worker's own port) -- see ``Send.own_port``.
+    direct: bool = False
 
     @property
     def origin_host(self) -> str:
@@ -54,13 +57,21 @@ class Reply:
 
 
 class Send(NamedTuple):
-    """Bytes to put on the wire, to ``host:port`` over ``transport`` (``conn``: a held TCP transport)."""
+    """Bytes to put on the wire, to ``host:port`` over ``transport`` (``conn``: a held TCP transport).
+
+    ``own_port``: with several workers, a request may leave from the worker's own port
+    rather than the shared one.  A device answers to where the request came from (RFC
+    3581), so its answers then reach the worker that holds the transaction straight away,
+    without being read by another worker and handed over.  Only for a device reached at
+    its Contact (``Source.direct``): one behind a NAT is reached only through the mapping
+    its REGISTER opened to the shared port."""
 
     data: bytes
     host: str
     port: int
     transport: str = "udp"
     conn: int = 0
+    own_port: bool = False
 
 
 class Log(NamedTuple):

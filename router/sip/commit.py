@@ -182,7 +182,7 @@ class GroupCommit:
             data = refusal(command.data)
         except MalformedMessage:
             return command
-        replacement = Send(data, command.host, command.port, command.transport, command.conn)
+        replacement = command._replace(data=data)
         self.stats["refused"] += 1
         self.refused_in_streak += 1
         if self.refused is not None:

@@ -140,7 +140,7 @@ class Dialogs:
         dest = toward.source
         data = forward_request(msg, msg.uri, self.local, new_branch(msg, self.local), dest.transport,
                                (source.host, source.port), record_route=False, replace=rewritten)
-        out: Emit = [Send(data, dest.host, dest.port, dest.transport, dest.conn)]
+        out: Emit = [Send(data, dest.host, dest.port, dest.transport, dest.conn, dest.direct)]
         if msg.method == "BYE" and not dialog.ended:
             dialog.ended = True
             dialog.expires_at = now + ENDED_LINGER

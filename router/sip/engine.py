@@ -226,6 +226,9 @@ class Engine:
         self.outgoing: list[Send] = []             # this pass's sends, out together (``_send_out``)
         self.pacing = Pacing()
         self.udp: dict[int, socket.socket] = {}    # address family -> PJSIP's own UDP socket
+        # With several workers, ``udp`` is the shared ports' sockets and this the worker's own
+        # port, which its Via names: what ``Send.own_port`` requests leave from.
+        self.own_udp: dict[int, socket.socket] = {}
         self.addresses: set[str] = set()           # hosts already checked to be addresses
 
     # ------------------------------------------------------------------ life cycle
@@ -276,6 +279,8 @@ class Engine:
                     self.pj_sockets.append(sock)
                     if self.shared is None:
                         self.udp.setdefault(sock.family, sock)
+                    else:
+                        self.own_udp.setdefault(sock.family, sock)
             if item.transport == "tcp":
                 self.log.warning("sip.tcp.enabled", address=item.address, port=item.port,
                                  detail="TCP is safe only from trusted addresses (an edge proxy): "
@@ -340,6 +345,7 @@ class Engine:
         if self.account is not None:
             self.account.shutdown()
             self.account = None
+        self.own_udp.clear()
         for sock in (*self.udp.values(), *self.pj_sockets):
             sock.close()
         self.udp.clear()
@@ -586,7 +592,8 @@ class Engine:
 
     def _send(self, command: Send) -> int:
         """UDP goes straight out of PJSIP's own UDP socket (same source address and
-        port, no tdata allocation); TCP and anything unusual go through PJSIP."""
+        port, no tdata allocation) -- with several workers, out of the shared port, or
+        the worker's own for ``own_port``; TCP and anything unusual go through PJSIP."""
         family = socket.AF_INET6 if ":" in command.host else socket.AF_INET
         if command.host not in self.addresses:
             try:
@@ -597,7 +604,7 @@ class Engine:
             if len(self.addresses) < KNOWN_ADDRESSES:
                 self.addresses.add(command.host)
         if command.transport == "udp":
-            sock = self.udp.get(family)
+            sock = (command.own_port and self.own_udp.get(family)) or self.udp.get(family)
             if sock is not None:
                 try:
                     sock.sendto(command.data, (command.host, command.port))

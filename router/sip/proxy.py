@@ -325,7 +325,7 @@ class Proxy:
         branch.arm(now)
         call.branches[key] = branch
         self.by_branch[key] = (call, branch)
-        out.append(Send(data, dest.host, dest.port, dest.transport, dest.conn))
+        out.append(Send(data, dest.host, dest.port, dest.transport, dest.conn, dest.direct))
 
     # ================================================================== branch reports
     def _deliver(self, call: Call, branch: Branch, step: Step, msg: SipMessage | None,

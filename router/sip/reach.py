@@ -88,7 +88,8 @@ def destination(binding: Binding) -> tuple[Source, tuple[str, ...]]:
         return Source(first.host.strip("[]"), first.port or 5060, transport), binding.path
     if binding.at_contact:
         contact = parse_uri(binding.contact)
-        return Source(contact.host.strip("[]"), contact.port or 5060, binding.transport), ()
+        return Source(contact.host.strip("[]"), contact.port or 5060, binding.transport,
+                      direct=binding.transport == "udp"), ()
     return Source(binding.source_host, binding.source_port, binding.transport, binding.conn), ()
 
 

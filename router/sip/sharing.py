@@ -8,7 +8,11 @@ single worker with the steering of all its traffic).  ``Steering`` names the
 datagram's owner; a datagram owned by another worker goes to it over a Unix
 datagram socket pair the supervisor made before starting the workers, with
 the sender's address in front.  Answers always leave from the shared port, so
-a phone behind NAT sees them come from the address it registered to.
+a phone behind NAT sees them come from the address it registered to; so do
+requests to it.  Requests to a device reached at its Contact, with no NAT in
+between, leave from the worker's own port (``Send.own_port``): the device
+answers there (RFC 3581), straight to the worker that holds the call, and
+its answers are not handed over.
 
 The pairs have no name in the file system or the abstract namespace: only the
 supervisor's children hold them, so nobody else can inject a datagram with a

@@ -192,6 +192,8 @@ def test_a_phone_behind_nat_with_a_private_contact_is_reached_at_its_source(core
     assert not b.at_contact
     out = core.on_request(invite(user="lan"), ACD, 1001.0)
     assert [m.method for m in sent(out, "203.0.113.20", 40123)] == ["INVITE"]
+    # only the mapping its REGISTER opened (to the shared port, with workers) reaches it
+    assert [c.own_port for c in out if isinstance(c, Send) and c.host == "203.0.113.20"] == [False]
 
 
 def test_a_contact_reachable_as_written_is_used_as_written(core):
@@ -202,6 +204,9 @@ def test_a_contact_reachable_as_written_is_used_as_written(core):
     assert b.at_contact
     out = core.on_request(invite(user="lan"), ACD, 1001.0)
     assert [m.method for m in sent(out, "198.51.100.31", 5090)] == ["INVITE"]
+    # no NAT in between: the INVITE may leave from the worker's own port, where the answers come
+    assert [c.own_port for c in out if isinstance(c, Send) and c.host == "198.51.100.31"] == [True]
+    assert not any(c.own_port for c in out if isinstance(c, Send) and c.host != "198.51.100.31")
 
 
 def test_a_via_that_is_not_the_source_means_nat(core):
