@@ -34,7 +34,7 @@ from dataclasses import dataclass, replace
 from router.records import CallRecord
 from router.sip.callrules import restore, rewrite_headers, summary
 from router.sip.commands import Log, SaveCall, Send, Source
-from router.sip.forward import Local, forward_request, new_branch, strip_top_via, via_destination
+from router.sip.forward import Local, dialog_branch, forward_request, strip_top_via, via_destination
 from router.sip.message import SipMessage
 
 DIALOG_TTL = 12 * 3600.0
@@ -138,7 +138,7 @@ class Dialogs:
             number, method = msg.cseq
             rewritten["cseq"] = f"{number + dialog.cseq_offset} {method}"
         dest = toward.source
-        data = forward_request(msg, msg.uri, self.local, new_branch(msg, self.local), dest.transport,
+        data = forward_request(msg, msg.uri, self.local, dialog_branch(self.local), dest.transport,
                                (source.host, source.port), record_route=False, replace=rewritten)
         out: Emit = [Send(data, dest.host, dest.port, dest.transport, dest.conn, dest.direct)]
         if msg.method == "BYE" and not dialog.ended:

@@ -46,17 +46,24 @@ class Local:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
     def is_me(self, uri: str) -> bool:
-        try:
-            parsed = parse_uri(uri)
-        except ValueError:
-            return False
-        port = parsed.port or 5060
-        return parsed.host.strip("[]") == self.host and (port == self.port or port in self.shared_ports)
+        return _names(self, uri)
 
     @property
     def mark(self) -> str:
         """What ends each Via branch this worker makes: responses find their way back to it."""
         return f"{WORKER_MARK}{self.worker}"
+
+
+@functools.lru_cache(maxsize=1024)
+def _names(local: Local, uri: str) -> bool:
+    """Does ``uri`` name ``local``?  Remembered: every in-dialog request asks it of the same
+    few Route entries, our own."""
+    try:
+        parsed = parse_uri(uri)
+    except ValueError:
+        return False
+    port = parsed.port or 5060
+    return parsed.host.strip("[]") == local.host and (port == local.port or port in local.shared_ports)
 
 
 def loop_hash(msg: SipMessage) -> str:
@@ -69,6 +76,13 @@ def loop_hash(msg: SipMessage) -> str:
 
 def new_branch(msg: SipMessage, local: Local, hashed: str | None = None) -> str:
     return f"{BRANCH_PREFIX}{hashed or loop_hash(msg)}.{ids.token_hex(5)}{local.mark}"
+
+
+def dialog_branch(local: Local) -> str:
+    """The branch of an in-dialog request we forward: unique, without the loop hash.  Loops
+    are looked for in new calls only (``is_loop``); a dialog's requests follow its route set.
+    Sixteen hex digits, no dot after the tenth: never taken for a hashed branch."""
+    return f"{BRANCH_PREFIX}{ids.token_hex(8)}{local.mark}"
 
 
 def our_via(local: Local, branch: str, transport: str) -> str:

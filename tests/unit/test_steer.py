@@ -8,7 +8,7 @@ import zlib
 from hypothesis import given
 from hypothesis import strategies as st
 
-from router.sip.forward import Local, new_branch
+from router.sip.forward import Local, dialog_branch, is_loop, new_branch
 from router.sip.message import parse
 from router.sip.steer import Steering
 
@@ -70,6 +70,21 @@ def test_a_response_goes_to_the_worker_whose_mark_ends_the_branch():
         data = request("SIP/2.0 180 Ringing", f"Via: SIP/2.0/UDP 10.0.0.2:{5061 + worker};branch={branch};rport",
                        "Via: SIP/2.0/UDP 10.0.0.9;branch=z9hG4bKd", "Call-ID: c4")
         assert STEER.owner(data) == worker
+
+
+def test_the_answer_to_a_bye_the_router_forwarded_goes_back_to_the_worker_holding_the_dialog():
+    for worker in (0, 1):
+        local = Local("10.0.0.2", 5061 + worker, worker)
+        branch = dialog_branch(local)
+        data = request("SIP/2.0 200 OK", f"Via: SIP/2.0/UDP 10.0.0.2:{5061 + worker};branch={branch};rport",
+                       "Via: SIP/2.0/UDP 10.0.0.9;branch=z9hG4bKd", "Call-ID: c5")
+        assert STEER.owner(data) == worker
+        # the branch carries no loop hash, and a request that passed us with it is no loop
+        bye = parse(request("BYE sip:1002@10.0.0.7 SIP/2.0",
+                            f"Via: SIP/2.0/UDP 10.0.0.2:{5061 + worker};branch={branch}",
+                            "Via: SIP/2.0/UDP 10.0.0.9;branch=z9hG4bKd", "From: <sip:a@b>;tag=1",
+                            "To: <sip:1002@pbx.test>;tag=2", "Call-ID: c5", "CSeq: 2 BYE"))
+        assert not is_loop(bye, local)
 
 
 def test_a_response_to_someone_elses_branch_stays_where_it_landed():
