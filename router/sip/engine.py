@@ -504,7 +504,9 @@ class Engine:
             self._poll_pjsip(time.monotonic())
 
     def _poll_pjsip(self, now: float) -> None:
-        self.pj_poll_at = now + POLL_MS / 1000
+        # Without a trunk registration PJSIP runs no transaction of its own: its timers
+        # need no poll every ``POLL_MS`` (a poll costs tens of microseconds on a busy loop).
+        self.pj_poll_at = now + (POLL_MS if self.account is not None else SELECT_POLL_MS) / 1000
         while self.ep.libHandleEvents(0) > 0 and len(self.received) < BATCH:
             pass
 

@@ -89,6 +89,7 @@ class Call:
     tag: str = field(default_factory=lambda: ids.token_hex(6))   # our To tag for our own answers
     loop_hash: str | None = None
     wake_at: float | None = None        # the time of the call's live entry in ``Proxy.wakeups``
+    next_hop_via: str | None = None     # the Via after ours in an answer already found valid
 
     def active(self) -> list[Branch]:
         return [b for b in self.branches.values() if not b.superseded and not b.done]
@@ -192,10 +193,13 @@ class Proxy:
             return []
         if msg.method != "INVITE":
             return []
-        problem = _next_hop_problem(msg)     # §16.7 step 3: the Via after ours must lead somewhere
-        if problem is not None:
-            return [Log("sip.response.dropped", (("call_id", msg.call_id), ("status", msg.status),
-                                                 ("detail", problem)), "warning")]
+        vias = msg.all("via")
+        if len(vias) < 2 or vias[1] != call.next_hop_via:   # the same as an earlier answer's: checked
+            problem = _next_hop_problem(vias)    # §16.7 step 3: the Via after ours must lead somewhere
+            if problem is not None:
+                return [Log("sip.response.dropped", (("call_id", msg.call_id), ("status", msg.status),
+                                                     ("detail", problem)), "warning")]
+            call.next_hop_via = vias[1]
         event = Event.PROVISIONAL if msg.status < 200 else \
             Event.SUCCESS if msg.status < 300 else Event.FAILURE
         out: Emit = []
@@ -518,9 +522,8 @@ class Proxy:
         return self.bindings(user.id, now) if user is not None else []
 
 
-def _next_hop_problem(msg: SipMessage) -> str | None:
-    """Why a response cannot be forwarded toward the caller, or None."""
-    vias = msg.all("via")
+def _next_hop_problem(vias: list[str]) -> str | None:
+    """Why a response with these Vias cannot be forwarded toward the caller, or None."""
     if len(vias) < 2:
         return "only our Via: the sender dropped the others"
     try:

@@ -514,6 +514,17 @@ def test_a_response_that_lost_the_callers_via_is_dropped_not_forwarded_without_o
     assert sent(out) == [] and [c.event for c in out if isinstance(c, Log)] == ["sip.response.dropped"]
 
 
+def test_after_a_good_180_a_200_whose_next_via_was_mangled_is_still_dropped(core):
+    _, branches = start(core)
+    ringing = core.on_response(answer(branches["desk"], 180, "Ringing"), Source("10.1.1.1", 7001), 1000.1)
+    assert [m.status for m in sent(ringing)] == [180]
+    text = answer(branches["desk"], 200, "OK").decode().split("\r\n")
+    second = [i for i, ln in enumerate(text) if ln.startswith("Via:")][1]
+    text[second] = "Via: SIP/2.0/UDP 10.0.0.1:99999;branch=z9hG4bKacd"     # no such port
+    out = core.on_response("\r\n".join(text).encode(), Source("10.1.1.1", 7001), 1000.2)
+    assert sent(out) == [] and [c.event for c in out if isinstance(c, Log)] == ["sip.response.dropped"]
+
+
 def test_max_forwards_written_with_a_leading_zero_is_still_zero(core):
     assert [m.status for m in sent(core.on_request(invite(mf="00"), ACD, 1000.0))] == [483]
 
