@@ -291,12 +291,6 @@ def parse_params(text: str) -> dict[str, str | None]:
     params: dict[str, str | None] = {}
     if not text:
         return params
-    if " " not in text and "\t" not in text:     # the usual: nothing to strip
-        for part in text.split(";"):
-            if part:
-                key, eq, val = part.partition("=")
-                params[key.lower()] = val if eq else None
-        return params
     for part in text.split(";"):
         if "=" in part:
             key, _, val = part.partition("=")
