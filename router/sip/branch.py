@@ -31,7 +31,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from router.sip.commands import Send, Source
+from router.sip.commands import Send, Source, send_to
 from router.sip.forward import render
 from router.sip.message import SipMessage
 
@@ -263,7 +263,7 @@ class Branch:
 
     # ------------------------------------------------------------------ messages
     def _send(self, data: bytes) -> Send:
-        return Send(data, self.dest.host, self.dest.port, self.dest.transport, self.dest.conn, self.dest.direct)
+        return send_to(self.dest, data)
 
     def _hop_headers(self, method: str, to: str) -> list[tuple[str, str]]:
         req = self.original

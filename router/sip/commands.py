@@ -74,6 +74,12 @@ class Send(NamedTuple):
     own_port: bool = False
 
 
+def send_to(dest: Source, data: bytes) -> Send:
+    """A request to ``dest``: over its transport and held connection, from the worker's own
+    port when it is reached at its Contact (``Source.direct``)."""
+    return Send(data, dest.host, dest.port, dest.transport, dest.conn, dest.direct)
+
+
 class Log(NamedTuple):
     """A structured log line; calls carry their call_id in ``fields``."""
 

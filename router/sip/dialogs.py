@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 
 from router.records import CallRecord
 from router.sip.callrules import restore, rewrite_headers, summary
-from router.sip.commands import Log, SaveCall, Send, Source
+from router.sip.commands import Log, SaveCall, Send, Source, send_to
 from router.sip.forward import Local, dialog_branch, forward_request, strip_top_via, via_destination
 from router.sip.message import SipMessage
 
@@ -140,7 +140,7 @@ class Dialogs:
         dest = toward.source
         data = forward_request(msg, msg.uri, self.local, dialog_branch(self.local), dest.transport,
                                (source.host, source.port), record_route=False, replace=rewritten)
-        out: Emit = [Send(data, dest.host, dest.port, dest.transport, dest.conn, dest.direct)]
+        out: Emit = [send_to(dest, data)]
         if msg.method == "BYE" and not dialog.ended:
             dialog.ended = True
             dialog.expires_at = now + ENDED_LINGER

@@ -39,7 +39,7 @@ from router.records import CallRecord
 from router.sip import ids, pstn, reach
 from router.sip.branch import Action, Branch, Event, Spec, Step
 from router.sip.callrules import best_response, quote, restore, summary
-from router.sip.commands import Log, SaveCall, Send, Source, phrase
+from router.sip.commands import Log, SaveCall, Send, Source, phrase, send_to
 from router.sip.dialogs import DIALOG_TTL, Dialog, Dialogs, Party, Stranger
 from router.sip.forward import (
     Local,
@@ -329,7 +329,7 @@ class Proxy:
         branch.arm(now)
         call.branches[key] = branch
         self.by_branch[key] = (call, branch)
-        out.append(Send(data, dest.host, dest.port, dest.transport, dest.conn, dest.direct))
+        out.append(send_to(dest, data))
 
     # ================================================================== branch reports
     def _deliver(self, call: Call, branch: Branch, step: Step, msg: SipMessage | None,
