@@ -429,11 +429,13 @@ class Engine:
                     self.log.exception("router.idle.error")
             if self.outgoing:
                 self._send_out()
-            if self.selecting and time.monotonic() >= self.pj_poll_at:
-                self._poll_pjsip(time.monotonic())    # what it reads is handled by the next pass, at once
+            done = time.monotonic()
+            if self.selecting and done >= self.pj_poll_at:
+                self._poll_pjsip(done)        # what it reads is handled by the next pass, at once
+                done = time.monotonic()
             if self.module is not None and self.module.errors:
                 self.failure = self.module.errors[0]
-            self.tally.loop.observe(time.monotonic() - busy_from)
+            self.tally.loop.observe(done - busy_from)
         if self.failure is not None:
             raise LayoutMismatch(self.failure)
 
