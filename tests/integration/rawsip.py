@@ -73,12 +73,43 @@ class UdpPeer:
 
     def wait_request(self, method: str, seconds: float = 5.0) -> SipMessage:
         """The next request of ``method`` (responses and other requests passed over)."""
+        return self.wait_request_from(method, seconds)[0]
+
+    def wait_request_from(self, method: str, seconds: float = 5.0) -> tuple[SipMessage, tuple[str, int]]:
+        """The next request of ``method``, and the address it came from."""
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
-            msg = self.recv()
+            data, sender = self.sock.recvfrom(65535)
+            msg = parse(data)
             if msg.is_request and msg.method == method:
-                return msg
+                return msg, sender
         raise AssertionError(f"no {method} within {seconds} s")
+
+
+def fast_pings(text: str, missed: int) -> str:
+    """A lab config whose registrar pings UDP phones behind NAT every second and drops
+    one after ``missed`` unanswered pings."""
+    return text.replace("  algorithms:", f"  keepalive_interval: 1\n  keepalive_max_missed: {missed}\n"
+                        "  algorithms:", 1)
+
+
+def invite(caller: UdpPeer, router_port: int, aor: str, call_id: str) -> bytes:
+    """A new call from ``caller`` (an ACD) to ``aor`` through the router."""
+    return (f"INVITE sip:{aor}@127.0.0.1:{router_port} SIP/2.0\r\n"
+            f"Via: SIP/2.0/UDP 127.0.0.1:{caller.port};branch=z9hG4bK-{call_id};rport\r\n"
+            f"From: <sip:0909123456@acd.test>;tag=acd-{call_id}\r\nTo: <sip:{aor}@pbx.test>\r\n"
+            f"Call-ID: {call_id}\r\nCSeq: 1 INVITE\r\nContact: <sip:acd@127.0.0.1:{caller.port}>\r\n"
+            "Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n").encode()
+
+
+def answer(request: SipMessage, status: int = 200) -> bytes:
+    """A phone's answer to ``request``: its Vias and Record-Route copied, a To tag, the
+    Request-URI as Contact."""
+    vias = "".join(f"Via: {v}\r\n" for v in request.all("via"))
+    rr = "".join(f"Record-Route: {r}\r\n" for r in request.all("record-route"))
+    return (f"SIP/2.0 {status} OK\r\n{vias}{rr}From: {request.header('from')}\r\n"
+            f"To: {request.header('to')};tag=ph\r\nCall-ID: {request.call_id}\r\n"
+            f"CSeq: {request.header('cseq')}\r\nContact: <{request.uri}>\r\nContent-Length: 0\r\n\r\n").encode()
 
 
 def authorization(challenge: SipMessage, algorithm: str, username: str, password: str, uri: str,

@@ -12,31 +12,12 @@ from __future__ import annotations
 
 import pytest
 
-from router.sip.message import SipMessage
-from tests.integration.rawsip import UdpPeer
+from tests.integration.rawsip import UdpPeer, answer, fast_pings, invite
 
 pytestmark = pytest.mark.integration
 
-FAST_PINGS = "  keepalive_interval: 1\n  keepalive_max_missed: 2\n  algorithms:"
-
-
 def _fast(text: str) -> str:
-    return text.replace("  algorithms:", FAST_PINGS, 1)
-
-
-def _invite(acd: UdpPeer, router_port: int, n: int) -> bytes:
-    return (f"INVITE sip:1002@127.0.0.1:{router_port} SIP/2.0\r\n"
-            f"Via: SIP/2.0/UDP 127.0.0.1:{acd.port};branch=z9hG4bK-nat-{n};rport\r\n"
-            "From: <sip:0909123456@acd.test>;tag=acd1\r\nTo: <sip:1002@pbx.test>\r\n"
-            f"Call-ID: nat-call-{n}\r\nCSeq: 1 INVITE\r\nContact: <sip:acd@127.0.0.1:{acd.port}>\r\n"
-            "Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n").encode()
-
-
-def _answer(request: SipMessage, status: int = 200) -> bytes:
-    vias = "".join(f"Via: {v}\r\n" for v in request.all("via"))
-    return (f"SIP/2.0 {status} OK\r\n{vias}From: {request.header('from')}\r\n"
-            f"To: {request.header('to')};tag=ph\r\nCall-ID: {request.call_id}\r\n"
-            f"CSeq: {request.header('cseq')}\r\nContent-Length: 0\r\n\r\n").encode()
+    return fast_pings(text, missed=2)
 
 
 def test_a_phone_behind_nat_is_reached_at_its_source_and_kept_alive_by_pings(make_lab):
@@ -48,11 +29,11 @@ def test_a_phone_behind_nat_is_reached_at_its_source_and_kept_alive_by_pings(mak
         for _ in range(3):                               # pinged at its mapping, and it answers
             ping = phone.wait_request("OPTIONS", 3.0)
             assert ping.uri == "sip:1002@192.168.77.10:5060"
-            phone.send(_answer(ping))
+            phone.send(answer(ping))
         (row,) = lab.registrations("minh")
         assert row["contact"] == "sip:1002@192.168.77.10:5060" and row["reached_at"] == "source"
         assert row["source"] == f"127.0.0.1:{phone.port}" and row["via"] == "direct"
-        acd.send(_invite(acd, lab.port, 1))
+        acd.send(invite(acd, lab.port, "1002", "nat-call-1"))
         ringing = phone.wait_request("INVITE", 3.0)        # the call reaches the mapping, not 192.168.77.10
         assert ringing.uri == "sip:1002@192.168.77.10:5060"
     assert not lab.router.events("register.keepalive.dropped")
@@ -75,7 +56,7 @@ def test_a_contact_reachable_as_written_is_called_there_and_not_pinged(make_lab)
         # one socket registers, the phone listens on another: RFC 3261 third-party style
         assert registrar_client.register_with("MD5", "1002", "minh-desk", "minh-secret",
                                               contact=f"sip:1002@127.0.0.1:{phone.port}").status == 200
-        acd.send(_invite(acd, lab.port, 2))
+        acd.send(invite(acd, lab.port, "1002", "nat-call-2"))
         ringing = phone.wait_request("INVITE", 3.0)
         assert ringing.uri == f"sip:1002@127.0.0.1:{phone.port}"
         assert [r["reached_at"] for r in lab.registrations("minh")] == ["contact"]

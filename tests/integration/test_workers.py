@@ -10,32 +10,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from router.sip.message import SipMessage, parse
 from tests.integration.calllab import CallLab
-from tests.integration.rawsip import UdpPeer
+from tests.integration.rawsip import UdpPeer, answer, fast_pings, invite
 
 pytestmark = pytest.mark.integration
-
-
-def _fast_pings(text: str) -> str:
-    """Pings every second, so the phone behind a NAT is not dropped while the test runs."""
-    return text.replace("  algorithms:", "  keepalive_interval: 1\n  keepalive_max_missed: 5\n  algorithms:", 1)
-
-
-def _invite(acd: UdpPeer, router_port: int, aor: str, n: int) -> bytes:
-    return (f"INVITE sip:{aor}@127.0.0.1:{router_port} SIP/2.0\r\n"
-            f"Via: SIP/2.0/UDP 127.0.0.1:{acd.port};branch=z9hG4bK-own-{n};rport\r\n"
-            f"From: <sip:0909123456@acd.test>;tag=acd{n}\r\nTo: <sip:{aor}@pbx.test>\r\n"
-            f"Call-ID: own-port-{n}\r\nCSeq: 1 INVITE\r\nContact: <sip:acd@127.0.0.1:{acd.port}>\r\n"
-            "Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n").encode()
-
-
-def _answer(request: SipMessage, status: int) -> bytes:
-    vias = "".join(f"Via: {v}\r\n" for v in request.all("via"))
-    rr = "".join(f"Record-Route: {r}\r\n" for r in request.all("record-route"))
-    return (f"SIP/2.0 {status} OK\r\n{vias}{rr}From: {request.header('from')}\r\n"
-            f"To: {request.header('to')};tag=ph\r\nCall-ID: {request.call_id}\r\n"
-            f"CSeq: {request.header('cseq')}\r\nContact: <{request.uri}>\r\nContent-Length: 0\r\n\r\n").encode()
 
 
 def owner(user: str) -> int:
@@ -155,35 +133,24 @@ def test_status_still_answers_when_one_worker_is_stuck_and_names_it(two):
     assert status["partial"] is True and sum(status["registrations"].values()) == 1   # type: ignore[index, union-attr]
 
 
-def _recv_from(peer: UdpPeer, method: str) -> tuple[SipMessage, tuple[str, int]]:
-    """The next ``method`` request ``peer`` receives, and the address it came from."""
-    deadline = time.monotonic() + 5.0
-    while time.monotonic() < deadline:
-        data, sender = peer.sock.recvfrom(65535)
-        msg = parse(data)
-        if msg.is_request and msg.method == method:
-            return msg, sender
-    raise AssertionError(f"no {method} within 5 s")
-
-
 def test_a_desk_phone_reached_at_its_contact_is_called_from_the_worker_port_it_answers_to(make_lab):
-    lab = make_lab(workers=2, edit=_fast_pings)
+    lab = make_lab(workers=2, edit=lambda text: fast_pings(text, missed=5))   # the NAT phone stays
     with UdpPeer(lab.port) as desk, UdpPeer(lab.port) as behind_nat, UdpPeer(lab.port) as acd:
         assert desk.register_with("MD5", "1002", "minh-desk", "minh-secret").status == 200
         assert behind_nat.register_with("MD5", "1001", "lan-desk", "desk-secret",
                                         contact="sip:1001@192.168.77.10:5060",
                                         sent_by="192.168.77.10:5060").status == 200
         own = lab.port + 1 + owner("minh")
-        acd.send(_invite(acd, lab.port, "1002", 1))
-        ringing, sender = _recv_from(desk, "INVITE")
+        acd.send(invite(acd, lab.port, "1002", "own-port-1"))
+        ringing, sender = desk.wait_request_from("INVITE")
         assert sender == ("127.0.0.1", own), "the INVITE leaves from the port the call's worker names in its Via"
         assert (ringing.top_via.host, ringing.top_via.port) == ("127.0.0.1", own)
-        desk.sock.sendto(_answer(ringing, 200), sender)
+        desk.sock.sendto(answer(ringing, 200), sender)
         answered = acd.recv()
         while answered.status < 200:
             answered = acd.recv()
         assert answered.status == 200 and answered.call_id == ringing.call_id
         # behind a NAT, only the mapping its REGISTER opened reaches the phone: the shared port
-        acd.send(_invite(acd, lab.port, "1001", 2))
-        _, sender = _recv_from(behind_nat, "INVITE")
+        acd.send(invite(acd, lab.port, "1001", "own-port-2"))
+        _, sender = behind_nat.wait_request_from("INVITE")
         assert sender == ("127.0.0.1", lab.port)
