@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.compare import RouterServer  # noqa: E402
+from benchmarks.compare import RouterServer, byte_compile  # noqa: E402
 from benchmarks.policy_changes import write_bindings  # noqa: E402
 from tests.support import free_port, free_port_run, private_cache, write_users_config  # noqa: E402
 
@@ -48,6 +48,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=1, help="the router's `workers:`")
     parser.add_argument("--no-bindings", action="store_true", help="start with an empty state database")
     args = parser.parse_args()
+    byte_compile()                           # as installed: no start compiles the modules again
     with tempfile.TemporaryDirectory(prefix="sip-router-memory-") as tmp:
         private_cache(tmp)
         port = free_port() if args.workers == 1 else free_port_run(args.workers + 1)

@@ -25,9 +25,10 @@ from typing import Any
 
 from router.errors import RouterError
 from router.policy.effective import FIELDS, Change, Key, SeenAt, yaml_value
-from router.policy.model import Binding, DeviceKind, Policy
+from router.policy.model import Binding, Policy
 from router.records import CallRecord
 from router.store.interfaces import DeviceBindings
+from router.store.rows import COLUMNS, bindings_of
 from router.userhash import user_hash
 
 
@@ -395,9 +396,7 @@ def _change(r: tuple) -> Change:  # type: ignore[type-arg]
                   at=r[7], id=r[0])
 
 
-_BINDING_COLUMNS = ("user_id, device_id, kind, contact, expires_at, q, call_id, cseq, "
-                    "source_host, source_port, transport, user_agent, registered_at, instance, "
-                    "path, flow, client, at_contact")
+_BINDING_COLUMNS = ", ".join(COLUMNS)
 
 
 def _from_json(count: int) -> str:
@@ -452,18 +451,7 @@ class SqliteBindingStore:
             # tuples with the bindings made of them, and the freed rows would leave the
             # allocator's pages a third empty (18 MB per worker at 100,000 bindings).
             rows = (r for r in rows if keep(r[0]))
-        # Ids, addresses, transports and user agents repeat across thousands of bindings:
-        # one string object each, not one per row (and not in the interpreter's interned
-        # table either, which would keep every id for good).
-        kinds = {k.value: k for k in DeviceKind}
-        ids: Mapping[str, str] = names if names is not None else {}
-        common: dict[str, str] = {}          # the other repeated values, and ids the policy lacks
-        same = common.setdefault
-        return [Binding(ids.get(r[0]) or same(r[0], r[0]), ids.get(r[1]) or same(r[1], r[1]), kinds[r[2]], r[3], r[4],
-                        1.0 if r[5] == 1.0 else r[5], r[6], r[7],       # one 1.0 object, not one per row
-                        same(r[8], r[8]), r[9], same(r[10], r[10]), same(r[11], r[11]), r[12], r[13],
-                        path=tuple(json.loads(r[14])) if r[14] else (),
-                        flow=same(r[15], r[15]), client=r[16], at_contact=bool(r[17])) for r in rows]
+        return bindings_of(rows, names)
 
     def replace_many(self, sets: Iterable[DeviceBindings]) -> None:
         """Several devices' binding sets in one transaction."""
