@@ -170,6 +170,9 @@ class Server(Protocol):
     def stop(self) -> None: ...
 
 
+POLL = 0.02                    # seconds between the probes that time a start
+
+
 class RouterServer:
     """``python -m router run`` on loopback (via tests.support.RouterProcess)."""
 
@@ -179,7 +182,9 @@ class RouterServer:
         self.config = config
         self.port = port
         self.router = RouterProcess(str(config), port, log_level="warning")
-        self.router.start(timeout=max(20.0, users / 1000))         # 100,000 users take a while to load
+        # 100,000 users take a while to load; polled every 20 ms, so that a start is timed to
+        # within that (the 0.2 s of a test's poll would round each start up by up to 0.4 s)
+        self.router.start(timeout=max(20.0, users / 1000), poll=POLL)
         self.workers = self._wait_for_workers(max(20.0, users / 1000))
 
     def _wait_for_workers(self, timeout: float) -> int:
@@ -194,7 +199,7 @@ class RouterServer:
             try:
                 return len(control_client.request(path, "status", timeout=2.0)["workers"])
             except (control_client.ControlError, control_client.RouterNotRunning):
-                time.sleep(0.2)
+                time.sleep(POLL)
         raise RuntimeError(f"the router's workers did not all start in {timeout:g} s")
 
     def pids(self) -> list[int]:

@@ -36,10 +36,11 @@ def memory_of(pid: int) -> dict[str, int]:
     return {line.split(":")[0]: int(line.split()[1]) for line in lines if line.endswith("kB")}
 
 
-def role(pid: int) -> str:
-    with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-        args = cmdline.read().split(b"\0")
-    return "worker" if b"--config" in args else "router"
+def role(pid: int, router_pid: int, workers: int) -> str:
+    """The supervisor (the process started), its workers (forked from it), or a router alone."""
+    if workers == 1:
+        return "router"
+    return "supervisor" if pid == router_pid else "worker"
 
 
 def main() -> int:
@@ -64,14 +65,14 @@ def main() -> int:
         try:
             took = time.monotonic() - started
             time.sleep(1.0)                  # settled: the parse child gone, the first tick done
-            rows = [(pid, role(pid), memory_of(pid)) for pid in server.pids()]
+            rows = [(pid, role(pid, server.router.pid, args.workers), memory_of(pid)) for pid in server.pids()]
         finally:
             server.stop()
     bindings = 0 if args.no_bindings else args.users
     print(f"{args.users} users, {bindings} bindings, workers: {args.workers}; "
           f"start until every process answered: {took:.1f} s")
     for pid, kind, mem in rows:
-        print(f"  pid {pid} {kind:6}  RSS {mem['Rss'] / 1024:6.1f} MiB  PSS {mem['Pss'] / 1024:6.1f} MiB  "
+        print(f"  pid {pid} {kind:10}  RSS {mem['Rss'] / 1024:6.1f} MiB  PSS {mem['Pss'] / 1024:6.1f} MiB  "
               f"anonymous {mem['Anonymous'] / 1024:6.1f} MiB")
     total_pss = sum(mem["Pss"] for _, _, mem in rows) / 1024
     total_rss = sum(mem["Rss"] for _, _, mem in rows) / 1024

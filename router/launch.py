@@ -1,11 +1,12 @@
-"""``sip-router run``: which process this is, decided before the SIP stack is loaded.
+"""``sip-router run``: which process this is: a router alone, a supervisor, or one of its workers.
 
-The file is parsed in a child process (``config_child``).  With ``workers``
-above 1 this process becomes the supervisor (``router.workers``), which only
-starts, watches and asks the workers: it never imports the SIP core, the engine
-or PJSIP's module, and keeps neither the users nor the parsed file once the
-workers have it (about 20 MB less per supervisor with 100,000 users).  A worker,
-or a router running alone, goes on to ``router.app``.
+The file is parsed in a child process (``config_child``), while this process
+imports the SIP stack.  With ``workers`` above 1 this process becomes the
+supervisor (``router.workers``), which forks the workers (they start with the
+stack loaded) and then only watches and asks them: it never starts PJSIP, and
+keeps neither the users nor the parsed file once the workers have it (about 20 MB
+less per supervisor with 100,000 users).  A worker, or a router running alone,
+goes on to ``router.app``.
 """
 
 from __future__ import annotations
@@ -32,7 +33,11 @@ def run(config_path: str) -> int:
         log.configure("info", "auto")
         log.get("router").error("router.supervisor.gone", detail="the supervisor ended before this worker started")
         return EXIT_START_FAILED
-    parsed = inherited_policy() if channels is not None else parse_apart(config_path)
+    # The SIP stack is imported while the child parses the file (on the other core): a
+    # router alone needs it next, and workers are forked with it already loaded.  Nothing
+    # runs a thread yet, so the child may be a fork of this process.
+    parsed = (inherited_policy() if channels is not None
+              else parse_apart(config_path, meanwhile=_sip_stack, fork=True))
     if channels is None and parsed is not None:
         head = policy_of(parsed, users=False)
         if head is not None and head.workers > 1:
@@ -45,3 +50,7 @@ def run(config_path: str) -> int:
     policy = found if found is not None else load_policy_apart(config_path)
     from router.app import run as run_router  # the SIP stack: only a router process loads it
     return run_router(config_path, policy, channels, began)
+
+
+def _sip_stack() -> None:
+    import router.app  # noqa: F401 -- loaded now, used after the parse

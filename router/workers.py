@@ -2,8 +2,9 @@
 
 Theory of operation.  ``sip-router run`` with ``workers`` above 1 becomes a
 supervisor.  It makes one Unix datagram pair per worker (the hand-over
-channels, ``router.sip.sharing``), starts N copies of ``sip-router run`` with
-their channels in the environment, and then only watches:
+channels, ``router.sip.sharing``), forks N workers (``router.forked``), each
+running ``sip-router run`` with its channels in the environment, and then only
+watches:
 
 - each worker has its own PJSIP endpoint, reads the shared UDP ports and its
   own port (listen port + 1 + index), keeps the bindings of its own users,
@@ -25,7 +26,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from types import FrameType
@@ -34,6 +34,7 @@ from typing import Any
 from router import control_client, log
 from router.control.server import ControlError, ControlServer
 from router.control.systemd import Notifier
+from router.forked import Forked, fork
 from router.policy.model import Policy
 from router.sip.sharing import ENV, make_pairs, send_secret, worker_env
 from router.sip.steer import Steering
@@ -122,7 +123,7 @@ class Supervisor:
         self.count = policy.workers
         self.control_path = policy.control_socket
         self.log = log.get("router")
-        self.children: list[subprocess.Popen[bytes]] = []
+        self.children: list[Forked] = []
         self.stop = False
         self.reload = False
 
@@ -130,7 +131,6 @@ class Supervisor:
     def start(self, policy_fd: int | None) -> None:
         """Start the workers; ``policy_fd``: the parsed policy for them to read (closed here)."""
         pairs = make_pairs(self.count)
-        env = {k: v for k, v in os.environ.items() if k not in _HIDDEN_ENV}
         try:
             send_secret(pairs, os.urandom(32))
             for index in range(self.count):
@@ -139,9 +139,7 @@ class Supervisor:
                 if policy_fd is not None:
                     extra[POLICY_ENV] = str(policy_fd)
                     fds = [*fds, policy_fd]
-                self.children.append(subprocess.Popen(
-                    [sys.executable, "-m", "router", "run", "--config", self.config_path],
-                    env={**env, **extra}, pass_fds=fds))
+                self.children.append(fork(self._worker_main, extra, fds, drop_env=_HIDDEN_ENV))
         finally:                     # the workers hold them now
             for inbox, outbox in pairs:
                 inbox.close()
@@ -149,6 +147,11 @@ class Supervisor:
             if policy_fd is not None:
                 os.close(policy_fd)
         self.log.info("workers.started", workers=self.count, pids=[c.pid for c in self.children])
+
+    def _worker_main(self) -> int:
+        """In a forked child: ``sip-router run``, which finds itself a worker."""
+        from router.cli import main
+        return main(["run", "--config", self.config_path])
 
     def exited(self) -> tuple[int, int] | None:
         """(index, status) of a worker that is gone, if any."""

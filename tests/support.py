@@ -143,7 +143,9 @@ class RouterProcess:
         self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 15.0) -> RouterProcess:
+    def start(self, timeout: float = 15.0, poll: float = 0.2) -> RouterProcess:
+        """Start it and wait until it answers an OPTIONS; ``poll``: how long each OPTIONS
+        waits for its answer (a start is timed to within about that)."""
         self._log = open(self.log_path, "ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1", **(self.env or {}))
         self.proc = subprocess.Popen([sys.executable, "-m", "router", "-c", self.config, "run"],
@@ -152,7 +154,7 @@ class RouterProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"router exited with {self.proc.returncode}:\n{self.log_text()}")
-            if options_ping(self.port):
+            if options_ping(self.port, poll):
                 return self
         self.stop()
         raise RuntimeError(f"router did not start in {timeout} s:\n{self.log_text()}")

@@ -66,6 +66,9 @@ def test_status_adds_up_every_worker_and_names_each(two):
     assert sum(status["registrations"].values()) == 2        # type: ignore[index, union-attr]
     assert sorted(w["registrations"] for w in workers) == [1, 1]
     assert status["pid"] == two.lab.router.pid               # type: ignore[index]
+    for worker in workers:                                   # forked by the router itself
+        with open(f"/proc/{worker['pid']}/stat") as stat:
+            assert int(stat.read().split(") ")[1].split()[1]) == two.lab.router.pid
     # whichever worker the kernel gave a REGISTER to, the user's own worker answered it
     registered = {e["user"]: e["worker"] for e in two.lab.router.events("register.ok")}
     assert registered == {"lan": owner("lan"), "minh": owner("minh")}

@@ -8,6 +8,7 @@ import os
 import pickle
 import sys
 import threading
+import time
 
 import pytest
 
@@ -115,3 +116,29 @@ def test_an_answer_this_version_cannot_read_is_no_answer_and_the_file_is_parsed_
     foreign = b"crouter.policy.model\n_made_by_another_version\n)R."       # a pickle calling a missing name
     assert config_child.policy_of(foreign) is None
     assert config_child.policy_of(pickle.dumps(("ok", ("not", "a", "policy", "answer")))) is None
+
+
+def test_at_start_the_child_may_be_a_fork_and_answers_exactly_what_a_new_interpreter_answers(tmp_path):
+    path = tmp_path / "router.yaml"
+    path.write_text(centre())
+    calls: list[str] = []
+    forked = config_child.parse_apart(str(path), meanwhile=lambda: calls.append("meanwhile"), fork=True)
+    assert calls == ["meanwhile"]
+    assert forked is not None and config_child.policy_of(forked) == load_policy(str(path))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(BASE.format(state_dir=tmp_path).replace("receive_method: ip_phone", "receive_method: phone"))
+    answer = config_child.parse_apart(str(bad), fork=True)
+    assert answer is not None
+    with pytest.raises(ConfigError, match="'phone' is not one of"):
+        config_child.policy_of(answer)
+
+
+def test_a_forked_child_that_takes_too_long_is_killed_and_the_start_reads_the_file_itself(good, monkeypatch):
+    def stuck(_path: str, _out: int | None = None) -> int:
+        time.sleep(30)
+        return 0
+
+    monkeypatch.setattr(config_child, "_child", stuck)
+    began = time.monotonic()
+    assert config_child.parse_apart(good, timeout=0.3, fork=True) is None
+    assert time.monotonic() - began < 5

@@ -27,12 +27,12 @@ class ChildRuns:
 
     def __init__(self, monkeypatch):
         self.count = 0
-        real = subprocess.run
+        real = subprocess.Popen
 
         def counted(*args, **kwargs):
             self.count += 1
             return real(*args, **kwargs)
-        monkeypatch.setattr(config_child.subprocess, "run", counted)
+        monkeypatch.setattr(config_child.subprocess, "Popen", counted)
 
 
 def test_an_unchanged_file_is_parsed_once_and_gives_the_same_policy(cache, yaml_file, monkeypatch):
