@@ -61,8 +61,9 @@ def parse_apart(path: str, timeout: float = 300.0, meanwhile: Callable[[], objec
         if meanwhile is not None:
             meanwhile()
         return kept
-    if fork and threading.active_count() == 1:
-        answer = _parse_forked(path, timeout, meanwhile)
+    forked = _fork_child(path) if fork and threading.active_count() == 1 else None
+    if forked is not None:
+        answer = _forked_answer(*forked, time.monotonic() + timeout, meanwhile)
         if answer is not None and key is not None:
             _keep(path, key, answer)
         return answer
@@ -84,11 +85,21 @@ def parse_apart(path: str, timeout: float = 300.0, meanwhile: Callable[[], objec
     return answer
 
 
-def _parse_forked(path: str, timeout: float, meanwhile: Callable[[], object] | None) -> bytes | None:
-    read_end, write_end = os.pipe()
+def _fork_child(path: str) -> tuple[int, int] | None:
+    """(pid, read end) of a forked child parsing ``path``; None when no process or pipe
+    can be had (then a new interpreter is tried, as without ``fork``)."""
+    try:
+        read_end, write_end = os.pipe()
+    except OSError:
+        return None
     sys.stdout.flush()
     sys.stderr.flush()
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError:
+        os.close(read_end)
+        os.close(write_end)
+        return None
     if pid == 0:
         status = 1
         try:
@@ -97,19 +108,41 @@ def _parse_forked(path: str, timeout: float, meanwhile: Callable[[], object] | N
         finally:
             os._exit(status)      # never back into the caller's code
     os.close(write_end)
+    return pid, read_end
+
+
+def _forked_answer(pid: int, read_end: int, deadline: float,
+                   meanwhile: Callable[[], object] | None) -> bytes | None:
+    """The forked child's answer, read by ``deadline`` (the child is killed past it, and
+    waited for either way), once ``meanwhile`` has run here."""
     answer: bytes | None = None
     try:
         if meanwhile is not None:
             meanwhile()
     finally:
         try:
-            answer = _read_all(read_end, time.monotonic() + timeout)
+            answer = _read_all(read_end, deadline)
         finally:
             os.close(read_end)
-            if answer is None:
+            status = _reap(pid, deadline if answer is not None else time.monotonic())
+    return answer if status in (0, None) else None
+
+
+def _reap(pid: int, deadline: float) -> int | None:
+    """The child's exit status, killing it if it has not ended by ``deadline`` (it keeps
+    what it read after answering, briefly); None when it was reaped elsewhere (SIGCHLD
+    ignored by whoever started us): its answer, whole, is then taken as it is."""
+    try:
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return os.waitstatus_to_exitcode(status)
+            if time.monotonic() >= deadline:
                 os.kill(pid, signal.SIGKILL)
-            _, status = os.waitpid(pid, 0)
-    return answer if os.waitstatus_to_exitcode(status) == 0 else None
+                return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+            time.sleep(0.005)
+    except ChildProcessError:
+        return None
 
 
 def _read_all(fd: int, deadline: float) -> bytes | None:

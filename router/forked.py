@@ -37,6 +37,7 @@ import traceback
 from collections.abc import Callable, Iterable, Mapping
 
 EXIT_FAILED = 1
+_HELD = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 
 class Forked:
@@ -84,14 +85,23 @@ def fork(main: Callable[[], int], env: Mapping[str, str], keep: Iterable[int],
     sys.stdout.flush()
     sys.stderr.flush()
     kept = {0, 1, 2, *keep}
-    pid = os.fork()
+    # Held back over the fork: one arriving in the child before its handlers are reset
+    # would run the supervisor's (setting a flag nobody reads) and be lost.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+    try:
+        pid = os.fork()
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        raise
     if pid:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         return Forked(pid)
     code = EXIT_FAILED
     try:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGHUP, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         _close_all_but(kept)
         for name in drop_env:
             os.environ.pop(name, None)
@@ -99,8 +109,11 @@ def fork(main: Callable[[], int], env: Mapping[str, str], keep: Iterable[int],
         code = main()
     except KeyboardInterrupt:
         code = 130
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else EXIT_FAILED
+    except SystemExit as exc:               # as the interpreter ends on one
+        if exc.code is None or isinstance(exc.code, int):
+            code = exc.code or 0
+        else:
+            os.write(2, f"{exc.code}\n".encode(errors="replace"))
     except BaseException:  # noqa: BLE001 -- as an interpreter would: the traceback, then a failed exit
         try:
             os.write(2, traceback.format_exc().encode(errors="replace"))     # straight to the journal

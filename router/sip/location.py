@@ -61,10 +61,18 @@ class Location:
         self._by_device = by_device
         devices: dict[str, str | tuple[str, ...]] = {}    # user -> devices with bindings, sorted
         theirs = devices.get
+        several: list[str] = []                            # users with more than one
         for device_id, value in by_device.items():
             user_id = value[0].user_id if isinstance(value, tuple) else value.user_id
             others = theirs(user_id)
-            devices[user_id] = device_id if others is None else tuple(sorted((*_many(others), device_id)))
+            if others is None:
+                devices[user_id] = device_id
+            else:
+                if isinstance(others, str):
+                    several.append(user_id)
+                devices[user_id] = (*_many(others), device_id)
+        for user_id in several:
+            devices[user_id] = tuple(sorted(_many(devices[user_id])))
         self._devices = devices
         self._due: dict[int, list[str]] = {}        # second -> devices that may expire then
         self._seconds: list[int] = []               # heap of the keys of ``_due``

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
+import signal
 import sys
 import threading
 import time
@@ -142,3 +143,23 @@ def test_a_forked_child_that_takes_too_long_is_killed_and_the_start_reads_the_fi
     began = time.monotonic()
     assert config_child.parse_apart(good, timeout=0.3, fork=True) is None
     assert time.monotonic() - began < 5
+
+
+def test_when_no_process_can_be_forked_the_start_parses_in_a_new_interpreter(good, monkeypatch):
+    def no_fork() -> int:
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(config_child.os, "fork", no_fork)
+    calls: list[str] = []
+    answer = config_child.parse_apart(good, meanwhile=lambda: calls.append("meanwhile"), fork=True)
+    assert calls == ["meanwhile"]
+    assert answer is not None and config_child.policy_of(answer) == load_policy(good)
+
+
+def test_a_forked_child_reaped_by_someone_else_still_gives_its_whole_answer(good):
+    before = signal.signal(signal.SIGCHLD, signal.SIG_IGN)     # children reaped by the kernel
+    try:
+        answer = config_child.parse_apart(good, fork=True)
+    finally:
+        signal.signal(signal.SIGCHLD, before)
+    assert answer is not None and config_child.policy_of(answer) == load_policy(good)

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -74,3 +75,15 @@ def test_a_worker_returns_its_exit_status_and_is_not_forked_while_a_thread_runs(
     finally:
         stop.set()
         thread.join()
+
+
+def test_a_worker_that_calls_sys_exit_ends_with_that_status_as_an_interpreter_would(capfd):
+    def exits(code: object) -> Callable[[], int]:
+        def main() -> int:
+            raise SystemExit(code)
+        return main
+
+    assert fork(exits(None), {}, []).wait(5) == 0
+    assert fork(exits(3), {}, []).wait(5) == 3
+    assert fork(exits("no state directory"), {}, []).wait(5) == 1
+    assert "no state directory" in capfd.readouterr().err

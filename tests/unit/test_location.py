@@ -1,6 +1,6 @@
 """The location service's indexes: who is registered where, as calls read it."""
 
-from router.policy.model import Binding, DeviceKind
+from router.policy.model import Binding, DeviceKind, Policy
 from router.sip.location import Location
 
 NOW = 1_000_000.0
@@ -52,3 +52,34 @@ def test_an_expired_binding_is_dropped_and_its_user_no_longer_lists_the_device()
     assert [(s.device_id, s.bindings) for s in saves] == [("lan-desk", ())]
     assert devices(location, "lan", NOW + 61) == ["lan-mobile"]
     assert location.devices_of("lan") == ("lan-mobile",)
+
+
+def test_a_restart_loads_three_devices_out_of_order_and_a_phone_with_two_contacts_as_the_registrar_left_them(
+) -> None:
+    second = Binding("lan", "lan-desk", DeviceKind.IP_PHONE, "sip:lan-desk@192.0.2.11:5060", NOW + 600)
+    loaded = [binding("lan", "lan-web", kind=DeviceKind.WEB), binding("lan", "lan-desk"),
+              binding("minh", "minh-desk"), second, binding("lan", "lan-app", kind=DeviceKind.APP),
+              binding("lan", "lan-old", expires_in=-1)]
+    location = Location(loaded, NOW)
+    assert location.devices_of("lan") == ("lan-app", "lan-desk", "lan-web")
+    assert location.devices_of("minh") == ("minh-desk",)
+    assert [b.contact for b in location.of_device("lan-desk")] == ["sip:lan-desk@192.0.2.10:5060",
+                                                                   "sip:lan-desk@192.0.2.11:5060"]
+    assert location.of_device("lan-old") == ()
+    assert location.next_timer() == NOW + 600            # the earliest expiry of any device
+    assert [s.device_id for s in location.expire(NOW + 601)] == ["lan-desk"]
+    assert [b.contact for b in location.of_device("lan-desk")] == ["sip:lan-desk@192.0.2.10:5060"]
+
+
+def test_at_a_restart_a_phone_no_longer_in_the_yaml_is_dropped_and_one_that_changed_hands_or_kind_follows(
+        policy: Policy) -> None:
+    # the YAML: lan has lan-desk (ip_phone), lan-app, lan-web; minh has minh-desk
+    loaded = [binding("lan", "lan-desk"), binding("lan", "gone-phone"), binding("lan", "minh-desk"),
+              binding("lan", "lan-app", kind=DeviceKind.IP_PHONE), binding("lan", "lan-web", kind=DeviceKind.WEB)]
+    location = Location(loaded, NOW)
+    changed = {c.device_id: c for c in location.follow(policy)}
+    assert set(changed) == {"gone-phone", "minh-desk", "lan-app"}
+    assert changed["gone-phone"].bindings == ()
+    assert devices(location, "minh") == ["minh-desk"]
+    assert devices(location, "lan") == ["lan-app", "lan-desk", "lan-web"]
+    assert location.of_device("lan-app")[0].kind is DeviceKind.APP
