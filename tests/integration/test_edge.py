@@ -19,7 +19,7 @@ import pytest
 from router.edge.write import kamailio_binary
 from router.sip.message import SipMessage
 from tests.integration.edge import EdgeLab, StreamClient
-from tests.integration.rawsip import UdpPeer, authorization
+from tests.integration.rawsip import UdpPeer, authorization, invite
 from tests.integration.streamsip import StreamPeer
 from tests.support import free_port
 
@@ -58,14 +58,6 @@ def edged(make_lab, tmp_path: Path) -> Iterator[EdgedLab]:
         edge.stop()
 
 
-def _invite(acd: UdpPeer, router_port: int, call_id: str, user: str = "1002") -> bytes:
-    return (f"INVITE sip:{user}@127.0.0.1:{router_port} SIP/2.0\r\n"
-            f"Via: SIP/2.0/UDP 127.0.0.1:{acd.port};branch=z9hG4bK-{call_id};rport\r\n"
-            f"From: <sip:0909123456@acd.test>;tag=acd-{call_id}\r\nTo: <sip:{user}@pbx.test>\r\n"
-            f"Call-ID: {call_id}\r\nCSeq: 1 INVITE\r\nContact: <sip:acd@127.0.0.1:{acd.port}>\r\n"
-            "Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n").encode()
-
-
 def _final(peer: UdpPeer, seconds: float = 5.0) -> SipMessage:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -85,7 +77,7 @@ def test_an_app_over_tls_registers_through_the_edge_and_receives_a_call(edged):
         assert (row["kind"], row["transport"], row["via"], row["reached_at"]) == ("app", "tls", "edge", "path")
         assert row["source"] == f"127.0.0.1:{app.local_port}"
 
-        acd.send(_invite(acd, lab.port, "edge-tls-1"))
+        acd.send(invite(acd, lab.port, "1002", "edge-tls-1"))
         ringing = app.wait_request("INVITE")                    # over the app's own TLS connection
         assert ringing.uri == app.contact
         app.answer(ringing, 180, "Ringing")
@@ -104,7 +96,7 @@ def test_a_call_to_an_app_whose_connection_is_gone_falls_back_at_once(edged):
         assert desk.register_with("MD5", "1002", "minh-desk", "minh-secret").status == 200
         assert {r["device"] for r in lab.registrations("minh")} == {"minh-app", "minh-desk"}
         started = time.monotonic()
-        acd.send(_invite(acd, lab.port, "edge-gone-1"))
+        acd.send(invite(acd, lab.port, "1002", "edge-gone-1"))
         ringing = desk.wait_request("INVITE")                 # the fallback: ip_phone
         waited = time.monotonic() - started
         assert waited < 2.0, f"the fallback waited {waited:.1f} s (ring timeout 15 s)"
@@ -203,6 +195,6 @@ def test_a_tcp_storm_and_a_smuggled_request_stay_at_the_edge(edged):
     assert "hidden-register" not in lab.router.log_text()
     with UdpPeer(lab.port) as desk, UdpPeer(lab.port) as acd:   # and calls still route
         assert desk.register_with("MD5", "1001", "lan-desk", "desk-secret").status == 200
-        acd.send(_invite(acd, lab.port, "after-storm-1", user="1001"))
+        acd.send(invite(acd, lab.port, "1001", "after-storm-1"))
         assert desk.wait_request("INVITE").call_id == "after-storm-1"
     assert lab.registrations("lan")[0]["device"] == "lan-desk"
