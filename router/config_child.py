@@ -22,14 +22,12 @@ import dataclasses
 import os
 import pickle
 import select
-import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 
-from router import policy_cache
+from router import forked, policy_cache
 from router.config import compose, load_policy, policy_from, read_text
 from router.config_items import Chunks, items_of, write_all
 from router.config_lines import parse_lines
@@ -61,12 +59,18 @@ def parse_apart(path: str, timeout: float = 300.0, meanwhile: Callable[[], objec
         if meanwhile is not None:
             meanwhile()
         return kept
-    forked = _fork_child(path) if fork and threading.active_count() == 1 else None
-    if forked is not None:
-        answer = _forked_answer(*forked, time.monotonic() + timeout, meanwhile)
-        if answer is not None and key is not None:
-            _keep(path, key, answer)
-        return answer
+    started = _fork_child(path) if fork else None
+    if started is not None:
+        answer = _forked_answer(*started, time.monotonic() + timeout, meanwhile)
+    else:
+        answer = _spawned_answer(path, timeout, meanwhile)
+    if answer is not None and key is not None:
+        _keep(path, key, answer)
+    return answer
+
+
+def _spawned_answer(path: str, timeout: float, meanwhile: Callable[[], object] | None) -> bytes | None:
+    """The answer of a child started as a new interpreter, once ``meanwhile`` has run here."""
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
@@ -80,41 +84,32 @@ def parse_apart(path: str, timeout: float = 300.0, meanwhile: Callable[[], objec
             meanwhile()
     finally:
         answer = _answer(child, timeout) if child is not None else None
-    if answer is not None and key is not None:
-        _keep(path, key, answer)
     return answer
 
 
-def _fork_child(path: str) -> tuple[int, int] | None:
-    """(pid, read end) of a forked child parsing ``path``; None when no process or pipe
-    can be had (then a new interpreter is tried, as without ``fork``)."""
+def _fork_child(path: str) -> tuple[forked.Forked, int] | None:
+    """The forked child parsing ``path``, and the read end of its answer; None when no
+    process or pipe can be had, or a thread runs (then a new interpreter is tried, as
+    without ``fork``)."""
     try:
         read_end, write_end = os.pipe()
     except OSError:
         return None
-    sys.stdout.flush()
-    sys.stderr.flush()
     try:
-        pid = os.fork()
-    except OSError:
+        child = forked.fork(lambda: _child(path, write_end), {}, [write_end])
+    except (OSError, forked.ThreadsRunning):
         os.close(read_end)
         os.close(write_end)
         return None
-    if pid == 0:
-        status = 1
-        try:
-            os.close(read_end)
-            status = _child(path, write_end)
-        finally:
-            os._exit(status)      # never back into the caller's code
     os.close(write_end)
-    return pid, read_end
+    return child, read_end
 
 
-def _forked_answer(pid: int, read_end: int, deadline: float,
+def _forked_answer(child: forked.Forked, read_end: int, deadline: float,
                    meanwhile: Callable[[], object] | None) -> bytes | None:
     """The forked child's answer, read by ``deadline`` (the child is killed past it, and
-    waited for either way), once ``meanwhile`` has run here."""
+    waited for either way), once ``meanwhile`` has run here.  A child reaped by someone
+    else (SIGCHLD ignored by whoever started us) gives its answer, whole, as it is."""
     answer: bytes | None = None
     try:
         if meanwhile is not None:
@@ -124,25 +119,12 @@ def _forked_answer(pid: int, read_end: int, deadline: float,
             answer = _read_all(read_end, deadline)
         finally:
             os.close(read_end)
-            status = _reap(pid, deadline if answer is not None else time.monotonic())
-    return answer if status in (0, None) else None
-
-
-def _reap(pid: int, deadline: float) -> int | None:
-    """The child's exit status, killing it if it has not ended by ``deadline`` (it keeps
-    what it read after answering, briefly); None when it was reaped elsewhere (SIGCHLD
-    ignored by whoever started us): its answer, whole, is then taken as it is."""
-    try:
-        while True:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                return os.waitstatus_to_exitcode(status)
-            if time.monotonic() >= deadline:
-                os.kill(pid, signal.SIGKILL)
-                return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-            time.sleep(0.005)
-    except ChildProcessError:
-        return None
+            try:         # it keeps what it read after answering, briefly
+                status = child.wait(max(0.0, deadline - time.monotonic()) if answer is not None else 0.0)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                status = child.wait()
+    return answer if status == 0 or child.lost else None
 
 
 def _read_all(fd: int, deadline: float) -> bytes | None:

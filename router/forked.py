@@ -1,4 +1,5 @@
-"""Worker processes forked from the supervisor, as Kamailio forks its children.
+"""Worker processes forked from the supervisor, as Kamailio forks its children (and the
+parse child at start, ``config_child``).
 
 A worker started as a new interpreter (``python -m router run``) spent ~0.25 s of a
 start loading Python and importing the modules the supervisor already holds, before
@@ -40,12 +41,17 @@ EXIT_FAILED = 1
 _HELD = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 
+class ThreadsRunning(RuntimeError):
+    """A fork was asked for while another thread runs."""
+
+
 class Forked:
-    """A forked worker, watched as ``subprocess.Popen`` watches a child."""
+    """A forked child, watched as ``subprocess.Popen`` watches one."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.returncode: int | None = None
+        self.lost = False          # reaped by someone else (SIGCHLD ignored): its status is unknown
 
     def poll(self) -> int | None:
         """Its exit status once it has ended (minus the signal that ended it), else None."""
@@ -53,7 +59,7 @@ class Forked:
             try:
                 pid, status = os.waitpid(self.pid, os.WNOHANG)
             except ChildProcessError:            # reaped already: nothing more to learn
-                self.returncode = EXIT_FAILED
+                self.returncode, self.lost = EXIT_FAILED, True
                 return self.returncode
             if pid:
                 self.returncode = os.waitstatus_to_exitcode(status)
@@ -81,7 +87,7 @@ def fork(main: Callable[[], int], env: Mapping[str, str], keep: Iterable[int],
     """Run ``main`` in a forked child with ``env`` added to its environment, ``drop_env``
     removed, and only the descriptors in ``keep`` (and 0, 1, 2) open."""
     if threading.active_count() > 1:
-        raise RuntimeError("a worker is forked before any thread starts: another thread could hold a lock")
+        raise ThreadsRunning("a process is forked before any thread starts: another thread could hold a lock")
     sys.stdout.flush()
     sys.stderr.flush()
     kept = {0, 1, 2, *keep}
