@@ -241,7 +241,7 @@ class Tally:
             key = keys.get((b.kind, b.transport, b.flow))
             if key is None:
                 key = keys[(b.kind, b.transport, b.flow)] = self._key(b)
-            self.registrations[key] = self.registrations.get(key, 0) + 1
+            self._add(key)
             known = by_device.get(b.device_id)
             by_device[b.device_id] = self._shared((key,) if known is None else (*known, key))
 
@@ -251,8 +251,11 @@ class Tally:
 
     def _count(self, binding: Binding) -> tuple[str, str]:
         key = self._key(binding)
-        self.registrations[key] = self.registrations.get(key, 0) + 1
+        self._add(key)
         return key
+
+    def _add(self, key: tuple[str, str]) -> None:
+        self.registrations[key] = self.registrations.get(key, 0) + 1
 
     def _key(self, binding: Binding) -> tuple[str, str]:
         key = (binding.kind.value, binding.device_transport)

@@ -206,19 +206,19 @@ class Location:
         owners = {d.id: u for u in policy.users for d in u.devices}
         for device_id, value in list(self._by_device.items()):
             user = owners.get(device_id)
-            if user is not None:
-                kind = _kind_of(user.devices, device_id)
-                if isinstance(value, tuple):
-                    if all(b.user_id == user.id and b.kind is kind for b in value):
-                        continue
-                elif value.user_id == user.id and value.kind is kind:
-                    continue
-            old = _many(value)
             if user is None:
-                self.put(old[0].user_id, device_id, [])
-                changed.append(SaveBindings(old[0].user_id, device_id, ()))
+                user_id = _many(value)[0].user_id
+                self.put(user_id, device_id, [])
+                changed.append(SaveBindings(user_id, device_id, ()))
                 continue
-            new = [replace(b, user_id=user.id, kind=kind) for b in old]
+            kind = _kind_of(user.devices, device_id)
+            if isinstance(value, tuple):
+                unchanged = all(b.user_id == user.id and b.kind is kind for b in value)
+            else:                        # the usual lone binding: no generator for it
+                unchanged = value.user_id == user.id and value.kind is kind
+            if unchanged:
+                continue
+            new = [replace(b, user_id=user.id, kind=kind) for b in _many(value)]
             self.put(user.id, device_id, new)
             changed.append(SaveBindings(user.id, device_id, tuple(new)))
         return changed
